@@ -1,0 +1,37 @@
+//! Boots a kernel + initramfs with the vmm crate and waits for the VM to exit.
+//!
+//! `cargo run -p vmm --example boot -- KERNEL INITRAMFS [SECONDS] [EXTRA CMDLINE...]`; the console log
+//! goes to `./console.log`, the vsock socket to `./vsock.sock`.
+
+use std::time::{Duration, Instant};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() < 2 {
+        eprintln!("usage: boot KERNEL INITRAMFS [SECONDS] [EXTRA CMDLINE...]");
+        std::process::exit(2);
+    }
+    let secs: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(120);
+    let extra = args.get(3..).map(|a| a.join(" ")).unwrap_or_default();
+    let host = vmm::KvmHost::detect();
+    let _ = std::fs::remove_file("vsock.sock");
+    let config = vmm::VmConfig {
+        vcpus: 1,
+        mem_mib: 256,
+        kernel: args[0].clone().into(),
+        initramfs: Some(args[1].clone().into()),
+        cmdline: format!("{} {}", vmm::default_cmdline(&host), extra),
+        console_log: "console.log".into(),
+        vsock_uds: "vsock.sock".into(),
+        guest_cid: 3,
+        block_slots: vec![vmm::BlockSlotConfig { read_only: true }],
+    };
+    let start = Instant::now();
+    let vm = vmm::Vm::boot(config).unwrap_or_else(|e| {
+        eprintln!("boot failed: {e}");
+        std::process::exit(1)
+    });
+    let reason = vm.wait_timeout(Duration::from_secs(secs));
+    println!("after {:?}: {:?}", start.elapsed(), reason);
+    println!("stop: {}", vm.stop());
+}
