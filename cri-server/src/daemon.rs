@@ -1,0 +1,137 @@
+//! The daemon: binds the CRI socket and serves until SIGTERM or SIGINT.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use k8s_cri::v1::image_service_server::ImageServiceServer;
+use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::defaults;
+use crate::runtime::Runtime;
+
+/// Daemon flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DaemonArgs {
+    /// CRI unix socket.
+    #[arg(long, default_value = defaults::SOCKET)]
+    pub socket: PathBuf,
+    /// State directory.
+    #[arg(long, default_value = defaults::STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Directory holding the guest vmlinux and initramfs.cpio.
+    #[arg(long, default_value = defaults::GUEST_DIR)]
+    pub guest_dir: PathBuf,
+}
+
+/// Errors starting the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A directory or the socket could not be prepared.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Another process serves the socket.
+    #[error("{0} is in use by another running daemon")]
+    SocketInUse(PathBuf),
+    /// The gRPC server failed.
+    #[error("CRI server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
+    move |source| DaemonError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Binds `socket`, replacing a stale socket file but never a live one or a non-socket file.
+pub fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(socket) {
+        if !meta.file_type().is_socket() {
+            return Err(DaemonError::Io {
+                path: socket.to_owned(),
+                source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a socket"),
+            });
+        }
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Err(DaemonError::SocketInUse(socket.to_owned()));
+        }
+        std::fs::remove_file(socket).map_err(io_err(socket))?;
+    }
+    let listener = UnixListener::bind(socket).map_err(io_err(socket))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660)).map_err(io_err(socket))?;
+    Ok(listener)
+}
+
+async fn serve(args: DaemonArgs) -> Result<(), DaemonError> {
+    std::fs::create_dir_all(&args.state_dir).map_err(io_err(&args.state_dir))?;
+    let listener = bind(&args.socket)?;
+    tracing::info!(socket = %args.socket.display(), state = %args.state_dir.display(), "podvisor serving CRI v1");
+    let runtime = Runtime::new(args.guest_dir.clone());
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    let result = tonic::transport::Server::builder()
+        .add_service(RuntimeServiceServer::new(runtime.clone()))
+        .add_service(ImageServiceServer::new(runtime))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(result?)
+}
+
+/// Runs the daemon to completion.
+pub fn run(args: DaemonArgs) -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("podvisor: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("podvisor: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stale_sockets_are_replaced_but_live_ones_and_files_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("run/podvisor.sock");
+        let live = bind(&sock).unwrap();
+        assert!(matches!(bind(&sock), Err(DaemonError::SocketInUse(_))));
+        drop(live);
+        // The file stays behind after the listener is gone: stale, so it is replaced.
+        assert!(sock.exists());
+        let _again = bind(&sock).unwrap();
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(bind(&file), Err(DaemonError::Io { .. })));
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    }
+}

@@ -1,0 +1,57 @@
+//! `podvisor`: the node daemon (CRI v1 over a unix socket) and its host check.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod check;
+mod daemon;
+mod runtime;
+
+/// Defaults the daemon embeds; every one can be overridden by a flag.
+pub mod defaults {
+    /// CRI socket kubelet and crictl connect to.
+    pub const SOCKET: &str = "/run/podvisor/podvisor.sock";
+    /// Root of the daemon's state (sled database, images, per-pod files).
+    pub const STATE_DIR: &str = "/var/lib/podvisor";
+    /// Where the guest kernel (`vmlinux`) and initramfs (`initramfs.cpio`) are installed.
+    pub const GUEST_DIR: &str = "/usr/share/podvisor";
+}
+
+#[derive(Parser)]
+#[command(name = "podvisor", version, about = "Kubernetes CRI runtime: every pod in its own microVM")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    daemon: daemon::DaemonArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve CRI on the socket (the default).
+    Daemon(daemon::DaemonArgs),
+    /// Report whether this host can run podvisor pods; exits non-zero if a check fails.
+    Check {
+        /// Directory holding vmlinux and initramfs.cpio.
+        #[arg(long, default_value = defaults::GUEST_DIR)]
+        guest_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Some(Command::Check { guest_dir }) => check::run(&guest_dir),
+        Some(Command::Daemon(args)) => daemon::run(args),
+        None => daemon::run(cli.daemon),
+    }
+}

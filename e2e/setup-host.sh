@@ -1,0 +1,22 @@
+#!/bin/bash
+# Installs what podvisor needs on a fresh Debian host (idempotent; apt runs only if something is missing):
+# protoc for the gRPC code generators, the guest kernel toolchain, mkfs tools for block images,
+# qemu-system-x86 (the peer VMM of the boot benchmark) and the Rust components the checks use.
+set -euo pipefail
+PKGS=(protobuf-compiler linux-source-6.1 flex bison libelf-dev bc e2fsprogs erofs-utils busybox-static
+      qemu-system-x86 ca-certificates)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup-host: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >&2
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+if command -v rustup >/dev/null; then
+  for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >&2
+  done
+fi
