@@ -66,7 +66,10 @@ impl VmConfig {
     /// Checks every field; does not touch the filesystem beyond `exists()` checks.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(invalid("vcpus", format!("{} not in 1..={MAX_VCPUS}", self.vcpus)));
+            return Err(invalid(
+                "vcpus",
+                format!("{} not in 1..={MAX_VCPUS}", self.vcpus),
+            ));
         }
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
             return Err(invalid(
@@ -75,30 +78,48 @@ impl VmConfig {
             ));
         }
         if !self.kernel.is_file() {
-            return Err(invalid("kernel", format!("{} is not a file", self.kernel.display())));
+            return Err(invalid(
+                "kernel",
+                format!("{} is not a file", self.kernel.display()),
+            ));
         }
         if let Some(initramfs) = &self.initramfs {
             if !initramfs.is_file() {
-                return Err(invalid("initramfs", format!("{} is not a file", initramfs.display())));
+                return Err(invalid(
+                    "initramfs",
+                    format!("{} is not a file", initramfs.display()),
+                ));
             }
         }
         if self.cmdline.contains('\0') || self.cmdline.contains('\n') {
             return Err(invalid("cmdline", "contains NUL or newline"));
         }
         if self.guest_cid < 3 || self.guest_cid > u64::from(u32::MAX) {
-            return Err(invalid("guest_cid", format!("{} not in 3..=2^32-1", self.guest_cid)));
+            return Err(invalid(
+                "guest_cid",
+                format!("{} not in 3..=2^32-1", self.guest_cid),
+            ));
         }
         if self.block_slots.len() > MAX_BLOCK_SLOTS {
             return Err(invalid(
                 "block_slots",
-                format!("{} slots, at most {MAX_BLOCK_SLOTS}", self.block_slots.len()),
+                format!(
+                    "{} slots, at most {MAX_BLOCK_SLOTS}",
+                    self.block_slots.len()
+                ),
             ));
         }
         if self.vsock_uds.as_os_str().len() >= 100 {
-            return Err(invalid("vsock_uds", "unix socket path longer than 99 bytes"));
+            return Err(invalid(
+                "vsock_uds",
+                "unix socket path longer than 99 bytes",
+            ));
         }
         if self.vsock_uds.exists() {
-            return Err(invalid("vsock_uds", format!("{} already exists", self.vsock_uds.display())));
+            return Err(invalid(
+                "vsock_uds",
+                format!("{} already exists", self.vsock_uds.display()),
+            ));
         }
         Ok(())
     }
@@ -129,15 +150,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let good = config(dir.path());
         assert_eq!(good.validate(), Ok(()));
-        let cases: Vec<(&str, Box<dyn Fn(&mut VmConfig)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut VmConfig)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("vcpus", Box::new(|c| c.vcpus = 0)),
             ("vcpus", Box::new(|c| c.vcpus = 200)),
             ("mem_mib", Box::new(|c| c.mem_mib = 1)),
             ("kernel", Box::new(|c| c.kernel = "/nonexistent".into())),
-            ("initramfs", Box::new(|c| c.initramfs = Some("/nonexistent".into()))),
+            (
+                "initramfs",
+                Box::new(|c| c.initramfs = Some("/nonexistent".into())),
+            ),
             ("cmdline", Box::new(|c| c.cmdline.push('\n'))),
             ("guest_cid", Box::new(|c| c.guest_cid = 2)),
-            ("block_slots", Box::new(|c| c.block_slots = vec![BlockSlotConfig { read_only: false }; 17])),
+            (
+                "block_slots",
+                Box::new(|c| c.block_slots = vec![BlockSlotConfig { read_only: false }; 17]),
+            ),
             ("vsock_uds", Box::new(|c| c.vsock_uds = c.kernel.clone())),
         ];
         for (field, mutate) in cases {

@@ -29,7 +29,8 @@ impl fmt::Display for HostKind {
 
 /// CPU features the PVM instruction emulator cannot execute in guest kernel mode, masked on the guest
 /// kernel command line because CPUID masking through `KVM_SET_CPUID2` is not reliably honoured there.
-pub const PVM_CLEARCPUID: &str = "smap,smep,cx16,popcnt,fsgsbase,rdrand,rdseed,rdpid,bmi1,bmi2,avx,avx2,\
+pub const PVM_CLEARCPUID: &str =
+    "smap,smep,cx16,popcnt,fsgsbase,rdrand,rdseed,rdpid,bmi1,bmi2,avx,avx2,\
 avx512f,movbe,xsaveopt,erms,fsrm,umip,pku,abm,f16c,fma,aes,pclmulqdq,sse4_1,sse4_2,ssse3";
 
 /// What this host's KVM is, as far as podvisor cares.

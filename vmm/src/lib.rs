@@ -28,5 +28,7 @@ pub use vm::{Error, ExitReason, Vm, VmState};
 /// no PCI/ACPI probing), plus what the host's KVM kind needs (see [`KvmHost::guest_cmdline_args`]).
 pub fn default_cmdline(host: &KvmHost) -> String {
     let base = "console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 tsc=reliable quiet";
-    format!("{base} {}", host.guest_cmdline_args()).trim().to_string()
+    format!("{base} {}", host.guest_cmdline_args())
+        .trim()
+        .to_string()
 }

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::Duration;
 
-use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -175,7 +177,10 @@ pub(crate) fn run_vcpu(id: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, io: Arc<Io
     match result {
         Ok(Some(reason)) => shared.finish(reason),
         Ok(None) => {}
-        Err(panic) => shared.finish(ExitReason::VmmPanic(format!("vCPU {id}: {}", panic_message(&panic)))),
+        Err(panic) => shared.finish(ExitReason::VmmPanic(format!(
+            "vCPU {id}: {}",
+            panic_message(&panic)
+        ))),
     }
     lock(&io.serial).flush();
 }

@@ -8,19 +8,24 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::boot::{load_boot_images, make_cmdline, BootError};
-use crate::arch::layout::{self, create_guest_memory, mmio_addr, LayoutError, MMIO_WINDOW, SERIAL_IRQ, VIRTIO_IRQ_BASE};
+use crate::arch::layout::{
+    self, create_guest_memory, mmio_addr, LayoutError, MMIO_WINDOW, SERIAL_IRQ, VIRTIO_IRQ_BASE,
+};
 use crate::arch::mptable::{setup_mptable, MptableError};
 use crate::arch::regs::{setup_boot_vcpu, setup_vcpu_common, write_boot_tables, RegsError};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio::block::{BlockDevice, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::vsock::{VsockDevice, VsockError};
 use crate::devices::virtio::worker::{self, lock, WorkerError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::BusDevice;
@@ -55,6 +60,9 @@ pub enum Error {
     /// vCPU registers could not be set.
     #[error(transparent)]
     Regs(#[from] RegsError),
+    /// The vsock device could not be created.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     /// A device worker could not be started.
     #[error(transparent)]
     Worker(#[from] WorkerError),
@@ -126,8 +134,12 @@ impl fmt::Display for ExitReason {
             ExitReason::GuestReset => write!(f, "guest reset (reboot or triple fault)"),
             ExitReason::GuestShutdown => write!(f, "guest powered off"),
             ExitReason::GuestPanic => write!(f, "guest crashed"),
-            ExitReason::InternalError { suberror } => write!(f, "KVM internal error (suberror {suberror})"),
-            ExitReason::EntryFailure { reason } => write!(f, "KVM entry failure (reason {reason:#x})"),
+            ExitReason::InternalError { suberror } => {
+                write!(f, "KVM internal error (suberror {suberror})")
+            }
+            ExitReason::EntryFailure { reason } => {
+                write!(f, "KVM entry failure (reason {reason:#x})")
+            }
             ExitReason::KvmError(e) => write!(f, "KVM_RUN failed: {e}"),
             ExitReason::VmmPanic(e) => write!(f, "VMM thread panicked: {e}"),
             ExitReason::Unexpected(e) => write!(f, "unhandled VM exit: {e}"),
@@ -165,7 +177,9 @@ pub struct Vm {
 
 impl fmt::Debug for Vm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Vm").field("vsock_uds", &self.config.vsock_uds).finish()
+        f.debug_struct("Vm")
+            .field("vsock_uds", &self.config.vsock_uds)
+            .finish()
     }
 }
 
@@ -179,7 +193,9 @@ impl Vm {
         vm_fd
             .set_tss_address(layout::KVM_TSS_ADDR)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -216,22 +232,29 @@ impl Vm {
         let mut cmdline = make_cmdline(&vm.config.cmdline)?;
         let mut mmio: Vec<Arc<Mutex<dyn BusDevice>>> = Vec::new();
 
+        let vsock_index = mmio.len();
+        let (interrupt, queue_evts) = vm.device_fds(&vm_fd, vsock_index, 3)?;
+        let vsock = VsockDevice::new(vm.config.guest_cid, &vm.config.vsock_uds, interrupt.clone())?;
+        let vsock = vm.add_device(vsock, "vsock", &mem, interrupt, queue_evts)?;
+        mmio.push(vsock);
         for (slot, slot_config) in vm.config.block_slots.clone().iter().enumerate() {
             let index = mmio.len();
             let (interrupt, queue_evts) = vm.device_fds(&vm_fd, index, 1)?;
             let dev = BlockDevice::new(slot, slot_config.read_only, interrupt.clone());
-            let transport = vm.add_device(dev, &format!("blk{slot}"), &mem, interrupt, queue_evts)?;
+            let transport =
+                vm.add_device(dev, &format!("blk{slot}"), &mem, interrupt, queue_evts)?;
             vm.blocks.push(transport.clone());
             mmio.push(transport);
         }
         for index in 0..mmio.len() {
-            cmdline.add_virtio_mmio_device(
-                MMIO_WINDOW,
-                GuestAddress(mmio_addr(index)),
-                VIRTIO_IRQ_BASE + index as u32,
-                None,
-            )
-            .map_err(BootError::from)?;
+            cmdline
+                .add_virtio_mmio_device(
+                    MMIO_WINDOW,
+                    GuestAddress(mmio_addr(index)),
+                    VIRTIO_IRQ_BASE + index as u32,
+                    None,
+                )
+                .map_err(BootError::from)?;
         }
 
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("create serial irqfd"))?;
@@ -245,8 +268,17 @@ impl Vm {
         });
         vm.io = Some(io.clone());
 
-        let images = load_boot_images(&mem, &vm.config.kernel, vm.config.initramfs.as_deref(), &cmdline)?;
-        tracing::debug!("kernel entry {:#x}, initramfs {:?}", images.entry.raw_value(), images.initramfs);
+        let images = load_boot_images(
+            &mem,
+            &vm.config.kernel,
+            vm.config.initramfs.as_deref(),
+            &cmdline,
+        )?;
+        tracing::debug!(
+            "kernel entry {:#x}, initramfs {:?}",
+            images.entry.raw_value(),
+            images.initramfs
+        );
         setup_mptable(&mem, vm.config.vcpus)?;
         write_boot_tables(&mem)?;
 
@@ -255,7 +287,9 @@ impl Vm {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpu_fds = Vec::new();
         for id in 0..vm.config.vcpus {
-            let vcpu = vm_fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let vcpu = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             setup_vcpu_common(&vcpu, id, vm.config.vcpus, &cpuid)?;
             if id == 0 {
                 setup_boot_vcpu(&vcpu, images.entry.raw_value())?;
@@ -279,7 +313,12 @@ impl Vm {
     }
 
     /// Creates the irqfd (registered for the device's GSI) and the queue-notify ioeventfds.
-    fn device_fds(&self, vm_fd: &VmFd, index: usize, queues: usize) -> Result<(Arc<Interrupt>, Vec<EventFd>), Error> {
+    fn device_fds(
+        &self,
+        vm_fd: &VmFd,
+        index: usize,
+        queues: usize,
+    ) -> Result<(Arc<Interrupt>, Vec<EventFd>), Error> {
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(io_err("create irqfd"))?;
         vm_fd
             .register_irqfd(&irqfd, VIRTIO_IRQ_BASE + index as u32)
@@ -288,7 +327,11 @@ impl Vm {
         for q in 0..queues {
             let evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("create ioeventfd"))?;
             vm_fd
-                .register_ioevent(&evt, &IoEventAddress::Mmio(mmio_addr(index) + NOTIFY_REG_OFFSET), q as u32)
+                .register_ioevent(
+                    &evt,
+                    &IoEventAddress::Mmio(mmio_addr(index) + NOTIFY_REG_OFFSET),
+                    q as u32,
+                )
                 .map_err(kvm_err("KVM_IOEVENTFD"))?;
             evts.push(evt);
         }
@@ -305,8 +348,16 @@ impl Vm {
         queue_evts: Vec<EventFd>,
     ) -> Result<Arc<Mutex<MmioTransport<D>>>, Error> {
         let clone = |e: &EventFd| e.try_clone().map_err(io_err("clone ioeventfd"));
-        let worker_evts = queue_evts.iter().map(clone).collect::<Result<Vec<_>, _>>()?;
-        let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), interrupt, queue_evts)));
+        let worker_evts = queue_evts
+            .iter()
+            .map(clone)
+            .collect::<Result<Vec<_>, _>>()?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem.clone(),
+            interrupt,
+            queue_evts,
+        )));
         let stop = EventFd::new(EFD_NONBLOCK).map_err(io_err("create stop eventfd"))?;
         let shared = self.shared.clone();
         let thread = worker::spawn(

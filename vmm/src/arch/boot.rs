@@ -9,7 +9,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::{load_cmdline, Elf, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use super::layout::{
     CMDLINE_ADDR, CMDLINE_MAX_SIZE, EBDA_START, HIMEM_START, MMIO_HOLE_END, ZERO_PAGE_ADDR,
@@ -121,7 +123,12 @@ pub fn load_boot_images(
             let addr = low_end.checked_sub(size).map(|a| a & !(PAGE_SIZE - 1));
             let addr = match addr {
                 Some(addr) if addr >= kernel_end => addr,
-                _ => return Err(BootError::InitramfsTooBig { size, limit: low_end }),
+                _ => {
+                    return Err(BootError::InitramfsTooBig {
+                        size,
+                        limit: low_end,
+                    })
+                }
             };
             mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)?;
             Some((GuestAddress(addr), size))
@@ -161,7 +168,10 @@ fn zero_page(
         params.hdr.ramdisk_image = addr.raw_value() as u32;
         params.hdr.ramdisk_size = size as u32;
     }
-    let mut entries = vec![(0, EBDA_START, E820_RAM), (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED)];
+    let mut entries = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+    ];
     for region in mem.iter() {
         let start = region.start_addr().raw_value();
         let end = start + region.len();
@@ -170,7 +180,9 @@ fn zero_page(
             entries.push((start, end - start, E820_RAM));
         }
     }
-    debug_assert!(entries.iter().all(|(a, s, _)| a + s <= MMIO_HOLE_END || *a >= MMIO_HOLE_END));
+    debug_assert!(entries
+        .iter()
+        .all(|(a, s, _)| a + s <= MMIO_HOLE_END || *a >= MMIO_HOLE_END));
     for (i, (addr, size, type_)) in entries.iter().enumerate() {
         params.e820_table[i].addr = *addr;
         params.e820_table[i].size = *size;

@@ -73,7 +73,10 @@ pub fn ram_regions(mem_mib: u32) -> Vec<(GuestAddress, usize)> {
     } else {
         vec![
             (GuestAddress(0), MMIO_HOLE_START as usize),
-            (GuestAddress(MMIO_HOLE_END), (size - MMIO_HOLE_START) as usize),
+            (
+                GuestAddress(MMIO_HOLE_END),
+                (size - MMIO_HOLE_START) as usize,
+            ),
         ]
     }
 }

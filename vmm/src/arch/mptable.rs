@@ -229,7 +229,8 @@ mod tests {
         assert_eq!(&mpf.signature, b"_MP_");
         let header: MpcTable = mem.read_obj(GuestAddress(u64::from(mpf.physptr))).unwrap();
         let mut table = vec![0u8; header.length as usize];
-        mem.read_slice(&mut table, GuestAddress(u64::from(mpf.physptr))).unwrap();
+        mem.read_slice(&mut table, GuestAddress(u64::from(mpf.physptr)))
+            .unwrap();
         assert_eq!(checksum(&table), 0);
         let cpus = table[std::mem::size_of::<MpcTable>()..]
             .chunks(20)

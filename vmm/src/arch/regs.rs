@@ -5,7 +5,9 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, CpuId};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{BOOT_STACK_POINTER, GDT_ADDR, PDE_ADDR, PDPTE_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
+use super::layout::{
+    BOOT_STACK_POINTER, GDT_ADDR, PDE_ADDR, PDPTE_ADDR, PML4_ADDR, ZERO_PAGE_ADDR,
+};
 
 const X86_CR0_PE: u64 = 1 << 0;
 const X86_CR0_ET: u64 = 1 << 4;
@@ -122,7 +124,12 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), RegsError> {
 }
 
 /// Common setup of every vCPU: CPUID with its APIC id, default FPU state, LAPIC LINT0/1 wiring.
-pub fn setup_vcpu_common(vcpu: &VcpuFd, id: u8, num_cpus: u8, base: &CpuId) -> Result<(), RegsError> {
+pub fn setup_vcpu_common(
+    vcpu: &VcpuFd,
+    id: u8,
+    num_cpus: u8,
+    base: &CpuId,
+) -> Result<(), RegsError> {
     let mut cpuid = base.clone();
     for e in cpuid.as_mut_slice() {
         match e.function {
@@ -171,7 +178,10 @@ mod tests {
     #[test]
     fn gdt_segments_decode_as_long_mode_code() {
         let code = segment(GDT[1], 1);
-        assert_eq!((code.l, code.db, code.dpl, code.present, code.s), (1, 0, 0, 1, 1));
+        assert_eq!(
+            (code.l, code.db, code.dpl, code.present, code.s),
+            (1, 0, 0, 1, 1)
+        );
         assert_eq!(code.type_, 0xb);
         assert_eq!(code.selector, 8);
         assert_eq!(code.limit, 0xfffff);

@@ -10,9 +10,9 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::{ByteValued, GuestMemoryMmap};
@@ -20,7 +20,8 @@ use vm_memory::{ByteValued, GuestMemoryMmap};
 use std::sync::Arc;
 
 use super::{
-    read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Size of a virtio-blk sector.
@@ -137,7 +138,9 @@ impl BlockDevice {
 
     /// Capacity in bytes the guest sees (0 when empty).
     pub fn capacity_bytes(&self) -> u64 {
-        self.backing.as_ref().map_or(0, |b| b.size / SECTOR_SIZE * SECTOR_SIZE)
+        self.backing
+            .as_ref()
+            .map_or(0, |b| b.size / SECTOR_SIZE * SECTOR_SIZE)
     }
 
     /// Gives the slot a backing file. `read_only` must match the slot's mode. The caller then
@@ -165,9 +168,13 @@ impl BlockDevice {
             .open(path)
             .map_err(|e| backing_err(e.to_string()))?;
         // Works for regular files and block devices alike.
-        let size = file.seek(SeekFrom::End(0)).map_err(|e| backing_err(e.to_string()))?;
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| backing_err(e.to_string()))?;
         if size < SECTOR_SIZE {
-            return Err(backing_err(format!("size {size} is smaller than one sector")));
+            return Err(backing_err(format!(
+                "size {size} is smaller than one sector"
+            )));
         }
         self.backing = Some(Backing {
             file,
@@ -221,7 +228,12 @@ impl BlockDevice {
     }
 
     /// Serves a parsed request; `Err` is the virtio status to report.
-    fn serve(&mut self, header: &RequestHeader, reader: &mut Reader, writer: &mut Writer) -> Result<(), u32> {
+    fn serve(
+        &mut self,
+        header: &RequestHeader,
+        reader: &mut Reader,
+        writer: &mut Writer,
+    ) -> Result<(), u32> {
         match header.type_ {
             VIRTIO_BLK_T_GET_ID => {
                 let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];

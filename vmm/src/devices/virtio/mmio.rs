@@ -171,7 +171,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             let offered = self.device.avail_features();
             let acked = self.driver_features;
             if acked & !offered != 0 || acked & VIRTIO_F_VERSION_1 == 0 {
-                tracing::warn!("virtio driver acked unsupported features {acked:#x} (offered {offered:#x})");
+                tracing::warn!(
+                    "virtio driver acked unsupported features {acked:#x} (offered {offered:#x})"
+                );
                 // Leave FEATURES_OK clear: the driver reads it back and fails the device.
                 self.device_status = value & !status::FEATURES_OK;
                 return;
@@ -239,7 +241,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             REG_DRIVER_FEATURES => {
                 if self.device_status & status::FEATURES_OK == 0 {
                     match self.driver_features_select {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                        0 => {
+                            self.driver_features =
+                                (self.driver_features & !0xffff_ffff) | u64::from(v)
+                        }
                         1 => {
                             self.driver_features =
                                 (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)

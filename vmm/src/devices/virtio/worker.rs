@@ -42,10 +42,18 @@ pub fn spawn<D: VirtioDevice + 'static>(
             EpollEvent::new(EventSet::IN, i as u64),
         )?;
     }
-    epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, TOKEN_STOP))?;
+    epoll.ctl(
+        ControlOperation::Add,
+        stop.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, TOKEN_STOP),
+    )?;
     let extra = lock(&transport).device().extra_fd();
     if let Some(fd) = extra {
-        epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, TOKEN_EXTRA))?;
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, TOKEN_EXTRA),
+        )?;
     }
     let handle = std::thread::Builder::new().name(name).spawn(move || {
         let result = catch_unwind(AssertUnwindSafe(|| run(&epoll, &transport, &queue_evts)));
@@ -73,7 +81,11 @@ pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-fn run<D: VirtioDevice>(epoll: &Epoll, transport: &Mutex<MmioTransport<D>>, queue_evts: &[EventFd]) {
+fn run<D: VirtioDevice>(
+    epoll: &Epoll,
+    transport: &Mutex<MmioTransport<D>>,
+    queue_evts: &[EventFd],
+) {
     let mut events = vec![EpollEvent::default(); 16];
     loop {
         let n = match epoll.wait(-1, &mut events) {

@@ -57,7 +57,13 @@ impl<'a> Harness<'a> {
         self.next_desc += descs.len() as u16;
         self.dev.process_queue(0);
         let used_idx = self.queue.used().idx().load();
-        let elem = self.queue.used().ring().ref_at(usize::from(used_idx - 1)).unwrap().load();
+        let elem = self
+            .queue
+            .used()
+            .ring()
+            .ref_at(usize::from(used_idx - 1))
+            .unwrap()
+            .load();
         (elem.len(), self.mem.read_obj(GuestAddress(STATUS)).unwrap())
     }
 
@@ -92,7 +98,10 @@ fn backing(dir: &tempfile::TempDir, sectors: usize) -> PathBuf {
 fn reads_sectors_of_the_attached_file() {
     let (mem, dir) = (mem(), tempfile::tempdir().unwrap());
     let mut h = Harness::new(&mem, true);
-    assert_eq!(h.dev.attach(&backing(&dir, 4), true).unwrap(), 4 * SECTOR_SIZE);
+    assert_eq!(
+        h.dev.attach(&backing(&dir, 4), true).unwrap(),
+        4 * SECTOR_SIZE
+    );
     let (len, status) = h.request(VIRTIO_BLK_T_IN, 2, 1024, WRITE);
     assert_eq!(status, VIRTIO_BLK_S_OK as u8);
     assert_eq!(len, 1025);
@@ -106,10 +115,19 @@ fn reads_sectors_of_the_attached_file() {
 fn reads_past_capacity_and_on_empty_slots_fail() {
     let (mem, dir) = (mem(), tempfile::tempdir().unwrap());
     let mut h = Harness::new(&mem, true);
-    assert_eq!(h.request(VIRTIO_BLK_T_IN, 0, 512, WRITE).1, VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_IN, 0, 512, WRITE).1,
+        VIRTIO_BLK_S_IOERR as u8
+    );
     h.dev.attach(&backing(&dir, 4), true).unwrap();
-    assert_eq!(h.request(VIRTIO_BLK_T_IN, 3, 1024, WRITE).1, VIRTIO_BLK_S_IOERR as u8);
-    assert_eq!(h.request(VIRTIO_BLK_T_IN, u64::MAX, 512, WRITE).1, VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_IN, 3, 1024, WRITE).1,
+        VIRTIO_BLK_S_IOERR as u8
+    );
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_IN, u64::MAX, 512, WRITE).1,
+        VIRTIO_BLK_S_IOERR as u8
+    );
     assert_eq!(h.dev.failed_requests, 3);
 }
 
@@ -121,13 +139,22 @@ fn writes_reach_the_file_only_on_read_write_slots() {
 
     let mut ro = Harness::new(&mem, true);
     ro.dev.attach(&path, true).unwrap();
-    assert_eq!(ro.request(VIRTIO_BLK_T_OUT, 1, 512, 0).1, VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(
+        ro.request(VIRTIO_BLK_T_OUT, 1, 512, 0).1,
+        VIRTIO_BLK_S_IOERR as u8
+    );
     assert_eq!(std::fs::read(&path).unwrap()[512], 1);
 
     let mut rw = Harness::new(&mem, false);
     rw.dev.attach(&path, false).unwrap();
-    assert_eq!(rw.request(VIRTIO_BLK_T_OUT, 1, 512, 0).1, VIRTIO_BLK_S_OK as u8);
-    assert_eq!(rw.request(VIRTIO_BLK_T_FLUSH, 0, 0, 0).1, VIRTIO_BLK_S_OK as u8);
+    assert_eq!(
+        rw.request(VIRTIO_BLK_T_OUT, 1, 512, 0).1,
+        VIRTIO_BLK_S_OK as u8
+    );
+    assert_eq!(
+        rw.request(VIRTIO_BLK_T_FLUSH, 0, 0, 0).1,
+        VIRTIO_BLK_S_OK as u8
+    );
     let content = std::fs::read(&path).unwrap();
     assert!(content[512..1024].iter().all(|b| *b == 0xab));
     assert_eq!(content[1024], 2);
@@ -137,7 +164,10 @@ fn writes_reach_the_file_only_on_read_write_slots() {
 fn get_id_returns_the_slot_serial_and_unknown_types_are_unsupported() {
     let mem = mem();
     let mut h = Harness::new(&mem, true);
-    assert_eq!(h.request(VIRTIO_BLK_T_GET_ID, 0, 20, WRITE).1, VIRTIO_BLK_S_OK as u8);
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_GET_ID, 0, 20, WRITE).1,
+        VIRTIO_BLK_S_OK as u8
+    );
     let mut id = [0u8; 20];
     mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
     assert_eq!(&id[..6], b"slot0\0");
@@ -181,14 +211,26 @@ fn attach_and_detach_rules() {
     let path = backing(&dir, 1);
     let mut h = Harness::new(&mem, true);
     assert!(matches!(h.dev.detach(), Err(BlockError::Empty(0))));
-    assert!(matches!(h.dev.attach(&path, false), Err(BlockError::Mode { .. })));
+    assert!(matches!(
+        h.dev.attach(&path, false),
+        Err(BlockError::Mode { .. })
+    ));
     let missing = dir.path().join("missing");
-    assert!(matches!(h.dev.attach(&missing, true), Err(BlockError::Backing { .. })));
+    assert!(matches!(
+        h.dev.attach(&missing, true),
+        Err(BlockError::Backing { .. })
+    ));
     let tiny = dir.path().join("tiny");
     std::fs::write(&tiny, b"abc").unwrap();
-    assert!(matches!(h.dev.attach(&tiny, true), Err(BlockError::Backing { .. })));
+    assert!(matches!(
+        h.dev.attach(&tiny, true),
+        Err(BlockError::Backing { .. })
+    ));
     h.dev.attach(&path, true).unwrap();
-    assert!(matches!(h.dev.attach(&path, true), Err(BlockError::Busy(0))));
+    assert!(matches!(
+        h.dev.attach(&path, true),
+        Err(BlockError::Busy(0))
+    ));
     let mut cap = [0u8; 8];
     h.dev.read_config(0, &mut cap);
     assert_eq!(u64::from_le_bytes(cap), 1);

@@ -29,7 +29,10 @@ impl VirtioDevice for Dummy {
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         if self.fail_activation {
-            return Err(ActivateError::QueueCount { expected: 9, got: activation.queues.len() });
+            return Err(ActivateError::QueueCount {
+                expected: 9,
+                got: activation.queues.len(),
+            });
         }
         self.activated += 1;
         Ok(())
@@ -64,7 +67,11 @@ fn init(t: &mut MmioTransport<Dummy>, features: u64) -> u32 {
     w(t, REG_DRIVER_FEATURES, features as u32);
     w(t, REG_DRIVER_FEATURES_SEL, 1);
     w(t, REG_DRIVER_FEATURES, (features >> 32) as u32);
-    w(t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+    w(
+        t,
+        REG_STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
     if r(t, REG_STATUS) & status::FEATURES_OK == 0 {
         return r(t, REG_STATUS);
     }
@@ -77,7 +84,11 @@ fn init(t: &mut MmioTransport<Dummy>, features: u64) -> u32 {
         w(t, REG_QUEUE_DEVICE_LOW, base + 0x200);
         w(t, REG_QUEUE_READY, 1);
     }
-    w(t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+    w(
+        t,
+        REG_STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
     r(t, REG_STATUS)
 }
 
@@ -127,7 +138,10 @@ fn negotiation_then_activation() {
 #[test]
 fn unsupported_or_legacy_features_are_refused() {
     let mut t = transport(Dummy::default());
-    assert_eq!(init(&mut t, VIRTIO_F_VERSION_1 | 0b10) & status::FEATURES_OK, 0);
+    assert_eq!(
+        init(&mut t, VIRTIO_F_VERSION_1 | 0b10) & status::FEATURES_OK,
+        0
+    );
     let mut t = transport(Dummy::default());
     assert_eq!(init(&mut t, 0b1) & status::FEATURES_OK, 0);
     assert!(!t.is_active());
@@ -139,9 +153,17 @@ fn invalid_queues_or_failed_activation_need_reset() {
     w(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
     w(&mut t, REG_DRIVER_FEATURES_SEL, 1);
     w(&mut t, REG_DRIVER_FEATURES, 1);
-    w(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+    w(
+        &mut t,
+        REG_STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
     // Queues never configured: rings at address 0 with size 0 are invalid.
-    w(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+    w(
+        &mut t,
+        REG_STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
     assert!(!t.is_active());
     assert_ne!(r(&mut t, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
 
@@ -149,7 +171,10 @@ fn invalid_queues_or_failed_activation_need_reset() {
         fail_activation: true,
         ..Default::default()
     });
-    assert_ne!(init(&mut t, VIRTIO_F_VERSION_1) & status::DEVICE_NEEDS_RESET, 0);
+    assert_ne!(
+        init(&mut t, VIRTIO_F_VERSION_1) & status::DEVICE_NEEDS_RESET,
+        0
+    );
     assert!(!t.is_active());
 }
 

@@ -98,7 +98,12 @@ pub struct Connection {
 impl Connection {
     /// A host-initiated connection waiting for the guest's answer until `deadline`.
     /// `registered` is what `stream` is already registered for under `token`.
-    pub fn local_init(stream: UnixStream, token: u64, registered: EventSet, deadline: Instant) -> Self {
+    pub fn local_init(
+        stream: UnixStream,
+        token: u64,
+        registered: EventSet,
+        deadline: Instant,
+    ) -> Self {
         let mut conn = Connection::new(stream, token, State::LocalInit);
         conn.registered = registered;
         conn.deadline = Some(deadline);
@@ -181,7 +186,10 @@ impl Connection {
     /// Reads unix data into `buf` (bounded by the guest's credit and [`MAX_RX_PAYLOAD`]).
     /// `Ok(0)` is EOF; `WouldBlock` when nothing can be read.
     pub fn read_into<B: BitmapSlice>(&mut self, buf: &VolatileSlice<'_, B>) -> io::Result<usize> {
-        let n = buf.len().min(MAX_RX_PAYLOAD).min(self.peer_credit() as usize);
+        let n = buf
+            .len()
+            .min(MAX_RX_PAYLOAD)
+            .min(self.peer_credit() as usize);
         if n == 0 {
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -192,7 +200,10 @@ impl Connection {
     }
 
     /// Forwards guest data to the unix stream, buffering what it cannot take now.
-    pub fn push_to_host<B: BitmapSlice>(&mut self, data: &VolatileSlice<'_, B>) -> Result<(), ConnError> {
+    pub fn push_to_host<B: BitmapSlice>(
+        &mut self,
+        data: &VolatileSlice<'_, B>,
+    ) -> Result<(), ConnError> {
         let in_flight = u64::from((self.rx_cnt - self.last_fwd_cnt_sent).0) + data.len() as u64;
         if in_flight > u64::from(BUF_ALLOC) {
             return Err(ConnError::CreditExceeded { in_flight });
@@ -223,8 +234,9 @@ impl Connection {
         self.to_host.extend(line.as_bytes());
     }
 
-    /// Writes buffered data to the unix stream until it would block.
-    pub fn flush(&mut self) -> Result<(), ConnError> {
+    /// Writes buffered data to the unix stream until it would block; returns the bytes written.
+    pub fn flush(&mut self) -> Result<usize, ConnError> {
+        let mut written = 0;
         while !self.to_host.is_empty() {
             let (a, b) = self.to_host.as_slices();
             let chunk = if a.is_empty() { b } else { a };
@@ -232,6 +244,7 @@ impl Connection {
                 Ok(0) => return Err(ConnError::Io(io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
                     self.to_host.drain(..n);
+                    written += n;
                     let exempt = n.min(self.uncounted);
                     self.uncounted -= exempt;
                     self.fwd_cnt += Wrapping((n - exempt) as u32);
@@ -241,7 +254,7 @@ impl Connection {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(())
+        Ok(written)
     }
 
     /// Shuts the unix stream's write side (the unix peer reads EOF).
@@ -261,5 +274,8 @@ fn into_io(e: VolatileMemoryError) -> io::Error {
 }
 
 fn is_transient(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }

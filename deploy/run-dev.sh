@@ -1,0 +1,13 @@
+#!/bin/bash
+# Single-node developer install: set up the host, build the guest (kernel cached under ~/.cache/podvisor)
+# and the daemon, install the guest files to /usr/share/podvisor, then run the daemon in the foreground
+# with its embedded defaults (socket /run/podvisor/podvisor.sock, state /var/lib/podvisor).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+e2e/setup-host.sh
+mapfile -t GUEST < <(guest/build.sh)
+install -D -m 0644 "${GUEST[0]}" /usr/share/podvisor/initramfs.cpio
+install -D -m 0644 "${GUEST[1]}" /usr/share/podvisor/vmlinux
+cargo build --release -p cri-server
+exec "$ROOT/target/release/podvisor" "$@"

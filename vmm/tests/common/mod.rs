@@ -1,0 +1,140 @@
+//! Helpers shared by the VM integration tests and the boot benchmark.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use podvisor_proto::client::connect_hybrid_vsock;
+use podvisor_proto::{AgentClient, HealthRequest, AGENT_VSOCK_PORT};
+use tonic::transport::Channel;
+use vmm::{BlockSlotConfig, KvmHost, VmConfig};
+
+/// Kernel and initramfs built by `guest/build.sh` (or given by PODVISOR_KERNEL / PODVISOR_INITRAMFS).
+pub fn guest_artifacts() -> Result<(PathBuf, PathBuf), String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let kernel = std::env::var_os("PODVISOR_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/guest/vmlinux"));
+    let initramfs = std::env::var_os("PODVISOR_INITRAMFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/guest/initramfs.cpio"));
+    for p in [&kernel, &initramfs] {
+        if !p.is_file() {
+            return Err(format!("{} missing (run guest/build.sh)", p.display()));
+        }
+    }
+    Ok((kernel, initramfs))
+}
+
+/// Returns the guest artifacts if this host can run VMs. Otherwise prints a SKIPPED line and returns
+/// None — or panics when PODVISOR_REQUIRE_KVM=1 (CI on a KVM host must not skip).
+pub fn vm_prerequisites(test: &str) -> Option<(PathBuf, PathBuf)> {
+    let why = if !KvmHost::detect().dev_kvm {
+        Err("/dev/kvm not available".to_string())
+    } else {
+        guest_artifacts()
+    };
+    match why {
+        Ok(a) => Some(a),
+        Err(reason) if std::env::var("PODVISOR_REQUIRE_KVM").as_deref() == Ok("1") => {
+            panic!("{test}: PODVISOR_REQUIRE_KVM=1 but {reason}")
+        }
+        Err(reason) => {
+            eprintln!("SKIPPED {test}: {reason}");
+            None
+        }
+    }
+}
+
+/// A VM config with `slots` block slots, files under `dir`.
+pub fn vm_config(
+    dir: &Path,
+    kernel: &Path,
+    initramfs: &Path,
+    slots: Vec<BlockSlotConfig>,
+) -> VmConfig {
+    VmConfig {
+        vcpus: 1,
+        mem_mib: 256,
+        kernel: kernel.to_owned(),
+        initramfs: Some(initramfs.to_owned()),
+        cmdline: vmm::default_cmdline(&KvmHost::detect()),
+        console_log: dir.join("console.log"),
+        vsock_uds: dir.join("vsock.sock"),
+        guest_cid: 3,
+        block_slots: slots,
+    }
+}
+
+/// Connects to the agent, retrying until it answers Health or `timeout` passes.
+pub async fn wait_for_agent(uds: &Path, timeout: Duration) -> Result<AgentClient<Channel>, String> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("never tried");
+    while Instant::now() < deadline {
+        match connect_hybrid_vsock(uds, AGENT_VSOCK_PORT).await {
+            Ok(mut client) => match client.health(HealthRequest {}).await {
+                Ok(_) => return Ok(client),
+                Err(e) => last = format!("health: {e}"),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!("agent not ready after {timeout:?}: {last}"))
+}
+
+/// Builds an ext4 image of `size_mib` MiB holding `files` (path, content), without a journal.
+pub fn make_ext4(dir: &Path, name: &str, files: &[(&str, &[u8])], size_mib: u32) -> PathBuf {
+    let root = dir.join(format!("{name}.root"));
+    std::fs::create_dir_all(&root).unwrap();
+    for (path, content) in files {
+        let p = root.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    let image = dir.join(format!("{name}.ext4"));
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "^has_journal", "-d"])
+        .arg(&root)
+        .arg(&image)
+        .arg(format!("{size_mib}M"))
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs) must be installed");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+    image
+}
+
+/// Number of entries in a /proc directory of this process (threads or fds).
+pub fn proc_count(what: &str) -> usize {
+    std::fs::read_dir(format!("/proc/self/{what}"))
+        .unwrap()
+        .count()
+}
+
+/// Proportional set size of process `pid` in KiB.
+pub fn pss_kib(pid: u32) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until `path` contains `marker`; returns false on timeout.
+pub fn wait_for_marker(path: &Path, marker: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(marker)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}

@@ -1,0 +1,164 @@
+//! End to end on a real KVM VM: boot the project's kernel + initramfs, reach the agent over vsock,
+//! hot-attach a block image, read a file from it through the agent, detach it, shut the VM down, and
+//! check that no thread, fd or file is left behind. One test, one boot: boots are slow under PVM.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use podvisor_proto::{
+    AddStorageRequest, ReadFileRequest, RemoveStorageRequest, ShutdownRequest, VersionRequest,
+};
+use vmm::{BlockSlotConfig, Error, ExitReason, Vm, VmState};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[test]
+fn boot_agent_block_hotplug_and_clean_teardown() {
+    let Some((kernel, initramfs)) =
+        common::vm_prerequisites("boot_agent_block_hotplug_and_clean_teardown")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let token = format!("podvisor-{}-{:?}", std::process::id(), Instant::now());
+    let image = common::make_ext4(
+        dir.path(),
+        "data",
+        &[("dir/hello.txt", token.as_bytes())],
+        8,
+    );
+    let rw_image = common::make_ext4(dir.path(), "scratch", &[], 8);
+
+    let threads_before = common::proc_count("task");
+    let fds_before = common::proc_count("fd");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let slots = vec![
+        BlockSlotConfig { read_only: true },
+        BlockSlotConfig { read_only: false },
+    ];
+    let config = common::vm_config(dir.path(), &kernel, &initramfs, slots);
+    let vsock_uds = config.vsock_uds.clone();
+    let start = Instant::now();
+    let vm = Vm::boot(config).expect("boot");
+    assert_eq!(vm.state(), VmState::Running);
+
+    let mut agent = rt
+        .block_on(common::wait_for_agent(&vsock_uds, BOOT_TIMEOUT))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nconsole:\n{}",
+                std::fs::read_to_string(vm.console_log()).unwrap_or_default()
+            )
+        });
+    eprintln!("agent ready {:?} after boot", start.elapsed());
+    let version = rt
+        .block_on(agent.version(VersionRequest {}))
+        .unwrap()
+        .into_inner();
+    assert!(version.kernel_release.starts_with("6.1."), "{version:?}");
+    let console = std::fs::read_to_string(vm.console_log()).unwrap();
+    assert!(
+        console.contains("podvisor-agent"),
+        "console log lacks the agent banner:\n{console}"
+    );
+
+    // Hot-attach: the slot had capacity 0 at boot; after attach the guest sees the image.
+    let capacity = vm.attach_block(0, &image, true).expect("attach");
+    assert_eq!(capacity, 8 << 20);
+    assert!(
+        matches!(vm.attach_block(0, &image, true), Err(Error::Block(_))),
+        "slot 0 is busy"
+    );
+    assert!(matches!(
+        vm.attach_block(0, &rw_image, false),
+        Err(Error::Block(_))
+    ));
+    assert!(matches!(
+        vm.attach_block(7, &image, true),
+        Err(Error::NoSuchSlot { slot: 7, count: 2 })
+    ));
+    let t = Instant::now();
+    let storage = rt
+        .block_on(agent.add_storage(AddStorageRequest {
+            id: "data".into(),
+            block_slot: 0,
+            fstype: "ext4".into(),
+            read_only: true,
+            mount_point: None,
+            timeout_ms: 60_000,
+        }))
+        .expect("AddStorage")
+        .into_inner();
+    eprintln!("AddStorage took {:?} ({storage:?})", t.elapsed());
+    let file = rt
+        .block_on(agent.read_file(ReadFileRequest {
+            path: format!("{}/dir/hello.txt", storage.mount_point),
+            offset: 0,
+            max_bytes: 4096,
+        }))
+        .expect("ReadFile")
+        .into_inner();
+    assert_eq!(String::from_utf8_lossy(&file.data), token);
+    assert!(file.eof);
+
+    // Detach: unmount in the guest first, then empty the slot; the guest sees capacity 0 again.
+    rt.block_on(agent.remove_storage(RemoveStorageRequest { id: "data".into() }))
+        .expect("RemoveStorage");
+    assert_eq!(vm.detach_block(0).expect("detach"), image);
+    let again = rt.block_on(agent.add_storage(AddStorageRequest {
+        id: "gone".into(),
+        block_slot: 0,
+        fstype: "ext4".into(),
+        read_only: true,
+        mount_point: None,
+        timeout_ms: 1_500,
+    }));
+    assert_eq!(
+        again.expect_err("slot 0 is empty").code(),
+        tonic::Code::DeadlineExceeded
+    );
+
+    // A read-write slot takes a writable image and gives it back.
+    vm.attach_block(1, &rw_image, false).expect("attach rw");
+    assert_eq!(vm.detach_block(1).expect("detach rw"), rw_image);
+
+    // Guest-initiated shutdown ends the VM with a guest exit reason, not a host stop.
+    rt.block_on(agent.shutdown(ShutdownRequest {}))
+        .expect("Shutdown");
+    let reason = vm
+        .wait_timeout(Duration::from_secs(120))
+        .expect("VM did not stop after Shutdown");
+    assert!(
+        matches!(
+            reason,
+            ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::InternalError { .. }
+        ),
+        "{reason}"
+    );
+    assert!(matches!(
+        vm.attach_block(0, &image, true),
+        Err(Error::NotRunning(_))
+    ));
+    assert_eq!(vm.stop(), reason);
+    drop(agent);
+    drop(rt);
+
+    assert!(!vsock_uds.exists(), "vsock socket file left behind");
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["console.log", "data.ext4", "scratch.ext4"]);
+    assert_eq!(
+        common::proc_count("task"),
+        threads_before,
+        "threads left behind"
+    );
+    assert_eq!(common::proc_count("fd"), fds_before, "fds left behind");
+}
