@@ -38,12 +38,19 @@ pub fn checks(guest_dir: &Path) -> Vec<Check> {
         let path = guest_dir.join(file);
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         out.push(Check {
-            name: if file == "vmlinux" { "guest kernel" } else { "guest initramfs" },
+            name: if file == "vmlinux" {
+                "guest kernel"
+            } else {
+                "guest initramfs"
+            },
             ok: size > 0,
             detail: if size > 0 {
                 format!("{} ({size} bytes)", path.display())
             } else {
-                format!("{} missing (run guest/build.sh and install it)", path.display())
+                format!(
+                    "{} missing (run guest/build.sh and install it)",
+                    path.display()
+                )
             },
         });
     }
@@ -51,7 +58,11 @@ pub fn checks(guest_dir: &Path) -> Vec<Check> {
     out.push(Check {
         name: "cgroups",
         ok: cgroup2 || Path::new("/sys/fs/cgroup/cpu").exists(),
-        detail: if cgroup2 { "v2 (unified)".into() } else { "v1 / hybrid".into() },
+        detail: if cgroup2 {
+            "v2 (unified)".into()
+        } else {
+            "v1 / hybrid".into()
+        },
     });
     out
 }
@@ -60,7 +71,12 @@ pub fn checks(guest_dir: &Path) -> Vec<Check> {
 pub fn run(guest_dir: &Path) -> ExitCode {
     let results = checks(guest_dir);
     for c in &results {
-        println!("{} {:<16} {}", if c.ok { "PASS" } else { "FAIL" }, c.name, c.detail);
+        println!(
+            "{} {:<16} {}",
+            if c.ok { "PASS" } else { "FAIL" },
+            c.name,
+            c.detail
+        );
     }
     if results.iter().all(|c| c.ok) {
         ExitCode::SUCCESS
@@ -81,13 +97,22 @@ mod tests {
         assert!(!kernel.ok);
         assert!(kernel.detail.contains("vmlinux missing"));
         std::fs::write(dir.path().join("vmlinux"), b"x").unwrap();
-        assert!(checks(dir.path()).iter().find(|c| c.name == "guest kernel").unwrap().ok);
+        assert!(
+            checks(dir.path())
+                .iter()
+                .find(|c| c.name == "guest kernel")
+                .unwrap()
+                .ok
+        );
     }
 
     #[test]
     fn kvm_check_reports_the_host_kind() {
         let host = KvmHost::detect();
-        let kvm = checks(Path::new("/nonexistent")).into_iter().next().unwrap();
+        let kvm = checks(Path::new("/nonexistent"))
+            .into_iter()
+            .next()
+            .unwrap();
         assert_eq!(kvm.ok, host.dev_kvm);
         if host.kind == HostKind::Pvm && host.dev_kvm {
             assert!(kvm.detail.contains("PVM"), "{}", kvm.detail);

@@ -61,7 +61,10 @@ pub fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
         if !meta.file_type().is_socket() {
             return Err(DaemonError::Io {
                 path: socket.to_owned(),
-                source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a socket"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "exists and is not a socket",
+                ),
             });
         }
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
@@ -70,7 +73,8 @@ pub fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
         std::fs::remove_file(socket).map_err(io_err(socket))?;
     }
     let listener = UnixListener::bind(socket).map_err(io_err(socket))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660)).map_err(io_err(socket))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
+        .map_err(io_err(socket))?;
     Ok(listener)
 }
 

@@ -20,7 +20,11 @@ pub mod defaults {
 }
 
 #[derive(Parser)]
-#[command(name = "podvisor", version, about = "Kubernetes CRI runtime: every pod in its own microVM")]
+#[command(
+    name = "podvisor",
+    version,
+    about = "Kubernetes CRI runtime: every pod in its own microVM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

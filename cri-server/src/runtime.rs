@@ -40,7 +40,11 @@ impl Runtime {
         let (status, reason, message) = if !host.dev_kvm {
             (false, "KVMUnavailable", "/dev/kvm is missing".to_string())
         } else if !missing.is_empty() {
-            (false, "GuestImageMissing", format!("missing {}", missing.join(", ")))
+            (
+                false,
+                "GuestImageMissing",
+                format!("missing {}", missing.join(", ")),
+            )
         } else {
             (true, "", format!("KVM: {}", host.kind))
         };
@@ -53,7 +57,8 @@ impl Runtime {
     }
 }
 
-type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ContainerEventResponse, Status>> + Send>>;
+type EventStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<ContainerEventResponse, Status>> + Send>>;
 
 macro_rules! cri_impl {
     ($trait:ident for $ty:ty { $($own:item)* } unimplemented { $($name:ident($req:ty) -> $resp:ty;)* }) => {

@@ -49,19 +49,35 @@ async fn version_status_and_clear_unimplemented_errors() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut client = RuntimeServiceClient::new(connect(socket.clone()).await);
-    let version = client.version(VersionRequest::default()).await.unwrap().into_inner();
+    let version = client
+        .version(VersionRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(version.runtime_name, "podvisor");
     assert_eq!(version.runtime_api_version, "v1");
 
-    let status = client.status(StatusRequest::default()).await.unwrap().into_inner();
+    let status = client
+        .status(StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     let conditions = status.status.unwrap().conditions;
-    let runtime = conditions.iter().find(|c| c.r#type == "RuntimeReady").unwrap();
+    let runtime = conditions
+        .iter()
+        .find(|c| c.r#type == "RuntimeReady")
+        .unwrap();
     // The guest directory is empty, so the runtime cannot be ready whatever the host.
     assert!(!runtime.status);
     assert!(!runtime.reason.is_empty());
-    assert!(conditions.iter().any(|c| c.r#type == "NetworkReady" && !c.status));
+    assert!(conditions
+        .iter()
+        .any(|c| c.r#type == "NetworkReady" && !c.status));
 
-    let err = client.list_pod_sandbox(ListPodSandboxRequest::default()).await.unwrap_err();
+    let err = client
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented);
     assert!(err.message().contains("list_pod_sandbox"));
     drop(daemon);

@@ -11,6 +11,11 @@ pub const MAX_MEM_MIB: u32 = 64 * 1024;
 /// Largest number of virtio-blk slots (each takes one virtio-mmio window and one IRQ).
 pub const MAX_BLOCK_SLOTS: usize = 16;
 
+// The vsock device and every slot need an IOAPIC pin.
+const _: () = assert!(
+    crate::arch::layout::VIRTIO_IRQ_BASE + 1 + MAX_BLOCK_SLOTS as u32 <= crate::arch::layout::IRQ_MAX
+);
+
 /// One virtio-blk slot of the pool a VM boots with. Slots start empty (capacity 0) and are filled at
 /// runtime; whether a slot is read-only is fixed at boot because the guest reads `VIRTIO_BLK_F_RO` once.
 #[derive(Clone, Debug, PartialEq, Eq)]
