@@ -13,7 +13,8 @@ pub const MAX_BLOCK_SLOTS: usize = 16;
 
 // The vsock device and every slot need an IOAPIC pin.
 const _: () = assert!(
-    crate::arch::layout::VIRTIO_IRQ_BASE + 1 + MAX_BLOCK_SLOTS as u32 <= crate::arch::layout::IRQ_MAX
+    crate::arch::layout::VIRTIO_IRQ_BASE + 1 + MAX_BLOCK_SLOTS as u32
+        <= crate::arch::layout::IRQ_MAX
 );
 
 /// One virtio-blk slot of the pool a VM boots with. Slots start empty (capacity 0) and are filled at
