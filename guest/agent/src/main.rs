@@ -1,0 +1,207 @@
+//! podvisor-agent: PID 1 of every pod VM. Mounts the basics, then serves `podvisor.agent.v1.Agent` on vsock
+//! port [`AGENT_VSOCK_PORT`]. It never exits on an error: it logs to the console and keeps running, or, when
+//! it cannot serve at all, reboots (which stops the VM).
+#![warn(missing_docs)]
+
+mod files;
+mod init;
+mod server;
+mod service;
+mod storage;
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use podvisor_proto::AGENT_VSOCK_PORT;
+use tokio::sync::Notify;
+use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
+
+use crate::service::{AgentService, BootInfo};
+use crate::storage::StorageManager;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// How long to keep retrying the vsock bind (the device may not be there yet) before giving up.
+const BIND_RETRY_FOR: Duration = Duration::from_secs(60);
+/// Pause between bind attempts.
+const BIND_RETRY_EVERY: Duration = Duration::from_millis(500);
+/// How often a failed server is restarted before the agent gives up.
+const SERVER_RESTARTS: u32 = 3;
+/// Time for the Shutdown reply to reach the host before the VM goes down.
+const SHUTDOWN_FLUSH_DELAY: Duration = Duration::from_millis(200);
+
+/// Errors that stop the agent from serving.
+#[derive(Debug, thiserror::Error)]
+enum AgentError {
+    /// The tokio runtime could not be built.
+    #[error("building the runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The vsock port could not be bound.
+    #[error("binding vsock port {port} failed for {waited:?}, last error: {source}")]
+    Bind {
+        port: u32,
+        waited: Duration,
+        source: std::io::Error,
+    },
+    /// The gRPC server failed too often.
+    #[error("the gRPC server failed {restarts} times, last error: {source}")]
+    Serve {
+        restarts: u32,
+        source: server::ServerError,
+    },
+}
+
+/// Writes one line to the console (stderr). Never fails: PID 1 must not die of a log line.
+pub(crate) fn log(msg: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "podvisor-agent: {msg}");
+}
+
+/// Logs `err` and stops: reboots the VM as PID 1, exits otherwise.
+fn fatal(pid1: bool, err: &AgentError) -> ! {
+    log(&format!("fatal: {err}"));
+    if pid1 {
+        log("rebooting");
+        init::reboot()
+    }
+    std::process::exit(1)
+}
+
+fn main() {
+    let started = Instant::now();
+    let pid1 = std::process::id() == 1;
+    if pid1 {
+        for err in init::mount_early() {
+            log(&err.to_string());
+        }
+        if let Err(err) = init::ensure_console() {
+            log(&err.to_string());
+        }
+    }
+    let boot_to_agent_start_ms = init::kernel_uptime_ms()
+        .map_err(|e| log(&e.to_string()))
+        .ok();
+    let kernel_release = init::kernel_release().unwrap_or_else(|e| {
+        log(&e.to_string());
+        String::new()
+    });
+    log(&format!(
+        "{VERSION} starting: pid {}, kernel {kernel_release}, uptime {} ms",
+        std::process::id(),
+        boot_to_agent_start_ms.map_or("?".into(), |ms| ms.to_string())
+    ));
+    let boot = Arc::new(BootInfo {
+        started,
+        kernel_release,
+        boot_to_agent_start_ms,
+        boot_to_ready_ms: 0.into(),
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let err = match runtime {
+        Ok(rt) => rt.block_on(run(pid1, boot)),
+        Err(e) => AgentError::Runtime(e),
+    };
+    fatal(pid1, &err)
+}
+
+/// Serves until the server cannot be kept up; returns why.
+async fn run(pid1: bool, boot: Arc<BootInfo>) -> AgentError {
+    let storage = Arc::new(StorageManager::system());
+    let shutdown = Arc::new(Notify::new());
+    if pid1 {
+        tokio::spawn(async {
+            if let Err(err) = init::reap_zombies().await {
+                log(&err.to_string());
+            }
+        });
+    }
+    tokio::spawn(shutdown_when_asked(pid1, shutdown.clone(), storage.clone()));
+    let service = AgentService::new(boot.clone(), storage, shutdown);
+    let mut restarts = 0;
+    loop {
+        let listener = match bind_with_retry(AGENT_VSOCK_PORT).await {
+            Ok(listener) => listener,
+            Err(err) => return err,
+        };
+        if restarts == 0 {
+            let ready_ms = init::kernel_uptime_ms().unwrap_or(0);
+            boot.boot_to_ready_ms.store(ready_ms, Ordering::Relaxed);
+            // The line the VMM and humans look for; keep its format.
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "podvisor-agent {VERSION} ready on vsock port {AGENT_VSOCK_PORT}"
+            );
+            log(&format!(
+                "kernel uptime at ready: {ready_ms} ms (agent start +{} ms)",
+                boot.started.elapsed().as_millis()
+            ));
+        } else {
+            log(&format!("listening again on vsock port {AGENT_VSOCK_PORT}"));
+        }
+        let source = server::serve(listener, service.clone()).await;
+        restarts += 1;
+        log(&format!(
+            "server failed ({restarts}/{SERVER_RESTARTS}): {source}"
+        ));
+        if restarts >= SERVER_RESTARTS {
+            return AgentError::Serve { restarts, source };
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Binds the agent's vsock port, retrying for [`BIND_RETRY_FOR`] (the vsock transport may still be probing).
+async fn bind_with_retry(port: u32) -> Result<VsockListener, AgentError> {
+    let start = Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port)) {
+            Ok(listener) => {
+                if attempts > 0 {
+                    log(&format!(
+                        "vsock port {port} bound after {} ms",
+                        start.elapsed().as_millis()
+                    ));
+                }
+                return Ok(listener);
+            }
+            Err(source) => {
+                let waited = start.elapsed();
+                if waited >= BIND_RETRY_FOR {
+                    return Err(AgentError::Bind {
+                        port,
+                        waited,
+                        source,
+                    });
+                }
+                // Log the first failure and then every 10 s.
+                if attempts % 20 == 0 {
+                    log(&format!(
+                        "cannot bind vsock port {port} ({source}); is there a virtio-vsock device? \
+                         retrying for up to {}s",
+                        BIND_RETRY_FOR.saturating_sub(waited).as_secs()
+                    ));
+                }
+                attempts += 1;
+                tokio::time::sleep(BIND_RETRY_EVERY).await;
+            }
+        }
+    }
+}
+
+/// After a `Shutdown` call: let the reply go out, sync, unmount storages and reboot (exit when not PID 1).
+async fn shutdown_when_asked(pid1: bool, asked: Arc<Notify>, storage: Arc<StorageManager>) {
+    asked.notified().await;
+    tokio::time::sleep(SHUTDOWN_FLUSH_DELAY).await;
+    log("shutting down: sync, unmount storages, reboot");
+    nix::unistd::sync();
+    for err in storage.unmount_all() {
+        log(&err.to_string());
+    }
+    if pid1 {
+        init::reboot()
+    }
+    std::process::exit(0)
+}

@@ -1,0 +1,35 @@
+//! The podvisor host <-> guest agent protocol (`podvisor.agent.v1`, see `agent.proto`).
+//!
+//! The message types, the [`AgentClient`] and the [`Agent`] server trait are generated from `agent.proto`.
+//! With the `client` feature (default), [`client::connect_hybrid_vsock`] opens a client through the VMM's
+//! hybrid-vsock unix socket.
+#![warn(missing_docs)]
+
+/// Generated code for package `podvisor.agent.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("podvisor.agent.v1");
+}
+
+pub use v1::agent_client::AgentClient;
+pub use v1::agent_server::{Agent, AgentServer};
+pub use v1::*;
+
+#[cfg(feature = "client")]
+pub mod client;
+
+/// The vsock port the guest agent listens on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The largest `ReadFileRequest::max_bytes` the agent accepts (4 MiB). Clients must accept responses of this
+/// size plus framing, above tonic's default 4 MiB decoding limit (`client::connect_hybrid_vsock` does).
+pub const MAX_READ_BYTES: u32 = 4 * 1024 * 1024;
+
+/// Storages without an explicit mount point are mounted at `<this>/<id>`.
+pub const DEFAULT_STORAGE_ROOT: &str = "/run/podvisor/storage";
+
+/// How long `AddStorage` waits for an empty slot to get an image when `timeout_ms` is 0.
+pub const DEFAULT_STORAGE_TIMEOUT_MS: u32 = 30_000;
+
+/// The largest `AddStorageRequest::timeout_ms` the agent accepts.
+pub const MAX_STORAGE_TIMEOUT_MS: u32 = 300_000;
