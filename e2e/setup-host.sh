@@ -3,7 +3,7 @@
 # protoc for the gRPC code generators, the guest kernel toolchain, mkfs tools for block images,
 # qemu-system-x86 (the peer VMM of the boot benchmark) and the Rust components the checks use.
 set -euo pipefail
-PKGS=(protobuf-compiler linux-source-6.1 flex bison libelf-dev bc e2fsprogs erofs-utils busybox-static cpio cpio
+PKGS=(protobuf-compiler linux-source-6.1 flex bison libelf-dev bc e2fsprogs erofs-utils busybox-static cpio
       qemu-system-x86 ca-certificates)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -27,15 +27,28 @@ struct Sample {
 }
 
 fn ours(dir: &Path, kernel: &Path, initramfs: &Path, ready: &mut Vec<f64>) -> Sample {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let pss_before = common::pss_kib(std::process::id());
-    let config = common::vm_config(dir, kernel, initramfs, vec![vmm::BlockSlotConfig { read_only: true }]);
+    let config = common::vm_config(
+        dir,
+        kernel,
+        initramfs,
+        vec![vmm::BlockSlotConfig { read_only: true }],
+    );
     let (console, uds) = (config.console_log.clone(), config.vsock_uds.clone());
     let start = Instant::now();
     let vm = vmm::Vm::boot(config).expect("boot");
-    assert!(common::wait_for_marker(&console, AGENT_START_MARKER, TIMEOUT), "ours: no agent start");
+    assert!(
+        common::wait_for_marker(&console, AGENT_START_MARKER, TIMEOUT),
+        "ours: no agent start"
+    );
     let agent_start = start.elapsed().as_secs_f64();
-    let agent = rt.block_on(common::wait_for_agent(&uds, TIMEOUT)).expect("agent");
+    let agent = rt
+        .block_on(common::wait_for_agent(&uds, TIMEOUT))
+        .expect("agent");
     ready.push(start.elapsed().as_secs_f64());
     std::thread::sleep(SETTLE);
     let pss = common::pss_kib(std::process::id()).saturating_sub(pss_before);
@@ -52,8 +65,24 @@ fn qemu(dir: &Path, kernel: &Path, initramfs: &Path) -> Sample {
     let cmdline = vmm::default_cmdline(&vmm::KvmHost::detect());
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "kvm", "-M", "microvm,acpi=off", "-cpu", "host,-arch-capabilities"])
-        .args(["-m", "256", "-smp", "1", "-display", "none", "-no-reboot", "-nodefaults"])
+        .args([
+            "-accel",
+            "kvm",
+            "-M",
+            "microvm,acpi=off",
+            "-cpu",
+            "host,-arch-capabilities",
+        ])
+        .args([
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-nodefaults",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .arg("-kernel")
@@ -103,7 +132,10 @@ fn main() {
     let Some((kernel, initramfs)) = common::vm_prerequisites("bench boot") else {
         return;
     };
-    let runs: usize = std::env::var("PODVISOR_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let runs: usize = std::env::var("PODVISOR_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let (mut our_samples, mut peer_samples, mut ready) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
         let dir = tempfile::tempdir().unwrap();
