@@ -31,7 +31,7 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
     let rw_image = common::make_ext4(dir.path(), "scratch", &[], 8);
 
     let threads_before = common::proc_count("task");
-    let fds_before = common::proc_count("fd");
+    let fds_before = common::fd_targets();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -160,5 +160,5 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
         threads_before,
         "threads left behind"
     );
-    assert_eq!(common::proc_count("fd"), fds_before, "fds left behind");
+    assert_eq!(common::fd_targets(), fds_before, "fds left behind");
 }

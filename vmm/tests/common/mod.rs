@@ -117,6 +117,17 @@ pub fn proc_count(what: &str) -> usize {
         .count()
 }
 
+/// What each open fd of this process points at, sorted (for leak diagnostics).
+pub fn fd_targets() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
 /// Proportional set size of process `pid` in KiB.
 pub fn pss_kib(pid: u32) -> u64 {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
