@@ -1,4 +1,25 @@
-//! podvisor image service: pulls OCI images into a content store and builds one read-only block image per
-//! image digest, which the sandbox manager hot-attaches to pod VMs.
+//! podvisor image service: pulls OCI images with `oci-client` into a content-addressed store and builds one
+//! read-only block image (ext4 or erofs) per image, which the sandbox manager attaches to pod VMs.
 //!
-//! Not implemented yet (issue "Image service"); this crate only reserves its place in the workspace.
+//! [`ImageService`] is the entry point; the modules below it are usable on their own (the layer applier,
+//! the content store, registry host configuration).
+
+#![deny(missing_docs)]
+
+pub mod apply;
+pub mod blockimage;
+pub mod content;
+pub mod hosts;
+pub mod meta;
+pub mod registry;
+pub mod service;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use blockimage::FsType;
+pub use content::Digest;
+pub use meta::ImageRecord;
+pub use registry::Credentials;
+pub use service::{
+    Config, ErrorKind, GcStats, ImageError, ImageService, Progress, Stats, Usage, DEFAULT_CERTS_DIR,
+};

@@ -1,0 +1,512 @@
+//! Talks to registries with `oci-client`: tries the configured endpoints (mirrors, then the upstream) in
+//! order, resolves a reference to a linux/amd64 image manifest (through an image index or Docker manifest
+//! list if needed) and streams blobs into the content store, where they are verified.
+
+use std::time::Duration;
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
+use oci_spec::image::{Arch, ImageIndex, ImageManifest, Os};
+
+use crate::content::{ContentError, ContentStore, Digest};
+use crate::hosts::{Endpoint, HostsError, RegistryHosts, Scheme};
+
+/// Docker v2 schema2 manifest.
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Docker manifest list.
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// OCI image manifest.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// OCI image index.
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const ACCEPT: &[&str] = &[
+    OCI_INDEX,
+    DOCKER_MANIFEST_LIST,
+    OCI_MANIFEST,
+    DOCKER_MANIFEST,
+];
+
+/// Errors talking to a registry.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The image reference does not parse.
+    #[error("invalid image reference {reference:?}: {message}")]
+    InvalidReference {
+        /// The reference as given.
+        reference: String,
+        /// Why.
+        message: String,
+    },
+    /// The registry host configuration is broken.
+    #[error(transparent)]
+    Hosts(#[from] HostsError),
+    /// No endpoint could be reached.
+    #[error("registry {host} unreachable: {message}")]
+    Unreachable {
+        /// The endpoint.
+        host: String,
+        /// The transport error.
+        message: String,
+    },
+    /// The registry does not have the manifest or blob.
+    #[error("{what} not found on {host}")]
+    NotFound {
+        /// What was looked for.
+        what: String,
+        /// The endpoint.
+        host: String,
+    },
+    /// The registry refused the credentials (or anonymous access).
+    #[error("{host}: unauthorized: {message}")]
+    Unauthorized {
+        /// The endpoint.
+        host: String,
+        /// Details.
+        message: String,
+    },
+    /// Any other error from the registry or the protocol.
+    #[error("{host}: {message}")]
+    Protocol {
+        /// The endpoint.
+        host: String,
+        /// Details.
+        message: String,
+    },
+    /// The manifest is of a kind podvisor does not pull.
+    #[error("unsupported manifest: {0}")]
+    Unsupported(String),
+    /// The index has no linux/amd64 image.
+    #[error("{reference}: no linux/amd64 image in the index (has: {available})")]
+    NoPlatform {
+        /// The reference.
+        reference: String,
+        /// The platforms offered.
+        available: String,
+    },
+    /// Storing or verifying content failed.
+    #[error(transparent)]
+    Content(#[from] ContentError),
+}
+
+/// Credentials for one pull (from CRI's AuthConfig).
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Credentials {
+    /// Username for basic auth.
+    pub username: String,
+    /// Password for basic auth.
+    pub password: String,
+    /// A bearer token for the registry, used as is.
+    pub registry_token: String,
+    /// The registry host these credentials are for; empty means the image's own registry. Mirrors only get
+    /// credentials when this names them.
+    pub server_address: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("server_address", &self.server_address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    fn auth(&self) -> RegistryAuth {
+        if !self.registry_token.is_empty() {
+            RegistryAuth::Bearer(self.registry_token.clone())
+        } else if !self.username.is_empty() {
+            RegistryAuth::Basic(self.username.clone(), self.password.clone())
+        } else {
+            RegistryAuth::Anonymous
+        }
+    }
+}
+
+/// Parses and normalizes an image reference (`busybox` → `docker.io/library/busybox:latest`).
+pub fn parse_reference(image: &str) -> Result<Reference, RegistryError> {
+    image
+        .parse::<Reference>()
+        .map_err(|e| RegistryError::InvalidReference {
+            reference: image.into(),
+            message: e.to_string(),
+        })
+}
+
+/// A manifest resolved from a registry, with the raw bytes of what was fetched.
+#[derive(Debug)]
+pub struct Resolved {
+    /// Index of the endpoint that answered.
+    pub endpoint: usize,
+    /// The index or manifest list the reference pointed to, if it was one: (digest, bytes).
+    pub index: Option<(Digest, Vec<u8>)>,
+    /// The linux/amd64 image manifest's digest.
+    pub manifest_digest: Digest,
+    /// Its bytes.
+    pub manifest_bytes: Vec<u8>,
+    /// Parsed.
+    pub manifest: ImageManifest,
+}
+
+struct Ep {
+    endpoint: Endpoint,
+    client: Client,
+    reference: Reference,
+    auth: RegistryAuth,
+}
+
+/// One image reference on its registry endpoints, for the duration of a pull.
+pub struct Remote {
+    reference: Reference,
+    endpoints: Vec<Ep>,
+}
+
+fn classify(host: &str, what: &str, e: OciDistributionError) -> RegistryError {
+    let host = host.to_owned();
+    match e {
+        OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
+            RegistryError::Unreachable {
+                host,
+                message: format!("{e:?}").chars().take(300).collect(),
+            }
+        }
+        OciDistributionError::UnauthorizedError { url } => {
+            RegistryError::Unauthorized { host, message: url }
+        }
+        OciDistributionError::AuthenticationFailure(message) => {
+            RegistryError::Unauthorized { host, message }
+        }
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let code = envelope.errors.first().map(|e| &e.code);
+            match code {
+                Some(
+                    OciErrorCode::ManifestUnknown
+                    | OciErrorCode::NameUnknown
+                    | OciErrorCode::BlobUnknown
+                    | OciErrorCode::NotFound,
+                ) => RegistryError::NotFound {
+                    what: what.into(),
+                    host,
+                },
+                Some(OciErrorCode::Unauthorized | OciErrorCode::Denied) => {
+                    RegistryError::Unauthorized {
+                        host,
+                        message: envelope.to_string(),
+                    }
+                }
+                _ => RegistryError::Protocol {
+                    host,
+                    message: envelope.to_string(),
+                },
+            }
+        }
+        OciDistributionError::ServerError { code: 404, .. } => RegistryError::NotFound {
+            what: what.into(),
+            host,
+        },
+        OciDistributionError::ServerError {
+            code: 401 | 403,
+            message,
+            ..
+        } => RegistryError::Unauthorized { host, message },
+        other => RegistryError::Protocol {
+            host,
+            message: other.to_string(),
+        },
+    }
+}
+
+fn client_for(ep: &Endpoint, timeout: Duration) -> Result<Client, RegistryError> {
+    let mut extra = Vec::new();
+    for ca in &ep.ca {
+        let data = std::fs::read(ca).map_err(|e| RegistryError::Protocol {
+            host: ep.host.clone(),
+            message: format!("CA file {}: {e}", ca.display()),
+        })?;
+        extra.push(oci_client::client::Certificate {
+            encoding: oci_client::client::CertificateEncoding::Pem,
+            data,
+        });
+    }
+    let config = ClientConfig {
+        protocol: match ep.scheme {
+            Scheme::Http => ClientProtocol::Http,
+            Scheme::Https => ClientProtocol::Https,
+        },
+        accept_invalid_certificates: ep.skip_verify,
+        extra_root_certificates: extra,
+        platform_resolver: None,
+        connect_timeout: Some(timeout),
+        read_timeout: Some(timeout),
+        user_agent: concat!("podvisor/", env!("CARGO_PKG_VERSION")),
+        ..Default::default()
+    };
+    Client::try_from(config).map_err(|e| RegistryError::Protocol {
+        host: ep.host.clone(),
+        message: format!("cannot build the HTTP client: {e}"),
+    })
+}
+
+fn platform_ok(p: Option<&oci_spec::image::Platform>) -> bool {
+    p.is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
+}
+
+fn media_type_of(bytes: &[u8]) -> Result<String, RegistryError> {
+    let v: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| RegistryError::Unsupported(format!("manifest is not JSON: {e}")))?;
+    if v.get("schemaVersion").and_then(|s| s.as_u64()) != Some(2) {
+        return Err(RegistryError::Unsupported(
+            "only schema version 2 manifests are supported (Docker schema 1 is not)".into(),
+        ));
+    }
+    Ok(match v.get("mediaType").and_then(|m| m.as_str()) {
+        Some(m) => m.to_owned(),
+        None if v.get("manifests").is_some() => OCI_INDEX.into(),
+        None => OCI_MANIFEST.into(),
+    })
+}
+
+impl Remote {
+    /// Prepares clients for every endpoint of `reference`'s registry.
+    pub fn new(
+        reference: Reference,
+        hosts: &RegistryHosts,
+        creds: &Credentials,
+        timeout: Duration,
+    ) -> Result<Remote, RegistryError> {
+        let endpoints = hosts.endpoints(reference.registry(), reference.resolve_registry())?;
+        let mut eps = Vec::new();
+        for endpoint in endpoints {
+            let mut r = reference.clone();
+            if endpoint.host != reference.resolve_registry() {
+                // The mirror serves the upstream's repositories (containerd's `?ns=` convention).
+                r.set_mirror_registry(endpoint.host.clone());
+            }
+            let for_this = creds.server_address.is_empty() && !endpoint.mirror
+                || creds.server_address == endpoint.host
+                || creds.server_address == reference.registry() && !endpoint.mirror;
+            eps.push(Ep {
+                client: client_for(&endpoint, timeout)?,
+                auth: if for_this {
+                    creds.auth()
+                } else {
+                    RegistryAuth::Anonymous
+                },
+                endpoint,
+                reference: r,
+            });
+        }
+        Ok(Remote {
+            reference,
+            endpoints: eps,
+        })
+    }
+
+    /// The normalized reference.
+    pub fn reference(&self) -> &Reference {
+        &self.reference
+    }
+
+    async fn fetch_manifest(
+        &self,
+        ep: &Ep,
+        reference: &Reference,
+    ) -> Result<(Digest, Vec<u8>), RegistryError> {
+        let host = &ep.endpoint.host;
+        let (bytes, digest) = ep
+            .client
+            .pull_manifest_raw(reference, &ep.auth, ACCEPT)
+            .await
+            .map_err(|e| classify(host, &format!("manifest {reference}"), e))?;
+        let actual = Digest::of(&bytes);
+        let wanted = reference.digest().unwrap_or(&digest);
+        if actual.as_str() != wanted {
+            return Err(ContentError::DigestMismatch {
+                expected: wanted.parse()?,
+                actual: actual.to_string(),
+            }
+            .into());
+        }
+        Ok((actual, bytes.to_vec()))
+    }
+
+    async fn resolve_on(&self, i: usize) -> Result<Resolved, RegistryError> {
+        let ep = &self.endpoints[i];
+        let host = &ep.endpoint.host;
+        ep.client
+            .auth(&ep.reference, &ep.auth, RegistryOperation::Pull)
+            .await
+            .map_err(|e| classify(host, "authentication", e))?;
+        let (digest, bytes) = self.fetch_manifest(ep, &ep.reference).await?;
+        let mt = media_type_of(&bytes)?;
+        let (index, manifest_digest, manifest_bytes) =
+            if mt == OCI_INDEX || mt == DOCKER_MANIFEST_LIST {
+                let idx: ImageIndex = serde_json::from_slice(&bytes)
+                    .map_err(|e| RegistryError::Unsupported(format!("bad image index: {e}")))?;
+                let candidates: Vec<_> = idx
+                    .manifests()
+                    .iter()
+                    .filter(|m| platform_ok(m.platform().as_ref()))
+                    .collect();
+                let chosen = candidates
+                    .iter()
+                    .find(|m| {
+                        m.platform()
+                            .as_ref()
+                            .and_then(|p| p.variant().clone())
+                            .is_none()
+                    })
+                    .or(candidates.first())
+                    .ok_or_else(|| RegistryError::NoPlatform {
+                        reference: self.reference.whole(),
+                        available: idx
+                            .manifests()
+                            .iter()
+                            .filter_map(|m| m.platform().as_ref())
+                            .map(|p| format!("{}/{}", p.os(), p.architecture()))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })?;
+                let child = ep.reference.clone_with_digest(chosen.digest().to_string());
+                let (md, mb) = self.fetch_manifest(ep, &child).await?;
+                (Some((digest, bytes)), md, mb)
+            } else if mt == OCI_MANIFEST || mt == DOCKER_MANIFEST {
+                (None, digest, bytes)
+            } else {
+                return Err(RegistryError::Unsupported(format!("media type {mt}")));
+            };
+        let mt = media_type_of(&manifest_bytes)?;
+        if mt != OCI_MANIFEST && mt != DOCKER_MANIFEST {
+            return Err(RegistryError::Unsupported(format!(
+                "index entry is {mt}, not an image manifest"
+            )));
+        }
+        let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
+            .map_err(|e| RegistryError::Unsupported(format!("bad image manifest: {e}")))?;
+        Ok(Resolved {
+            endpoint: i,
+            index,
+            manifest_digest,
+            manifest_bytes,
+            manifest,
+        })
+    }
+
+    /// Resolves the reference on the first endpoint that can, mirrors first.
+    pub async fn resolve(&self) -> Result<Resolved, RegistryError> {
+        let by_digest = self.reference.digest().is_some();
+        let mut last: Option<RegistryError> = None;
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            if !(ep.endpoint.resolve || by_digest && ep.endpoint.pull) {
+                continue;
+            }
+            match self.resolve_on(i).await {
+                Ok(r) => return Ok(r),
+                Err(e @ (RegistryError::Content(_) | RegistryError::Unsupported(_))) => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    tracing::debug!(host = %ep.endpoint.host, error = %e, "endpoint failed, trying the next");
+                    // Prefer an answer from a registry over "unreachable" when reporting.
+                    if !matches!(e, RegistryError::Unreachable { .. })
+                        || !last
+                            .as_ref()
+                            .is_some_and(|l| !matches!(l, RegistryError::Unreachable { .. }))
+                    {
+                        last = Some(e);
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| RegistryError::Protocol {
+            host: self.reference.registry().into(),
+            message: "no endpoint with the resolve capability is configured".into(),
+        }))
+    }
+
+    /// Fetches blob `digest` of `size` bytes into `store` (verified there), from `preferred` first.
+    pub async fn fetch_blob(
+        &self,
+        preferred: usize,
+        digest: &Digest,
+        size: u64,
+        store: &ContentStore,
+        on_bytes: impl FnMut(u64),
+    ) -> Result<(), RegistryError> {
+        let order = std::iter::once(preferred)
+            .chain((0..self.endpoints.len()).filter(|&i| i != preferred))
+            .filter(|&i| self.endpoints[i].endpoint.pull);
+        let mut last = None;
+        for i in order {
+            let ep = &self.endpoints[i];
+            match ep
+                .client
+                .pull_blob_stream(&ep.reference, digest.as_str())
+                .await
+            {
+                Ok(stream) => {
+                    store.write_stream(digest, size, stream, on_bytes).await?;
+                    return Ok(());
+                }
+                Err(e) => last = Some(classify(&ep.endpoint.host, &format!("blob {digest}"), e)),
+            }
+        }
+        Err(last.unwrap_or_else(|| RegistryError::Protocol {
+            host: self.reference.registry().into(),
+            message: "no endpoint with the pull capability is configured".into(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_are_normalized_and_validated() {
+        let r = parse_reference("busybox").unwrap();
+        assert_eq!(r.whole(), "docker.io/library/busybox:latest");
+        assert!(parse_reference("library/UPPER").is_err());
+        assert!(parse_reference("busybox:bad tag").is_err());
+        assert!(parse_reference("").is_err());
+    }
+
+    #[test]
+    fn schema1_and_garbage_manifests_are_unsupported() {
+        assert!(media_type_of(br#"{"schemaVersion":1,"fsLayers":[]}"#).is_err());
+        assert!(media_type_of(b"<html>").is_err());
+        assert_eq!(
+            media_type_of(br#"{"schemaVersion":2,"manifests":[]}"#).unwrap(),
+            OCI_INDEX
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_registry_is_reported_as_such() {
+        // A port nothing listens on (bound then released).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let host = format!("127.0.0.1:{port}");
+        std::fs::create_dir_all(dir.path().join(&host)).unwrap();
+        std::fs::write(
+            dir.path().join(&host).join("hosts.toml"),
+            format!("server = \"http://{host}\"\n"),
+        )
+        .unwrap();
+        let remote = Remote::new(
+            parse_reference(&format!("{host}/x:1")).unwrap(),
+            &RegistryHosts::new(dir.path()),
+            &Credentials::default(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let err = remote.resolve().await.unwrap_err();
+        assert!(matches!(err, RegistryError::Unreachable { .. }), "{err}");
+    }
+}

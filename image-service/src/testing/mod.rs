@@ -1,0 +1,259 @@
+//! Test support (feature `testing`): a private Debian `docker-registry` on 127.0.0.1 and offline-built
+//! busybox images pushed to it with skopeo. Used by this crate's integration tests and bench and by
+//! cri-server's tests.
+
+mod layout;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use layout::{busybox_base, config_digest, gzip, zstd_compress, OciLayout, TarBuilder};
+
+/// The registry binary from Debian's `docker-registry` package.
+pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+/// Why the registry-based tests cannot run here, if they cannot.
+pub fn skip_reason() -> Option<String> {
+    for (bin, pkg) in [
+        (REGISTRY_BIN, "docker-registry"),
+        ("/usr/bin/skopeo", "skopeo"),
+        ("/bin/busybox", "busybox-static"),
+        ("/sbin/debugfs", "e2fsprogs"),
+    ] {
+        if !Path::new(bin).exists() {
+            return Some(format!("{bin} is not installed (apt package {pkg})"));
+        }
+    }
+    None
+}
+
+/// A running registry, killed on drop.
+pub struct Registry {
+    child: Child,
+    /// `127.0.0.1:<port>`.
+    pub host: String,
+    /// Basic-auth credentials it requires, if any.
+    pub creds: Option<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `GET /v2/` status code, if the registry answers.
+fn probe(host: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&host.parse().ok()?, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET /v2/ HTTP/1.0\r\nHost: {host}\r\n\r\n").ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    std::str::from_utf8(&buf[..n])
+        .ok()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+impl Registry {
+    /// Starts a registry with temporary storage, optionally requiring htpasswd basic auth.
+    pub fn start(auth: Option<(&str, &str)>) -> Result<Registry, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mut auth_yaml = String::new();
+        if let Some((user, pass)) = auth {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, pass])
+                .output()
+                .map_err(|e| format!("htpasswd (apt package apache2-utils): {e}"))?;
+            if !out.status.success() {
+                return Err(format!("htpasswd failed: {:?}", out));
+            }
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, &out.stdout).map_err(|e| e.to_string())?;
+            auth_yaml = format!(
+                "auth:\n  htpasswd:\n    realm: podvisor-test\n    path: {}\n",
+                file.display()
+            );
+        }
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port().map_err(|e| e.to_string())?;
+            let host = format!("127.0.0.1:{port}");
+            let config = dir.path().join("config.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n{auth_yaml}",
+                    dir.path().join("data").display()
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            let mut child = Command::new(REGISTRY_BIN)
+                .arg("serve")
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("{REGISTRY_BIN}: {e}"))?;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(code) = probe(&host) {
+                    if code == 200 || code == 401 {
+                        return Ok(Registry {
+                            child,
+                            host,
+                            creds: auth.map(|(u, p)| (u.to_owned(), p.to_owned())),
+                            _dir: dir,
+                        });
+                    }
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    last_err = format!("registry exited with {status} (port {port} taken?)");
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_err = "registry not ready within 20 s".into();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Err(last_err)
+    }
+
+    /// Pushes `layout:tag` to `<this registry>/<dest>` with skopeo (`--all` keeps indexes), converting to
+    /// Docker schema2 when `docker_format` is set.
+    pub fn push(
+        &self,
+        layout: &Path,
+        tag: &str,
+        dest: &str,
+        docker_format: bool,
+    ) -> Result<(), String> {
+        let mut cmd = Command::new("skopeo");
+        cmd.args([
+            "--insecure-policy",
+            "copy",
+            "--all",
+            "--dest-tls-verify=false",
+        ]);
+        if docker_format {
+            cmd.args(["--format", "v2s2"]);
+        }
+        if let Some((u, p)) = &self.creds {
+            cmd.arg("--dest-creds").arg(format!("{u}:{p}"));
+        }
+        cmd.arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}/{dest}", self.host));
+        let out = cmd.output().map_err(|e| format!("skopeo: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "skopeo copy failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+}
+
+/// Writes a `hosts.toml` under `certs_dir` declaring `registry` as served over plain http by `mirror`
+/// (which may be the registry itself).
+pub fn write_hosts(certs_dir: &Path, registry: &str, mirror: &str) -> std::io::Result<()> {
+    let dir = certs_dir.join(registry);
+    std::fs::create_dir_all(&dir)?;
+    let body = if registry == mirror {
+        format!("server = \"http://{mirror}\"\n")
+    } else {
+        format!("[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n")
+    };
+    std::fs::write(dir.join("hosts.toml"), body)
+}
+
+/// Reads a file out of an ext4 image with `debugfs -R 'cat PATH'` (no mount needed). `None` if absent.
+pub fn debugfs_cat(image: &Path, path: &str) -> Option<Vec<u8>> {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(image)
+        .output()
+        .ok()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("File not found") || !out.status.success() {
+        return None;
+    }
+    Some(out.stdout)
+}
+
+/// `debugfs -R 'stat PATH'` output, if the path exists in the image.
+pub fn debugfs_stat(image: &Path, path: &str) -> Option<String> {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("stat {path}"))
+        .arg(image)
+        .output()
+        .ok()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("File not found") || !out.status.success() {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Names of the entries of directory `path` in an ext4 image (`debugfs -R 'ls -p PATH'`).
+pub fn debugfs_ls(image: &Path, path: &str) -> Vec<String> {
+    let Ok(out) = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("ls -p {path}"))
+        .arg(image)
+        .output()
+    else {
+        return vec![];
+    };
+    // Lines look like `/<inode>/<mode>/<uid>/<gid>/<name>/<size>/`.
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().split('/').nth(5).map(str::to_owned))
+        .filter(|n| !n.is_empty() && n != "." && n != "..")
+        .collect()
+}
+
+/// A temporary directory path for test state.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// Files (not directories) under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
