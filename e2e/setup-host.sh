@@ -1,10 +1,12 @@
 #!/bin/bash
 # Installs what podvisor needs on a fresh Debian host (idempotent; apt runs only if something is missing):
 # protoc for the gRPC code generators, the guest kernel toolchain, mkfs tools for block images,
-# qemu-system-x86 (the peer VMM of the boot benchmark) and the Rust components the checks use.
+# qemu-system-x86 (the peer VMM of the boot benchmark), docker-registry + skopeo + apache2-utils (htpasswd)
+# for the image-service registry tests, containerd (the peer of the image pull benchmark; only a private
+# instance the bench starts itself is used) and the Rust components the checks use.
 set -euo pipefail
 PKGS=(protobuf-compiler linux-source-6.1 flex bison libelf-dev bc e2fsprogs erofs-utils busybox-static cpio
-      qemu-system-x86 ca-certificates)
+      qemu-system-x86 ca-certificates docker-registry skopeo apache2-utils containerd)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -10,6 +10,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::defaults;
+use crate::images::{open_db, open_store, ImageArgs, Images, OpenError};
 use crate::runtime::Runtime;
 
 /// Daemon flags.
@@ -24,6 +25,9 @@ pub struct DaemonArgs {
     /// Directory holding the guest vmlinux and initramfs.cpio.
     #[arg(long, default_value = defaults::GUEST_DIR)]
     pub guest_dir: PathBuf,
+    /// Image store settings.
+    #[command(flatten)]
+    pub images: ImageArgs,
 }
 
 /// Errors starting the daemon.
@@ -40,6 +44,9 @@ pub enum DaemonError {
     /// Another process serves the socket.
     #[error("{0} is in use by another running daemon")]
     SocketInUse(PathBuf),
+    /// The image store could not be opened.
+    #[error("image store: {0}")]
+    Images(#[from] OpenError),
     /// The gRPC server failed.
     #[error("CRI server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -80,6 +87,8 @@ pub fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
 
 async fn serve(args: DaemonArgs) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&args.state_dir).map_err(io_err(&args.state_dir))?;
+    let db = open_db(&args.state_dir)?;
+    let images = Images::new(open_store(&db, &args.state_dir, &args.images)?);
     let listener = bind(&args.socket)?;
     tracing::info!(socket = %args.socket.display(), state = %args.state_dir.display(), "podvisor serving CRI v1");
     let runtime = Runtime::new(args.guest_dir.clone());
@@ -93,8 +102,8 @@ async fn serve(args: DaemonArgs) -> Result<(), DaemonError> {
         tracing::info!("shutting down");
     };
     let result = tonic::transport::Server::builder()
-        .add_service(RuntimeServiceServer::new(runtime.clone()))
-        .add_service(ImageServiceServer::new(runtime))
+        .add_service(RuntimeServiceServer::new(runtime))
+        .add_service(ImageServiceServer::new(images))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(&args.socket);

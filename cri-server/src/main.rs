@@ -1,4 +1,4 @@
-//! `podvisor`: the node daemon (CRI v1 over a unix socket) and its host check.
+//! `podvisor`: the node daemon (CRI v1 over a unix socket), its host check and `podvisor pull`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 
 mod check;
 mod daemon;
+mod images;
+mod pull;
 mod runtime;
 
 /// Defaults the daemon embeds; every one can be overridden by a flag.
@@ -42,6 +44,8 @@ enum Command {
         #[arg(long, default_value = defaults::GUEST_DIR)]
         guest_dir: PathBuf,
     },
+    /// Pull an image into the local image store (through the daemon when it is running).
+    Pull(pull::PullArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,13 +53,20 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // `podvisor pull` draws a progress bar on stderr: only warnings by default there.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(match cli.command {
+                        Some(Command::Pull(_)) => "warn",
+                        _ => "info",
+                    })
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
         Some(Command::Check { guest_dir }) => check::run(&guest_dir),
         Some(Command::Daemon(args)) => daemon::run(args),
+        Some(Command::Pull(args)) => pull::run(args),
         None => daemon::run(cli.daemon),
     }
 }

@@ -1,11 +1,10 @@
-//! The CRI v1 services. Version and Status are real; pod, container and image operations are not
-//! implemented yet and answer `UNIMPLEMENTED` naming the RPC (issues "CRI RuntimeService end to end"
-//! and "Image service"), so kubelet and crictl get a clear error rather than a fake success.
+//! The CRI v1 RuntimeService. Version and Status are real; pod and container operations are not
+//! implemented yet and answer `UNIMPLEMENTED` naming the RPC (issue "CRI RuntimeService end to end"),
+//! so kubelet and crictl get a clear error rather than a fake success. The ImageService is in `images`.
 
 use std::path::PathBuf;
 use std::pin::Pin;
 
-use k8s_cri::v1::image_service_server::ImageService;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use k8s_cri::v1::*;
 use tonic::{Request, Response, Status};
@@ -16,7 +15,7 @@ pub const CRI_API_VERSION: &str = "v1";
 /// Runtime name reported by Version.
 pub const RUNTIME_NAME: &str = "podvisor";
 
-/// The CRI runtime state shared by both services.
+/// The CRI runtime state.
 #[derive(Clone, Debug)]
 pub struct Runtime {
     guest_dir: PathBuf,
@@ -134,12 +133,4 @@ cri_impl!(RuntimeService for Runtime {
     list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse;
     list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse;
     runtime_config(RuntimeConfigRequest) -> RuntimeConfigResponse;
-});
-
-cri_impl!(ImageService for Runtime {} unimplemented {
-    list_images(ListImagesRequest) -> ListImagesResponse;
-    image_status(ImageStatusRequest) -> ImageStatusResponse;
-    pull_image(PullImageRequest) -> PullImageResponse;
-    remove_image(RemoveImageRequest) -> RemoveImageResponse;
-    image_fs_info(ImageFsInfoRequest) -> ImageFsInfoResponse;
 });
