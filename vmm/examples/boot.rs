@@ -1,9 +1,16 @@
 //! Boots a kernel + initramfs with the vmm crate and waits for the VM to exit.
 //!
 //! `cargo run -p vmm --example boot -- KERNEL INITRAMFS [SECONDS] [EXTRA CMDLINE...]`; the console log
-//! goes to `./console.log`, the vsock socket to `./vsock.sock`.
+//! goes to `./console.log`, the vsock socket to `./vsock.sock`. VCPUS and MEM_MIB override 1 and 256.
 
 use std::time::{Duration, Instant};
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -16,8 +23,8 @@ fn main() {
     let host = vmm::KvmHost::detect();
     let _ = std::fs::remove_file("vsock.sock");
     let config = vmm::VmConfig {
-        vcpus: 1,
-        mem_mib: 256,
+        vcpus: env_or("VCPUS", 1),
+        mem_mib: env_or("MEM_MIB", 256),
         kernel: args[0].clone().into(),
         initramfs: Some(args[1].clone().into()),
         cmdline: format!("{} {}", vmm::default_cmdline(&host), extra),
