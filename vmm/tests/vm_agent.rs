@@ -30,6 +30,9 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
     );
     let rw_image = common::make_ext4(dir.path(), "scratch", &[], 8);
 
+    // Tokio creates process-wide resources with the first runtime (e.g. the signal driver's socket
+    // pair when the workspace build enables tokio's `signal` feature); create them before counting.
+    drop(tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap());
     let threads_before = common::proc_count("task");
     let fds_before = common::fd_targets();
     let rt = tokio::runtime::Builder::new_current_thread()
