@@ -1,36 +1,16 @@
 //! CRI ImageService end to end: the real `podvisor` daemon pulling from a real `docker-registry` on
 //! 127.0.0.1, plus `podvisor pull` both on its own and through the running daemon.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use hyper_util::rt::TokioIo;
+use std::path::Path;
+use std::process::Command;
+
+use common::{connect, Daemon};
 use image_service::testing::{self, busybox_base, config_digest, OciLayout, Registry};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::*;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Code;
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn connect(socket: std::path::PathBuf) -> Channel {
-    Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await
-        .unwrap()
-}
 
 fn spec(image: &str) -> Option<ImageSpec> {
     Some(ImageSpec {
@@ -88,20 +68,7 @@ async fn cri_image_service_and_podvisor_pull() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(&cli_id));
 
     let socket = dir.path().join("podvisor.sock");
-    let mut cmd = podvisor(dir.path(), &[]);
-    let _daemon = Daemon(
-        cmd.arg("--socket")
-            .arg(&socket)
-            .arg("--guest-dir")
-            .arg(dir.path().join("guest"))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let _daemon = Daemon::start(podvisor(dir.path(), &[]), &socket, dir.path()).await;
     let mut client = ImageServiceClient::new(connect(socket.clone()).await);
 
     let pulled = client

@@ -1,53 +1,20 @@
 //! Starts the real `podvisor` binary on a temporary socket and talks CRI v1 to it.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use hyper_util::rt::TokioIo;
+use std::process::Command;
+
+use common::{connect, Daemon};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{ListPodSandboxRequest, StatusRequest, VersionRequest};
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn connect(socket: std::path::PathBuf) -> Channel {
-    Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await
-        .unwrap()
-}
 
 #[tokio::test]
 async fn version_status_and_clear_unimplemented_errors() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("run/podvisor.sock");
-    let daemon = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_podvisor"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--guest-dir")
-            .arg(dir.path().join("guest"))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
+    cmd.arg("--state-dir").arg(dir.path().join("state"));
+    let daemon = Daemon::start(cmd, &socket, dir.path()).await;
     let mut client = RuntimeServiceClient::new(connect(socket.clone()).await);
     let version = client
         .version(VersionRequest::default())
