@@ -32,7 +32,12 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
 
     // Tokio creates process-wide resources with the first runtime (e.g. the signal driver's socket
     // pair when the workspace build enables tokio's `signal` feature); create them before counting.
-    drop(tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap());
+    drop(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+    );
     let threads_before = common::proc_count("task");
     let fds_before = common::fd_targets();
     let rt = tokio::runtime::Builder::new_current_thread()
