@@ -15,4 +15,15 @@ else
 fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace -- --nocapture 2>&1
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+set +e
+cargo test --workspace -- --nocapture 2>&1 | tee "$LOG"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole workspace (cargo prints one "test result" line per test binary).
+skipped=$(grep -c "^SKIPPED " "$LOG" || true)
+awk -v skipped="$skipped" '/^test result:/ {
+    for (i = 2; i <= NF; i++) { if ($i == "passed;") p += $(i-1); if ($i == "failed;") f += $(i-1) }
+  } END { printf "total: %d passed, %d failed, %d skipped\n", p, f, skipped }' "$LOG"
+exit "$status"
