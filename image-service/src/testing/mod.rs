@@ -185,11 +185,11 @@ pub fn write_hosts(certs_dir: &Path, registry: &str, mirror: &str) -> std::io::R
     std::fs::write(dir.join("hosts.toml"), body)
 }
 
-/// Reads a file out of an ext4 image with `debugfs -R 'cat PATH'` (no mount needed). `None` if absent.
-pub fn debugfs_cat(image: &Path, path: &str) -> Option<Vec<u8>> {
+/// Runs `debugfs -R '<request> PATH' image`; `None` if the path is absent or debugfs fails.
+fn debugfs(image: &Path, request: &str, path: &str) -> Option<Vec<u8>> {
     let out = Command::new("debugfs")
         .arg("-R")
-        .arg(format!("cat {path}"))
+        .arg(format!("{request} {path}"))
         .arg(image)
         .output()
         .ok()?;
@@ -200,19 +200,14 @@ pub fn debugfs_cat(image: &Path, path: &str) -> Option<Vec<u8>> {
     Some(out.stdout)
 }
 
+/// Reads a file out of an ext4 image with `debugfs -R 'cat PATH'` (no mount needed). `None` if absent.
+pub fn debugfs_cat(image: &Path, path: &str) -> Option<Vec<u8>> {
+    debugfs(image, "cat", path)
+}
+
 /// `debugfs -R 'stat PATH'` output, if the path exists in the image.
 pub fn debugfs_stat(image: &Path, path: &str) -> Option<String> {
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("stat {path}"))
-        .arg(image)
-        .output()
-        .ok()?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    if err.contains("File not found") || !out.status.success() {
-        return None;
-    }
-    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    debugfs(image, "stat", path).map(|out| String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Names of the entries of directory `path` in an ext4 image (`debugfs -R 'ls -p PATH'`).
