@@ -205,6 +205,16 @@ impl ContentStore {
         }
     }
 
+    /// Renames a verified temporary file into the store as `digest`.
+    fn commit(&self, tmp: tempfile::NamedTempFile, digest: &Digest) -> Result<(), ContentError> {
+        let path = self.path(digest);
+        tmp.persist(&path).map_err(|e| ContentError::Io {
+            path,
+            source: e.error,
+        })?;
+        Ok(())
+    }
+
     /// Writes in-memory content after checking it hashes to `digest`.
     pub fn write_bytes(&self, digest: &Digest, bytes: &[u8]) -> Result<(), ContentError> {
         let actual = Digest::of(bytes);
@@ -217,12 +227,7 @@ impl ContentStore {
         let ingest = self.root.join("ingest");
         let mut tmp = tempfile::NamedTempFile::new_in(&ingest).map_err(io_err(&ingest))?;
         io::Write::write_all(&mut tmp, bytes).map_err(io_err(tmp.path()))?;
-        let path = self.path(digest);
-        tmp.persist(&path).map_err(|e| ContentError::Io {
-            path,
-            source: e.error,
-        })?;
-        Ok(())
+        self.commit(tmp, digest)
     }
 
     /// Streams a blob to a temporary file while hashing it, and renames it into place only if it is
@@ -285,12 +290,7 @@ impl ContentStore {
             .sync_all()
             .await
             .map_err(io_err(tmp.path()))?;
-        let path = self.path(digest);
-        tmp.persist(&path).map_err(|e| ContentError::Io {
-            path,
-            source: e.error,
-        })?;
-        Ok(())
+        self.commit(tmp, digest)
     }
 
     /// Every blob present.
