@@ -13,7 +13,7 @@ pub mod hosts;
 pub mod meta;
 pub mod registry;
 pub mod service;
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use blockimage::FsType;

@@ -1,84 +1,14 @@
-//! Layer applier tests on archives built in the test (raw headers, so malicious names are possible).
+//! Layer applier tests on archives built with [`TarBuilder`] (raw headers, so malicious names are possible).
 
-use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use super::*;
+use crate::testing::{gzip, zstd_compress, TarBuilder, MTIME};
 
 const BIG: Limits = Limits {
     max_layer_bytes: 1 << 30,
     max_image_bytes: 1 << 31,
 };
-
-/// Builds a tar archive entry by entry, writing names verbatim (even `../x` or `/x`).
-struct Tar(tar::Builder<Vec<u8>>);
-
-impl Default for Tar {
-    fn default() -> Tar {
-        Tar(tar::Builder::new(Vec::new()))
-    }
-}
-
-impl Tar {
-    fn header(name: &str, kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
-        let mut h = tar::Header::new_ustar();
-        let bytes = name.as_bytes();
-        h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_size(size);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_600_000_000);
-        h
-    }
-
-    fn add(&mut self, mut h: tar::Header, data: &[u8]) -> &mut Self {
-        h.set_cksum();
-        self.0.append(&h, data).unwrap();
-        self
-    }
-
-    fn dir(&mut self, name: &str) -> &mut Self {
-        self.add(Self::header(name, tar::EntryType::Directory, 0o755, 0), b"")
-    }
-
-    fn file(&mut self, name: &str, data: &[u8]) -> &mut Self {
-        self.add(
-            Self::header(name, tar::EntryType::Regular, 0o644, data.len() as u64),
-            data,
-        )
-    }
-
-    fn link(&mut self, kind: tar::EntryType, name: &str, target: &str) -> &mut Self {
-        let mut h = Self::header(name, kind, 0o777, 0);
-        let t = target.as_bytes();
-        h.as_old_mut().linkname[..t.len()].copy_from_slice(t);
-        self.add(h, b"")
-    }
-
-    fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
-        let mut data = Vec::new();
-        for (k, v) in records {
-            let body_len = k.len() + v.len() + 3; // ' ', '=', '\n'
-            let mut len = body_len + 1;
-            while len != body_len + len.to_string().len() {
-                len = body_len + len.to_string().len();
-            }
-            write!(data, "{len} {k}=").unwrap();
-            data.extend_from_slice(v);
-            data.push(b'\n');
-        }
-        self.add(
-            Self::header("pax", tar::EntryType::XHeader, 0o644, data.len() as u64),
-            &data,
-        )
-    }
-
-    fn bytes(&mut self) -> Vec<u8> {
-        std::mem::take(self).0.into_inner().unwrap()
-    }
-}
 
 fn applier() -> (tempfile::TempDir, Applier) {
     let dir = tempfile::tempdir().unwrap();
@@ -86,29 +16,27 @@ fn applier() -> (tempfile::TempDir, Applier) {
     (dir, applier)
 }
 
-fn apply(a: &mut Applier, t: &mut Tar) -> Result<LayerStats, ApplyError> {
-    a.apply(&t.bytes()[..], Compression::None)
+fn apply(a: &mut Applier, t: &mut TarBuilder) -> Result<LayerStats, ApplyError> {
+    a.apply(&t.finish()[..], Compression::None)
 }
 
 #[test]
 fn files_links_devices_ownership_modes_and_xattrs() {
     let (dir, mut a) = applier();
     let root = dir.path().join("rootfs");
-    let mut t = Tar::default();
-    t.dir("bin/").file("bin/busybox", b"#!busybox");
-    let mut suid = Tar::header("bin/su", tar::EntryType::Regular, 0o4755, 2);
-    suid.set_uid(1000);
-    suid.set_gid(2000);
-    t.add(suid, b"su")
+    let mut t = TarBuilder::default();
+    t.dir("bin/", 0o755)
+        .file("bin/busybox", 0o644, b"#!busybox")
+        .file_owned("bin/su", 0o4755, 1000, 2000, b"su")
         .link(tar::EntryType::Symlink, "bin/sh", "busybox")
-        .link(tar::EntryType::Link, "bin/hard", "bin/busybox");
-    let mut null = Tar::header("dev/null", tar::EntryType::Char, 0o666, 0);
-    null.set_device_major(1).unwrap();
-    null.set_device_minor(3).unwrap();
-    t.add(null, b"")
-        .add(Tar::header("run/fifo", tar::EntryType::Fifo, 0o600, 0), b"")
+        .link(tar::EntryType::Link, "bin/hard", "bin/busybox")
+        .char_dev("dev/null", 1, 3)
+        .add(
+            TarBuilder::header("run/fifo", tar::EntryType::Fifo, 0o600, 0),
+            b"",
+        )
         .pax(&[("SCHILY.xattr.user.podvisor", b"yes")])
-        .file("etc/tagged", b"x");
+        .file("etc/tagged", 0o644, b"x");
     let stats = apply(&mut a, &mut t).unwrap();
     assert_eq!(stats.entries, 8);
     a.finish().unwrap();
@@ -149,7 +77,7 @@ fn files_links_devices_ownership_modes_and_xattrs() {
     // Directory mtimes survive the files written into them.
     assert_eq!(
         std::fs::metadata(root.join("bin")).unwrap().mtime(),
-        1_600_000_000
+        MTIME as i64
     );
 }
 
@@ -159,24 +87,24 @@ fn whiteouts_and_opaque_directories_hide_lower_layers_only() {
     let root = dir.path().join("rootfs");
     apply(
         &mut a,
-        Tar::default()
-            .file("a/x", b"x")
-            .file("a/y", b"y")
-            .file("b/z", b"z")
-            .file("d/old1", b"1")
-            .dir("d/old2/"),
+        TarBuilder::default()
+            .file("a/x", 0o644, b"x")
+            .file("a/y", 0o644, b"y")
+            .file("b/z", 0o644, b"z")
+            .file("d/old1", 0o644, b"1")
+            .dir("d/old2/", 0o755),
     )
     .unwrap();
     apply(
         &mut a,
-        Tar::default()
-            .file("a/.wh.x", b"")
-            .file(".wh.b", b"")
-            .file("d/new-before", b"n")
-            .file("d/.wh..wh..opq", b"")
-            .file("d/new-after", b"m")
-            .file("a/.wh.never-existed", b"")
-            .file("gone/.wh.nothing", b""),
+        TarBuilder::default()
+            .file("a/.wh.x", 0o644, b"")
+            .file(".wh.b", 0o644, b"")
+            .file("d/new-before", 0o644, b"n")
+            .file("d/.wh..wh..opq", 0o644, b"")
+            .file("d/new-after", 0o644, b"m")
+            .file("a/.wh.never-existed", 0o644, b"")
+            .file("gone/.wh.nothing", 0o644, b""),
     )
     .unwrap();
     assert!(!root.join("a/x").exists());
@@ -200,18 +128,18 @@ fn hard_links_reach_lower_layers_and_overwrites_do_not_follow_symlinks() {
     std::fs::write(&outside, b"host file").unwrap();
     apply(
         &mut a,
-        Tar::default()
-            .file("usr/bin/tool", b"tool")
+        TarBuilder::default()
+            .file("usr/bin/tool", 0o644, b"tool")
             .link(tar::EntryType::Symlink, "bin", "usr/bin")
             .link(tar::EntryType::Symlink, "trap", outside.to_str().unwrap()),
     )
     .unwrap();
     apply(
         &mut a,
-        Tar::default()
+        TarBuilder::default()
             .link(tar::EntryType::Link, "bin/tool-link", "usr/bin/tool")
-            .file("trap", b"replaced")
-            .file("bin/new", b"through a symlink inside the root"),
+            .file("trap", 0o644, b"replaced")
+            .file("bin/new", 0o644, b"through a symlink inside the root"),
     )
     .unwrap();
     assert_eq!(
@@ -227,39 +155,39 @@ fn hard_links_reach_lower_layers_and_overwrites_do_not_follow_symlinks() {
 
 #[test]
 fn escapes_are_refused_and_nothing_outside_is_touched() {
-    type Build = Box<dyn Fn(&mut Tar)>;
+    type Build = Box<dyn Fn(&mut TarBuilder)>;
     let cases: Vec<(&str, Build)> = vec![
         (
             "dotdot",
             Box::new(|t| {
-                t.file("../evil", b"x");
+                t.file("../evil", 0o644, b"x");
             }),
         ),
         (
             "nested dotdot",
             Box::new(|t| {
-                t.file("a/../../evil", b"x");
+                t.file("a/../../evil", 0o644, b"x");
             }),
         ),
         (
             "absolute",
             Box::new(|t| {
-                t.file("/evil", b"x");
+                t.file("/evil", 0o644, b"x");
             }),
         ),
         (
             "relative symlink climbing out",
             Box::new(|t| {
                 t.link(tar::EntryType::Symlink, "up", "../..")
-                    .file("up/evil", b"x");
+                    .file("up/evil", 0o644, b"x");
             }),
         ),
         (
             "symlink chain",
             Box::new(|t| {
                 t.link(tar::EntryType::Symlink, "a", "b/../..")
-                    .dir("b/")
-                    .file("a/evil", b"x");
+                    .dir("b/", 0o755)
+                    .file("a/evil", 0o644, b"x");
             }),
         ),
         (
@@ -282,14 +210,14 @@ fn escapes_are_refused_and_nothing_outside_is_touched() {
             "whiteout through escaping symlink",
             Box::new(|t| {
                 t.link(tar::EntryType::Symlink, "up", "..")
-                    .file("up/.wh.outside", b"");
+                    .file("up/.wh.outside", 0o644, b"");
             }),
         ),
     ];
     for (what, build) in cases {
         let (dir, mut a) = applier();
         std::fs::write(dir.path().join("outside"), b"keep").unwrap();
-        let mut t = Tar::default();
+        let mut t = TarBuilder::default();
         build(&mut t);
         let err = apply(&mut a, &mut t).expect_err(what);
         assert!(matches!(err, ApplyError::Escape { .. }), "{what}: {err}");
@@ -308,25 +236,19 @@ fn absolute_symlinks_are_followed_relative_to_the_root() {
     let root = dir.path().join("rootfs");
     apply(
         &mut a,
-        Tar::default()
-            .dir("run/")
+        TarBuilder::default()
+            .dir("run/", 0o755)
             .link(tar::EntryType::Symlink, "var/run", "/run")
-            .file("var/run/pid", b"1"),
+            .file("var/run/pid", 0o644, b"1"),
     )
     .unwrap();
     assert_eq!(std::fs::read(root.join("run/pid")).unwrap(), b"1");
 }
 
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
-}
-
 #[test]
 fn decompression_bombs_are_refused_per_layer_and_per_image() {
     let zeros = vec![0u8; 8 << 20];
-    let bomb = gzip(&Tar::default().file("zeros", &zeros).bytes());
+    let bomb = gzip(&TarBuilder::default().file("zeros", 0o644, &zeros).finish());
     assert!(bomb.len() < 64 << 10, "compresses well: {}", bomb.len());
     let dir = tempfile::tempdir().unwrap();
     let limits = Limits {
@@ -355,9 +277,12 @@ fn decompression_bombs_are_refused_per_layer_and_per_image() {
 
 #[test]
 fn compressions_agree_and_diff_ids_are_the_uncompressed_digest() {
-    let tar = Tar::default().file("hello", b"world").dir("d/").bytes();
+    let tar = TarBuilder::default()
+        .file("hello", 0o644, b"world")
+        .dir("d/", 0o755)
+        .finish();
     let expected = Digest::of(&tar);
-    let zstd = zstd::encode_all(&tar[..], 3).unwrap();
+    let zstd = zstd_compress(&tar);
     for (data, c) in [
         (tar.clone(), Compression::None),
         (gzip(&tar), Compression::Gzip),
@@ -389,7 +314,9 @@ fn compressions_agree_and_diff_ids_are_the_uncompressed_digest() {
 #[test]
 fn corrupt_archives_fail_cleanly() {
     let (_dir, mut a) = applier();
-    let mut tar = Tar::default().file("x", &[7u8; 4096]).bytes();
+    let mut tar = TarBuilder::default()
+        .file("x", 0o644, &[7u8; 4096])
+        .finish();
     tar.truncate(1500);
     assert!(matches!(
         a.apply(&tar[..], Compression::None),

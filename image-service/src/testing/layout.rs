@@ -7,6 +7,9 @@ use serde_json::{json, Value};
 
 use crate::content::Digest;
 
+/// Modification time (seconds since the epoch) of every entry [`TarBuilder::header`] makes.
+pub const MTIME: u64 = 1_700_000_000;
+
 /// Builds a tar archive entry by entry; names are written verbatim, so malicious ones are possible.
 pub struct TarBuilder(tar::Builder<Vec<u8>>);
 
@@ -17,7 +20,9 @@ impl Default for TarBuilder {
 }
 
 impl TarBuilder {
-    fn header(name: &str, kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    /// A ustar header owned by root with mtime [`MTIME`] and `name` verbatim (at most 100 bytes); finish
+    /// it and append it with [`TarBuilder::add`].
+    pub fn header(name: &str, kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
         let mut h = tar::Header::new_ustar();
         let bytes = name.as_bytes();
         assert!(bytes.len() <= 100, "test names fit the ustar name field");
@@ -27,11 +32,12 @@ impl TarBuilder {
         h.set_size(size);
         h.set_uid(0);
         h.set_gid(0);
-        h.set_mtime(1_700_000_000);
+        h.set_mtime(MTIME);
         h
     }
 
-    fn add(&mut self, mut h: tar::Header, data: &[u8]) -> &mut Self {
+    /// Appends `h` (checksum recomputed) followed by `data`, as given.
+    pub fn add(&mut self, mut h: tar::Header, data: &[u8]) -> &mut Self {
         h.set_cksum();
         self.0.append(&h, data).expect("in-memory tar");
         self
@@ -79,6 +85,26 @@ impl TarBuilder {
         h.set_device_major(major).expect("ustar");
         h.set_device_minor(minor).expect("ustar");
         self.add(h, b"")
+    }
+
+    /// A pax extended header (`key=value` records) applying to the next entry.
+    pub fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
+        let mut data = Vec::new();
+        for (k, v) in records {
+            // A record is `<len> <key>=<value>\n`, where `<len>` counts its own digits too.
+            let body_len = k.len() + v.len() + 3;
+            let mut len = body_len + 1;
+            while len != body_len + len.to_string().len() {
+                len = body_len + len.to_string().len();
+            }
+            write!(data, "{len} {k}=").expect("in memory");
+            data.extend_from_slice(v);
+            data.push(b'\n');
+        }
+        self.add(
+            Self::header("pax", tar::EntryType::XHeader, 0o644, data.len() as u64),
+            &data,
+        )
     }
 
     /// The finished archive.

@@ -1,6 +1,6 @@
-//! Test support (feature `testing`): a private Debian `docker-registry` on 127.0.0.1 and offline-built
-//! busybox images pushed to it with skopeo. Used by this crate's integration tests and bench and by
-//! cri-server's tests.
+//! Test support (feature `testing`, and always in this crate's unit tests): a private Debian
+//! `docker-registry` on 127.0.0.1, offline-built busybox images pushed to it with skopeo, and a raw tar
+//! builder. Used by this crate's unit and integration tests and bench and by cri-server's tests.
 
 mod layout;
 
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use layout::{busybox_base, config_digest, gzip, zstd_compress, OciLayout, TarBuilder};
+pub use layout::{busybox_base, config_digest, gzip, zstd_compress, OciLayout, TarBuilder, MTIME};
 
 /// The registry binary from Debian's `docker-registry` package.
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
