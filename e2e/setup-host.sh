@@ -5,7 +5,7 @@
 # for the image-service registry tests, containerd (the peer of the image pull benchmark; only a private
 # instance the bench starts itself is used) and the Rust components the checks use.
 set -euo pipefail
-PKGS=(protobuf-compiler linux-source-6.1 flex bison libelf-dev bc e2fsprogs erofs-utils busybox-static cpio
+PKGS=(protobuf-compiler libseccomp-dev linux-source-6.1 flex bison libelf-dev bc e2fsprogs erofs-utils busybox-static cpio
       qemu-system-x86 ca-certificates docker-registry skopeo apache2-utils containerd)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -15,13 +15,17 @@ OUT=$TARGET_DIR/guest
 TRIPLE=x86_64-unknown-linux-gnu
 mkdir -p "$OUT"
 
-# The agent: static-pie, size-optimized ([profile.agent] in the workspace Cargo.toml). --target keeps the
-# RUSTFLAGS away from host build scripts and the other crates' artifacts.
+# The agent: static, non-PIE (no load-time relocations: ~310 KB smaller than static-pie), size-optimized
+# ([profile.agent] in the workspace Cargo.toml). --target keeps the RUSTFLAGS away from host build scripts and
+# the other crates' artifacts. libseccomp (libcontainer's seccomp) is linked statically from libseccomp-dev.
 echo "building podvisor-agent (static)" >&2
-RUSTFLAGS='-C target-feature=+crt-static' cargo build -q -p podvisor-agent --profile agent --target "$TRIPLE" >&2
+LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=${LIBSECCOMP_LIB_PATH:-/usr/lib/x86_64-linux-gnu} \
+  RUSTFLAGS='-C target-feature=+crt-static -C relocation-model=static' \
+  cargo build -q -p podvisor-agent --profile agent --target "$TRIPLE" >&2
 AGENT=$TARGET_DIR/$TRIPLE/agent/podvisor-agent
-if readelf -l "$AGENT" | grep -q "Requesting program interpreter"; then
+if readelf -l "$AGENT" | grep -q "Requesting program interpreter" || readelf -d "$AGENT" | grep -q NEEDED; then
   echo "error: $AGENT is dynamically linked" >&2
+  readelf -d "$AGENT" | grep NEEDED >&2 || true
   exit 1
 fi
 

@@ -1,4 +1,4 @@
-//! PID 1 duties: early mounts, console stdio, kernel uptime, zombie reaping and the final reboot.
+//! PID 1 duties: early mounts, cgroups, console stdio, kernel uptime, guest facts and the final reboot.
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd};
@@ -8,7 +8,6 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::mount::MsFlags;
 use nix::sys::stat::{fstat, makedev, SFlag};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
 /// Errors of the PID 1 setup.
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +36,12 @@ pub enum InitError {
     /// `/proc/uptime` could not be read or parsed.
     #[error("reading /proc/uptime: {0}")]
     Uptime(String),
-    /// The SIGCHLD handler could not be installed.
-    #[error("installing the SIGCHLD handler: {0}")]
-    Signal(std::io::Error),
+    /// PID 1 could not chroot into the bind of the initramfs root.
+    #[error("entering the re-rooted initramfs: {0}")]
+    Chroot(Errno),
+    /// Controllers could not be delegated to child cgroups.
+    #[error("enabling cgroup controllers: {0}")]
+    Cgroups(std::io::Error),
     /// `uname` failed.
     #[error("uname: {0}")]
     Uname(Errno),
@@ -81,6 +83,47 @@ fn early_mounts() -> [EarlyMount; 5] {
             Some("mode=1777"),
         ),
     ]
+}
+
+/// Where PID 1 re-roots itself: a bind mount of the initramfs root.
+const ROOT_BIND: &str = "/.root";
+
+/// Moves PID 1 off the initramfs "rootfs" mount, as switch_root does, with a bind of the same tree as the
+/// new root: bind `/` onto [`ROOT_BIND`], move that mount over `/`, chroot into it. Nothing is copied.
+///
+/// `pivot_root(2)` refuses to pivot away from the namespace's root mount (EINVAL), and every container's
+/// root switch is a pivot_root. The stacked bind has a parent, so pivots below it work, and `setns` into a
+/// container's mount namespace (exec) lands on the container's root, which then sits stacked over `/`.
+/// Call before any other mount.
+pub fn leave_rootfs() -> Result<(), InitError> {
+    std::fs::create_dir_all(ROOT_BIND).map_err(|source| InitError::Mkdir {
+        path: ROOT_BIND,
+        source,
+    })?;
+    let mount = |errno| InitError::Mount {
+        fstype: "bind",
+        target: ROOT_BIND,
+        errno,
+    };
+    nix::mount::mount(
+        Some("/"),
+        ROOT_BIND,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(mount)?;
+    nix::unistd::chdir(ROOT_BIND).map_err(InitError::Chroot)?;
+    nix::mount::mount(
+        Some(ROOT_BIND),
+        "/",
+        None::<&str>,
+        MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .map_err(mount)?;
+    nix::unistd::chroot(".").map_err(InitError::Chroot)?;
+    nix::unistd::chdir("/").map_err(InitError::Chroot)
 }
 
 /// Mounts proc, sysfs, devtmpfs, /run and /tmp, creating the directories; already-mounted (EBUSY) is fine.
@@ -170,21 +213,62 @@ pub fn kernel_release() -> Result<String, InitError> {
     Ok(uts.release().to_string_lossy().into_owned())
 }
 
-/// Reaps every exited child, forever (PID 1 inherits all orphans).
-pub async fn reap_zombies() -> Result<(), InitError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut sigchld = signal(SignalKind::child()).map_err(InitError::Signal)?;
-    loop {
-        loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
-                Ok(_) | Err(Errno::EINTR) => continue,
-                Err(_) => break,
-            }
+/// Mounts the cgroup2 hierarchy at `/sys/fs/cgroup` and delegates every controller to child cgroups, so
+/// containers get cpu, memory, pids, io and cpuset limits. Errors are returned for logging (a kernel
+/// without cgroups still runs the agent; containers then fail to create with a clear message).
+pub fn setup_cgroups() -> Result<(), InitError> {
+    let target = "/sys/fs/cgroup";
+    std::fs::create_dir_all(target).map_err(|source| InitError::Mkdir {
+        path: target,
+        source,
+    })?;
+    let secure = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    match nix::mount::mount(
+        Some("cgroup2"),
+        target,
+        Some("cgroup2"),
+        secure,
+        None::<&str>,
+    ) {
+        Ok(()) | Err(Errno::EBUSY) => {}
+        Err(errno) => {
+            return Err(InitError::Mount {
+                fstype: "cgroup2",
+                target,
+                errno,
+            })
         }
-        if sigchld.recv().await.is_none() {
-            return Ok(());
-        }
+    }
+    let controllers =
+        std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
+    let enable: Vec<String> = controllers
+        .split_whitespace()
+        .map(|c| format!("+{c}"))
+        .collect();
+    std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", enable.join(" "))
+        .map_err(InitError::Cgroups)
+}
+
+/// What the guest has: CPUs, memory, kernel, cgroup controllers.
+pub fn guest_details(kernel_release: &str) -> podvisor_proto::GuestDetailsResponse {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024);
+    let cgroup_controllers = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .map(|c| c.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    podvisor_proto::GuestDetailsResponse {
+        cpus,
+        memory_bytes,
+        kernel_release: kernel_release.to_string(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        cgroup_controllers,
     }
 }
 

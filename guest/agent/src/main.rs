@@ -3,8 +3,13 @@
 //! it cannot serve at all, reboots (which stops the VM).
 #![warn(missing_docs)]
 
+mod container;
+mod engine;
+mod events;
+mod exits;
 mod files;
 mod init;
+mod sandbox;
 mod server;
 mod service;
 mod storage;
@@ -18,6 +23,10 @@ use podvisor_proto::AGENT_VSOCK_PORT;
 use tokio::sync::Notify;
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
 
+use crate::container::{ContainerManager, Paths};
+use crate::engine::EngineClient;
+use crate::exits::Exits;
+use crate::sandbox::Sandbox;
 use crate::service::{AgentService, BootInfo};
 use crate::storage::StorageManager;
 
@@ -71,13 +80,23 @@ fn main() {
     let started = Instant::now();
     let pid1 = std::process::id() == 1;
     if pid1 {
+        if let Err(err) = init::leave_rootfs() {
+            log(&format!("{err}; containers cannot pivot_root"));
+        }
         for err in init::mount_early() {
             log(&err.to_string());
         }
         if let Err(err) = init::ensure_console() {
             log(&err.to_string());
         }
+        if let Err(err) = init::setup_cgroups() {
+            log(&err.to_string());
+        }
     }
+    // Before any thread exists: the engine must be forked from a single-threaded process.
+    let engine = engine::spawn(&Paths::system().engine_state)
+        .map_err(|e| log(&format!("{e}; containers are unavailable")))
+        .ok();
     let boot_to_agent_start_ms = init::kernel_uptime_ms()
         .map_err(|e| log(&e.to_string()))
         .ok();
@@ -100,25 +119,47 @@ fn main() {
         .enable_all()
         .build();
     let err = match runtime {
-        Ok(rt) => rt.block_on(run(pid1, boot)),
+        Ok(rt) => rt.block_on(run(pid1, boot, engine)),
         Err(e) => AgentError::Runtime(e),
     };
     fatal(pid1, &err)
 }
 
 /// Serves until the server cannot be kept up; returns why.
-async fn run(pid1: bool, boot: Arc<BootInfo>) -> AgentError {
+async fn run(pid1: bool, boot: Arc<BootInfo>, engine: Option<std::os::fd::OwnedFd>) -> AgentError {
     let storage = Arc::new(StorageManager::system());
     let shutdown = Arc::new(Notify::new());
-    if pid1 {
-        tokio::spawn(async {
-            if let Err(err) = init::reap_zombies().await {
-                log(&err.to_string());
+    let exits = Arc::new(Exits::default());
+    {
+        let exits = exits.clone();
+        tokio::spawn(async move {
+            if let Err(err) = exits.run().await {
+                log(&format!("installing the SIGCHLD handler: {err}"));
             }
         });
     }
     tokio::spawn(shutdown_when_asked(pid1, shutdown.clone(), storage.clone()));
-    let service = AgentService::new(boot.clone(), storage, shutdown);
+    let mut service = AgentService::new(boot.clone(), storage.clone(), shutdown);
+    match engine.map(EngineClient::new).transpose() {
+        Ok(Some(engine)) => {
+            let sandbox = Arc::new(Sandbox::new(
+                "/run/podvisor/sandbox".into(),
+                "/proc/sys".into(),
+            ));
+            let manager = ContainerManager::new(
+                Arc::new(engine),
+                exits,
+                storage,
+                Paths::system(),
+                sandbox.files_dir().to_path_buf(),
+            );
+            service = service.with_containers(Arc::new(manager), sandbox);
+        }
+        Ok(None) => {}
+        Err(err) => log(&format!(
+            "container engine channel: {err}; containers are unavailable"
+        )),
+    }
     let mut restarts = 0;
     loop {
         let listener = match bind_with_retry(AGENT_VSOCK_PORT).await {

@@ -9,8 +9,28 @@ use podvisor_proto as pb;
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
+use crate::container::{ContainerError, ContainerManager};
 use crate::files::{self, FileError};
+use crate::sandbox::Sandbox;
 use crate::storage::{StorageError, StorageManager, StorageSpec};
+
+impl From<ContainerError> for Status {
+    fn from(e: ContainerError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ContainerError::InvalidArgument(_) => Status::invalid_argument(msg),
+            ContainerError::NotFound(_) => Status::not_found(msg),
+            ContainerError::AlreadyExists(_) => Status::already_exists(msg),
+            ContainerError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            // libcontainer refusing a spec (bad entry point, missing cwd...) is the caller's problem; its
+            // message says what.
+            ContainerError::Engine(crate::engine::EngineError::Failed(_)) => {
+                Status::failed_precondition(msg)
+            }
+            ContainerError::Engine(_) | ContainerError::Internal(_) => Status::internal(msg),
+        }
+    }
+}
 
 impl From<FileError> for Status {
     fn from(e: FileError) -> Self {
@@ -68,6 +88,8 @@ pub struct BootInfo {
 pub struct AgentService {
     boot: Arc<BootInfo>,
     storage: Arc<StorageManager>,
+    containers: Option<Arc<ContainerManager>>,
+    sandbox: Arc<Sandbox>,
     shutdown: Arc<Notify>,
     stopping: Arc<AtomicBool>,
 }
@@ -78,11 +100,37 @@ impl AgentService {
         Self {
             boot,
             storage,
+            containers: None,
+            sandbox: Arc::new(Sandbox::new(
+                "/run/podvisor/sandbox".into(),
+                "/proc/sys".into(),
+            )),
             shutdown,
             stopping: Arc::new(AtomicBool::new(false)),
         }
     }
+
+    /// Adds the container manager (absent in tests without an engine, and when the engine failed to start:
+    /// container RPCs then answer Unavailable).
+    pub fn with_containers(
+        mut self,
+        containers: Arc<ContainerManager>,
+        sandbox: Arc<Sandbox>,
+    ) -> Self {
+        self.containers = Some(containers);
+        self.sandbox = sandbox;
+        self
+    }
+
+    fn containers(&self) -> Result<&ContainerManager, Status> {
+        self.containers
+            .as_deref()
+            .ok_or_else(|| Status::unavailable("the container engine is not running in this guest"))
+    }
 }
+
+/// A server stream of gRPC messages.
+type Stream<T> = tonic::codegen::BoxStream<T>;
 
 #[tonic::async_trait]
 impl pb::Agent for AgentService {
@@ -167,178 +215,261 @@ impl pb::Agent for AgentService {
         self.shutdown.notify_one();
         Ok(Response::new(pb::ShutdownResponse {}))
     }
+
+    async fn create_sandbox(
+        &self,
+        req: Request<pb::CreateSandboxRequest>,
+    ) -> Result<Response<pb::CreateSandboxResponse>, Status> {
+        let containers = self.containers()?;
+        let pid_ns = self.sandbox.create(req.get_ref())?;
+        containers.set_pid_namespace(pid_ns);
+        crate::log(&format!("sandbox {} created", req.get_ref().hostname));
+        Ok(Response::new(pb::CreateSandboxResponse {}))
+    }
+
+    async fn destroy_sandbox(
+        &self,
+        _: Request<pb::DestroySandboxRequest>,
+    ) -> Result<Response<pb::DestroySandboxResponse>, Status> {
+        let containers = self.containers()?;
+        let mut removed_containers = Vec::new();
+        for id in containers.ids() {
+            if containers.remove(&id).await? {
+                removed_containers.push(id);
+            }
+        }
+        containers.set_pid_namespace(None);
+        self.sandbox.destroy();
+        Ok(Response::new(pb::DestroySandboxResponse {
+            removed_containers,
+        }))
+    }
+
+    async fn guest_details(
+        &self,
+        _: Request<pb::GuestDetailsRequest>,
+    ) -> Result<Response<pb::GuestDetailsResponse>, Status> {
+        Ok(Response::new(crate::init::guest_details(
+            &self.boot.kernel_release,
+        )))
+    }
+
+    async fn create_container(
+        &self,
+        req: Request<pb::CreateContainerRequest>,
+    ) -> Result<Response<pb::CreateContainerResponse>, Status> {
+        let started = Instant::now();
+        let pid = self.containers()?.create(req.get_ref()).await?;
+        crate::log(&format!(
+            "container {} created: pid {pid} in {} ms",
+            req.get_ref().container_id,
+            started.elapsed().as_millis()
+        ));
+        Ok(Response::new(pb::CreateContainerResponse { pid }))
+    }
+
+    async fn start_container(
+        &self,
+        req: Request<pb::ContainerRequest>,
+    ) -> Result<Response<pb::StartContainerResponse>, Status> {
+        self.containers()?
+            .start(&req.get_ref().container_id)
+            .await?;
+        Ok(Response::new(pb::StartContainerResponse {}))
+    }
+
+    async fn remove_container(
+        &self,
+        req: Request<pb::ContainerRequest>,
+    ) -> Result<Response<pb::RemoveContainerResponse>, Status> {
+        let removed = self
+            .containers()?
+            .remove(&req.get_ref().container_id)
+            .await?;
+        Ok(Response::new(pb::RemoveContainerResponse { removed }))
+    }
+
+    async fn update_container(
+        &self,
+        req: Request<pb::UpdateContainerRequest>,
+    ) -> Result<Response<pb::UpdateContainerResponse>, Status> {
+        let req = req.get_ref();
+        self.containers()?
+            .update(&req.container_id, &req.resources_json)?;
+        Ok(Response::new(pb::UpdateContainerResponse {}))
+    }
+
+    async fn pause_container(
+        &self,
+        req: Request<pb::ContainerRequest>,
+    ) -> Result<Response<pb::PauseContainerResponse>, Status> {
+        self.containers()?
+            .freeze(&req.get_ref().container_id, true)
+            .await?;
+        Ok(Response::new(pb::PauseContainerResponse {}))
+    }
+
+    async fn resume_container(
+        &self,
+        req: Request<pb::ContainerRequest>,
+    ) -> Result<Response<pb::ResumeContainerResponse>, Status> {
+        self.containers()?
+            .freeze(&req.get_ref().container_id, false)
+            .await?;
+        Ok(Response::new(pb::ResumeContainerResponse {}))
+    }
+
+    async fn stats_container(
+        &self,
+        req: Request<pb::ContainerRequest>,
+    ) -> Result<Response<pb::StatsContainerResponse>, Status> {
+        Ok(Response::new(
+            self.containers()?.stats(&req.get_ref().container_id)?,
+        ))
+    }
+
+    async fn list_processes(
+        &self,
+        req: Request<pb::ContainerRequest>,
+    ) -> Result<Response<pb::ListProcessesResponse>, Status> {
+        let processes = self.containers()?.processes(&req.get_ref().container_id)?;
+        Ok(Response::new(pb::ListProcessesResponse { processes }))
+    }
+
+    async fn exec_process(
+        &self,
+        req: Request<pb::ExecProcessRequest>,
+    ) -> Result<Response<pb::ExecProcessResponse>, Status> {
+        let pid = self.containers()?.exec(req.get_ref()).await?;
+        Ok(Response::new(pb::ExecProcessResponse { pid }))
+    }
+
+    async fn wait_process(
+        &self,
+        req: Request<pb::ProcessRequest>,
+    ) -> Result<Response<pb::WaitProcessResponse>, Status> {
+        let req = req.get_ref();
+        let p = self
+            .containers()?
+            .process(&req.container_id, &req.exec_id)?;
+        let ended = p
+            .wait()
+            .await
+            .ok_or_else(|| Status::unavailable("the agent is shutting down"))?;
+        Ok(Response::new(p.wait_response(ended)))
+    }
+
+    async fn signal_process(
+        &self,
+        req: Request<pb::SignalProcessRequest>,
+    ) -> Result<Response<pb::SignalProcessResponse>, Status> {
+        self.containers()?.signal(req.get_ref())?;
+        Ok(Response::new(pb::SignalProcessResponse {}))
+    }
+
+    async fn read_output(
+        &self,
+        req: Request<pb::ReadOutputRequest>,
+    ) -> Result<Response<Stream<pb::OutputChunk>>, Status> {
+        let req = req.get_ref();
+        let p = self
+            .containers()?
+            .process(&req.container_id, &req.exec_id)?;
+        let (output, name) = match req.stream() {
+            pb::OutputStream::Stdout => (&p.stdout, "stdout"),
+            pb::OutputStream::Stderr => (&p.stderr, "stderr"),
+            pb::OutputStream::Unspecified => {
+                return Err(Status::invalid_argument("stream: must be STDOUT or STDERR"))
+            }
+        };
+        let what = format!("{name} of {}/{}", req.container_id, req.exec_id);
+        let rx = output.attach(&what)?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let stream = tokio_stream::StreamExt::map(stream, |chunk| match chunk {
+            Ok(data) => Ok(pb::OutputChunk { data }),
+            Err(e) => Err(Status::internal(e)),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn write_stdin(
+        &self,
+        req: Request<pb::WriteStdinRequest>,
+    ) -> Result<Response<pb::WriteStdinResponse>, Status> {
+        let req = req.get_ref();
+        if req.data.len() > 1 << 20 {
+            return Err(Status::invalid_argument("data: at most 1 MiB per call"));
+        }
+        let p = self
+            .containers()?
+            .process(&req.container_id, &req.exec_id)?;
+        let stdin = p
+            .stdin()
+            .ok_or_else(|| Status::failed_precondition("stdin is closed"))?;
+        let written = stdin
+            .write_all(&req.data)
+            .await
+            .map_err(|e| Status::internal(format!("writing stdin: {e}")))?;
+        Ok(Response::new(pb::WriteStdinResponse {
+            written: written as u32,
+        }))
+    }
+
+    async fn close_stdin(
+        &self,
+        req: Request<pb::ProcessRequest>,
+    ) -> Result<Response<pb::CloseStdinResponse>, Status> {
+        let req = req.get_ref();
+        self.containers()?
+            .process(&req.container_id, &req.exec_id)?
+            .close_stdin()
+            .await;
+        Ok(Response::new(pb::CloseStdinResponse {}))
+    }
+
+    async fn resize_tty(
+        &self,
+        req: Request<pb::ResizeTtyRequest>,
+    ) -> Result<Response<pb::ResizeTtyResponse>, Status> {
+        let req = req.get_ref();
+        let (Ok(rows), Ok(cols)) = (u16::try_from(req.rows), u16::try_from(req.cols)) else {
+            return Err(Status::invalid_argument("rows/cols: at most 65535"));
+        };
+        let p = self
+            .containers()?
+            .process(&req.container_id, &req.exec_id)?;
+        let tty = p
+            .tty
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("the process has no terminal"))?;
+        crate::container::io::resize(tty, rows, cols)?;
+        Ok(Response::new(pb::ResizeTtyResponse {}))
+    }
+
+    async fn get_events(
+        &self,
+        _: Request<pb::GetEventsRequest>,
+    ) -> Result<Response<Stream<pb::Event>>, Status> {
+        let events = self.containers()?.events.clone();
+        let generation = events.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(event) = events.next(generation).await {
+                match tx.reserve().await {
+                    Ok(permit) => permit.send(Ok(event)),
+                    Err(_) => {
+                        events.unget(event);
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::storage::tests::Fixture;
-    use pb::Agent;
-    use tonic::Code;
-
-    pub(crate) fn service(fx: &Fixture) -> (AgentService, Arc<Notify>) {
-        let boot = Arc::new(BootInfo {
-            started: Instant::now(),
-            kernel_release: "6.1.0-test".into(),
-            boot_to_agent_start_ms: Some(1234),
-            boot_to_ready_ms: AtomicU64::new(0),
-        });
-        let notify = Arc::new(Notify::new());
-        (
-            AgentService::new(boot, Arc::new(fx.manager()), notify.clone()),
-            notify,
-        )
-    }
-
-    #[tokio::test]
-    async fn health_version_shutdown() {
-        let fx = Fixture::new();
-        let (svc, notify) = service(&fx);
-        let health = svc
-            .health(Request::new(pb::HealthRequest {}))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(health.status(), pb::ServingStatus::Serving);
-        let v = svc
-            .version(Request::new(pb::VersionRequest {}))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
-        assert_eq!(v.kernel_release, "6.1.0-test");
-        assert_eq!(
-            (v.boot_to_agent_start_ms, v.boot_to_ready_ms),
-            (Some(1234), None)
-        );
-        svc.boot.boot_to_ready_ms.store(2000, Ordering::Relaxed);
-        let v = svc
-            .version(Request::new(pb::VersionRequest {}))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(v.boot_to_ready_ms, Some(2000));
-
-        svc.shutdown(Request::new(pb::ShutdownRequest {}))
-            .await
-            .unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(1), notify.notified())
-            .await
-            .unwrap();
-        let health = svc
-            .health(Request::new(pb::HealthRequest {}))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(health.status(), pb::ServingStatus::NotServing);
-    }
-
-    #[tokio::test]
-    async fn read_file_status_codes() {
-        let fx = Fixture::new();
-        let (svc, _) = service(&fx);
-        let file = fx.dir.path().join("f");
-        std::fs::write(&file, b"hello world").unwrap();
-        let read = |path: String, offset, max_bytes| {
-            svc.read_file(Request::new(pb::ReadFileRequest {
-                path,
-                offset,
-                max_bytes,
-            }))
-        };
-        let ok = read(file.display().to_string(), 6, 0)
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!((ok.data.as_slice(), ok.eof), (&b"world"[..], true));
-        let ok = read(file.display().to_string(), 0, 5)
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!((ok.data.as_slice(), ok.eof), (&b"hello"[..], false));
-        let code = |r: Result<Response<pb::ReadFileResponse>, Status>| r.unwrap_err().code();
-        assert_eq!(
-            code(read("relative".into(), 0, 1).await),
-            Code::InvalidArgument
-        );
-        assert_eq!(
-            code(read(format!("{}/../f", fx.dir.path().display()), 0, 1).await),
-            Code::InvalidArgument
-        );
-        let err = read(
-            file.display().to_string(),
-            0,
-            podvisor_proto::MAX_READ_BYTES + 1,
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument);
-        assert!(err.message().starts_with("max_bytes:"), "{}", err.message());
-        assert_eq!(
-            code(read(fx.dir.path().join("none").display().to_string(), 0, 1).await),
-            Code::NotFound
-        );
-        assert_eq!(
-            code(read(fx.dir.path().display().to_string(), 0, 1).await),
-            Code::FailedPrecondition
-        );
-    }
-
-    #[tokio::test]
-    async fn storage_status_codes() {
-        let fx = Fixture::new();
-        fx.disk("vda", "slot0", 0, "254:0", true);
-        let (svc, _) = service(&fx);
-        let add = |id: &str, slot, fstype: &str, timeout_ms| {
-            svc.add_storage(Request::new(pb::AddStorageRequest {
-                id: id.into(),
-                block_slot: slot,
-                fstype: fstype.into(),
-                read_only: true,
-                mount_point: None,
-                timeout_ms,
-            }))
-        };
-        let err = add("bad/id", 0, "ext4", 0).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument);
-        assert!(err.message().starts_with("id:"), "{}", err.message());
-        assert_eq!(
-            add("a", 0, "ntfs", 0).await.unwrap_err().code(),
-            Code::InvalidArgument
-        );
-        assert_eq!(
-            add("a", 5, "ext4", 0).await.unwrap_err().code(),
-            Code::NotFound
-        );
-        assert_eq!(
-            add("a", 0, "ext4", 30).await.unwrap_err().code(),
-            Code::DeadlineExceeded
-        );
-        fx.set_size("vda", 16);
-        *fx.ops.mount_error.lock().unwrap() = Some(nix::errno::Errno::ENODEV);
-        assert_eq!(
-            add("a", 0, "erofs", 30).await.unwrap_err().code(),
-            Code::FailedPrecondition
-        );
-        *fx.ops.mount_error.lock().unwrap() = None;
-        let ok = add("a", 0, "erofs", 30).await.unwrap().into_inner();
-        assert_eq!(
-            ok.device,
-            fx.dir.path().join("dev/vda").display().to_string()
-        );
-        assert_eq!(
-            ok.mount_point,
-            fx.dir.path().join("storage/a").display().to_string()
-        );
-        assert_eq!(
-            add("a", 0, "erofs", 30).await.unwrap_err().code(),
-            Code::AlreadyExists
-        );
-
-        let remove =
-            |id: &str| svc.remove_storage(Request::new(pb::RemoveStorageRequest { id: id.into() }));
-        assert!(remove("a").await.unwrap().into_inner().removed);
-        assert!(!remove("a").await.unwrap().into_inner().removed);
-        assert_eq!(remove("").await.unwrap_err().code(), Code::InvalidArgument);
-    }
-}
+#[path = "service_tests.rs"]
+pub(crate) mod tests;

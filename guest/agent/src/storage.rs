@@ -373,6 +373,14 @@ impl StorageManager {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Where storage `id` is mounted, once it is.
+    pub fn mounted(&self, id: &str) -> Option<PathBuf> {
+        match self.slots().get(id) {
+            Some(Slot::Mounted { mount_point, .. }) => Some(mount_point.clone()),
+            _ => None,
+        }
+    }
+
     /// Waits for the slot's image and mounts it; returns the mount point and the device.
     pub async fn add(&self, spec: &StorageSpec) -> Result<(PathBuf, PathBuf), StorageError> {
         {

@@ -1,6 +1,8 @@
 //! Helpers shared by the VM integration tests and the boot benchmark.
 #![allow(dead_code)]
 
+pub mod oci;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -94,10 +96,17 @@ pub fn make_ext4(dir: &Path, name: &str, files: &[(&str, &[u8])], size_mib: u32)
         std::fs::write(p, content).unwrap();
     }
     let image = dir.join(format!("{name}.ext4"));
+    ext4_from_dir(&root, &image, size_mib);
+    std::fs::remove_dir_all(&root).unwrap();
+    image
+}
+
+/// Builds an ext4 image of `size_mib` MiB from the tree at `root`, without a journal.
+pub fn ext4_from_dir(root: &Path, image: &Path, size_mib: u32) {
     let out = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-O", "^has_journal", "-d"])
-        .arg(&root)
-        .arg(&image)
+        .arg(root)
+        .arg(image)
         .arg(format!("{size_mib}M"))
         .output()
         .expect("mkfs.ext4 (e2fsprogs) must be installed");
@@ -106,8 +115,6 @@ pub fn make_ext4(dir: &Path, name: &str, files: &[(&str, &[u8])], size_mib: u32)
         "mkfs.ext4: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::fs::remove_dir_all(&root).unwrap();
-    image
 }
 
 /// Number of entries in a /proc directory of this process (threads or fds).

@@ -1,0 +1,627 @@
+//! Containers in the guest: bundle and rootfs (image storage + overlay on a size-limited tmpfs), lifecycle
+//! through the [`crate::engine`], processes, stdio, exits and OOM kills.
+
+pub mod cgroup;
+pub mod io;
+pub mod process;
+pub mod rootfs;
+pub mod spec;
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use oci_spec::runtime::{LinuxResources, Process as OciProcess};
+use podvisor_proto as pb;
+
+use crate::engine::{EngineClient, EngineError, Request, Stdio as EngineStdio};
+use crate::events::Events;
+use crate::exits::Exits;
+use crate::storage::StorageManager;
+use cgroup::Cgroup;
+use process::{Process, Watch};
+use spec::PodContext;
+
+/// Writable layer size when the request gives none.
+pub const DEFAULT_WRITABLE_LAYER: u64 = 256 << 20;
+/// Exited exec processes kept per container for WaitProcess/ReadOutput.
+const EXITED_EXECS_KEPT: usize = 64;
+/// How long RemoveContainer waits for the killed init to be reaped.
+const REMOVE_WAIT: Duration = Duration::from_secs(10);
+
+/// Container errors; the service maps them to gRPC codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    /// A request field is wrong; the message starts with the field.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No such container, exec or storage.
+    #[error("{0}")]
+    NotFound(String),
+    /// The id is taken.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Not possible in the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// libcontainer failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Anything else.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<std::io::Error> for ContainerError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+impl From<nix::Error> for ContainerError {
+    fn from(e: nix::Error) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+/// Lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Created, entry point not run yet.
+    Created,
+    /// Started.
+    Running,
+    /// Frozen.
+    Paused,
+    /// Its init exited.
+    Stopped,
+}
+
+/// One container.
+pub struct Container {
+    id: String,
+    bundle: PathBuf,
+    cgroup: Cgroup,
+    /// The container's init process.
+    pub init: Arc<Process>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+    state: Arc<Mutex<State>>,
+    own_pid_ns: bool,
+    /// The container's seccomp profile and no_new_privileges, inherited by exec'd processes.
+    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
+    no_new_privileges: Option<bool>,
+    watch: Watch,
+    ops: tokio::sync::Mutex<()>,
+}
+
+impl Container {
+    /// Current state.
+    pub fn state(&self) -> State {
+        *self.state.lock().expect("state lock")
+    }
+
+    fn set_state(&self, s: State) {
+        *self.state.lock().expect("state lock") = s;
+    }
+}
+
+/// Guest directories the manager works in.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// Bundles: `<containers>/<id>/{config.json,rootfs,layer}`.
+    pub containers: PathBuf,
+    /// libcontainer's state root.
+    pub engine_state: PathBuf,
+    /// Console sockets.
+    pub tty: PathBuf,
+    /// cgroup2 mount.
+    pub cgroup_root: PathBuf,
+    /// procfs.
+    pub proc: PathBuf,
+}
+
+impl Paths {
+    /// The real guest layout under /run/podvisor.
+    pub fn system() -> Self {
+        Self {
+            containers: "/run/podvisor/containers".into(),
+            engine_state: "/run/podvisor/engine".into(),
+            tty: "/run/podvisor/tty".into(),
+            cgroup_root: cgroup::CGROUP_ROOT.into(),
+            proc: "/proc".into(),
+        }
+    }
+}
+
+/// Checks a container or exec id: 1-64 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
+pub fn validate_id(field: &str, id: &str) -> Result<(), ContainerError> {
+    crate::storage::validate_id(id).map_err(|_| {
+        ContainerError::InvalidArgument(format!(
+            "{field}: {id:?} must be 1-64 characters of [A-Za-z0-9._-], not . or .."
+        ))
+    })
+}
+
+/// All containers of the pod.
+pub struct ContainerManager {
+    engine: Arc<EngineClient>,
+    exits: Arc<Exits>,
+    storage: Arc<StorageManager>,
+    /// Exit and OOM events.
+    pub events: Arc<Events>,
+    paths: Paths,
+    pod: Mutex<PodContext>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    create: tokio::sync::Mutex<()>,
+    tty_seq: std::sync::atomic::AtomicU64,
+}
+
+impl ContainerManager {
+    /// A manager using `engine`, with exits from `exits` and image storages from `storage`.
+    pub fn new(
+        engine: Arc<EngineClient>,
+        exits: Arc<Exits>,
+        storage: Arc<StorageManager>,
+        paths: Paths,
+        pod_files: PathBuf,
+    ) -> Self {
+        Self {
+            engine,
+            exits,
+            storage,
+            events: Arc::new(Events::default()),
+            paths,
+            pod: Mutex::new(PodContext {
+                files_dir: pod_files,
+                pid_namespace: None,
+            }),
+            containers: Mutex::new(HashMap::new()),
+            create: tokio::sync::Mutex::new(()),
+            tty_seq: 0.into(),
+        }
+    }
+
+    /// Sets the pod PID namespace containers join (None: one per container).
+    pub fn set_pid_namespace(&self, ns: Option<PathBuf>) {
+        self.pod.lock().expect("pod lock").pid_namespace = ns;
+    }
+
+    /// The container `id`.
+    pub fn get(&self, id: &str) -> Result<Arc<Container>, ContainerError> {
+        validate_id("container_id", id)?;
+        self.containers
+            .lock()
+            .expect("containers lock")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ContainerError::NotFound(format!("container {id:?} not found")))
+    }
+
+    /// Ids of all containers.
+    pub fn ids(&self) -> Vec<String> {
+        self.containers
+            .lock()
+            .expect("containers lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// A process: the init when `exec_id` is empty.
+    pub fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>, ContainerError> {
+        let c = self.get(id)?;
+        if exec_id.is_empty() {
+            return Ok(c.init.clone());
+        }
+        let found = c.execs.lock().expect("execs lock").get(exec_id).cloned();
+        found.ok_or_else(|| {
+            ContainerError::NotFound(format!("exec {exec_id:?} not found in container {id:?}"))
+        })
+    }
+
+    /// Prepares stdio for `terminal`: pipes, or a console socket whose pty master arrives later.
+    fn stdio(
+        &self,
+        terminal: bool,
+    ) -> Result<
+        (
+            EngineStdio,
+            io::Stdio,
+            Vec<std::os::fd::OwnedFd>,
+            Option<io::ConsoleWait>,
+        ),
+        ContainerError,
+    > {
+        if terminal {
+            std::fs::create_dir_all(&self.paths.tty)?;
+            let n = self
+                .tty_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = self.paths.tty.join(format!("{n}.sock"));
+            let wait = io::console_listener(&path)?;
+            // Placeholder stdio until the master arrives.
+            let placeholder = io::Stdio {
+                stdin: None,
+                stdout: Arc::default(),
+                stderr: Arc::default(),
+                tty: None,
+            };
+            Ok((
+                EngineStdio::Console(path.clone()),
+                placeholder,
+                Vec::new(),
+                Some(io::ConsoleWait { path, wait }),
+            ))
+        } else {
+            let (stdio, child) = io::pipes()?;
+            Ok((EngineStdio::Pipes, stdio, child.into(), None))
+        }
+    }
+
+    /// CreateContainer.
+    pub async fn create(&self, req: &pb::CreateContainerRequest) -> Result<u32, ContainerError> {
+        validate_id("container_id", &req.container_id)?;
+        let id = req.container_id.clone();
+        let _serial = self.create.lock().await;
+        if self
+            .containers
+            .lock()
+            .expect("containers lock")
+            .contains_key(&id)
+        {
+            return Err(ContainerError::AlreadyExists(format!(
+                "container {id:?} already exists"
+            )));
+        }
+        validate_id("image_storage_id", &req.image_storage_id)?;
+        let image = self.storage.mounted(&req.image_storage_id).ok_or_else(|| {
+            ContainerError::NotFound(format!(
+                "image_storage_id: storage {:?} is not mounted",
+                req.image_storage_id
+            ))
+        })?;
+        let layer_bytes = match req.writable_layer_bytes {
+            0 => DEFAULT_WRITABLE_LAYER,
+            n if n < 1 << 20 => {
+                return Err(ContainerError::InvalidArgument(format!(
+                    "writable_layer_bytes: {n} is below the 1 MiB minimum"
+                )))
+            }
+            n => n,
+        };
+        let bundle = self.paths.containers.join(&id);
+        let result = self.create_in(req, &id, &bundle, &image, layer_bytes).await;
+        if result.is_err() {
+            let _ = self
+                .engine
+                .call(&Request::Delete { id: id.clone() }, &[])
+                .await;
+            rootfs::teardown(&bundle);
+        }
+        result
+    }
+
+    async fn create_in(
+        &self,
+        req: &pb::CreateContainerRequest,
+        id: &str,
+        bundle: &Path,
+        image: &Path,
+        layer_bytes: u64,
+    ) -> Result<u32, ContainerError> {
+        if bundle.exists() {
+            // Left over from a failed remove: clean it first.
+            rootfs::teardown(bundle);
+        }
+        let rootfs = rootfs::mount(bundle, image, layer_bytes)?;
+
+        let cgroup_rel = format!("/podvisor/{id}");
+        let pod = self.pod.lock().expect("pod lock").clone();
+        let mut spec = spec::prepare(&req.oci_spec_json, &cgroup_rel, &pod)?;
+        let own_pid_ns = pod.pid_namespace.is_none();
+        if !req.user.is_empty() {
+            let user = spec::resolve_user(&rootfs, &req.user)?;
+            let process = spec.process_mut().as_mut().expect("checked by prepare");
+            let mut oci_user = process.user().clone();
+            oci_user.set_uid(user.uid);
+            oci_user.set_gid(user.gid);
+            oci_user.set_additional_gids(Some(user.additional_gids));
+            process.set_user(oci_user);
+            let mut env = process.env().clone().unwrap_or_default();
+            if !env.iter().any(|e| e.starts_with("HOME=")) {
+                env.push(format!("HOME={}", user.home));
+                process.set_env(Some(env));
+            }
+        }
+        let terminal = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+        let no_new_privileges = spec.process().as_ref().and_then(|p| p.no_new_privileges());
+        let json = serde_json::to_vec_pretty(&spec)
+            .map_err(|e| ContainerError::Internal(e.to_string()))?;
+        std::fs::write(bundle.join("config.json"), json)?;
+
+        let cgroup = Cgroup::new(&self.paths.cgroup_root, &cgroup_rel);
+        let (engine_stdio, stdio, child_fds, console) = self.stdio(terminal)?;
+        let raw: Vec<_> = child_fds.iter().map(|f| f.as_raw_fd()).collect();
+        let since = Instant::now();
+        let pid = self
+            .engine
+            .call(
+                &Request::Create {
+                    id: id.to_string(),
+                    bundle: bundle.to_path_buf(),
+                    stdio: engine_stdio,
+                },
+                &raw,
+            )
+            .await?
+            .ok_or_else(|| ContainerError::Internal("the engine returned no pid".into()))?;
+        drop(child_fds);
+        let stdio = match console {
+            Some(c) => c.finish().await?,
+            None => stdio,
+        };
+        let watch = Watch {
+            container_id: id.to_string(),
+            cgroup: cgroup.clone(),
+            oom_baseline: cgroup.oom_kills(),
+            events: self.events.clone(),
+            oom_reported: Arc::new(Mutex::new(cgroup.oom_kills())),
+        };
+        let state = Arc::new(Mutex::new(State::Created));
+        let on_exit = {
+            let state = state.clone();
+            move || *state.lock().expect("state lock") = State::Stopped
+        };
+        let exit = self.exits.claim(pid, since);
+        let init = Process::track(pid, "", stdio, exit, watch.clone(), on_exit);
+        tokio::spawn(process::monitor_oom(watch.clone(), Arc::downgrade(&init)));
+        let container = Arc::new(Container {
+            id: id.to_string(),
+            bundle: bundle.to_path_buf(),
+            cgroup,
+            init,
+            execs: Mutex::new(HashMap::new()),
+            state,
+            own_pid_ns,
+            seccomp,
+            no_new_privileges,
+            watch,
+            ops: tokio::sync::Mutex::new(()),
+        });
+        self.containers
+            .lock()
+            .expect("containers lock")
+            .insert(id.to_string(), container);
+        Ok(pid as u32)
+    }
+
+    /// StartContainer.
+    pub async fn start(&self, id: &str) -> Result<(), ContainerError> {
+        let c = self.get(id)?;
+        let _op = c.ops.lock().await;
+        if c.state() != State::Created {
+            return Err(ContainerError::FailedPrecondition(format!(
+                "container {id:?} is {:?}, not created",
+                c.state()
+            )));
+        }
+        self.engine
+            .call(&Request::Start { id: id.into() }, &[])
+            .await?;
+        if c.init.ended().is_none() {
+            c.set_state(State::Running);
+        }
+        Ok(())
+    }
+
+    /// ExecProcess.
+    pub async fn exec(&self, req: &pb::ExecProcessRequest) -> Result<u32, ContainerError> {
+        let c = self.get(&req.container_id)?;
+        validate_id("exec_id", &req.exec_id)?;
+        let mut process: OciProcess = serde_json::from_slice(&req.process_json)
+            .map_err(|e| ContainerError::InvalidArgument(format!("process_json: {e}")))?;
+        spec::check_process("process_json", &process)?;
+        let _op = c.ops.lock().await;
+        if c.state() != State::Running {
+            return Err(ContainerError::FailedPrecondition(format!(
+                "container {:?} is {:?}, not running",
+                c.id,
+                c.state()
+            )));
+        }
+        if c.execs
+            .lock()
+            .expect("execs lock")
+            .get(&req.exec_id)
+            .is_some_and(|p| p.ended().is_none())
+        {
+            return Err(ContainerError::AlreadyExists(format!(
+                "exec {:?} is running",
+                req.exec_id
+            )));
+        }
+        if process.no_new_privileges().is_none() {
+            process.set_no_new_privileges(c.no_new_privileges);
+        }
+        let file = c.bundle.join(format!("exec-{}.json", req.exec_id));
+        std::fs::write(
+            &file,
+            serde_json::to_vec(&process).map_err(|e| ContainerError::Internal(e.to_string()))?,
+        )?;
+        let (engine_stdio, stdio, child_fds, console) =
+            self.stdio(process.terminal().unwrap_or(false))?;
+        let raw: Vec<_> = child_fds.iter().map(|f| f.as_raw_fd()).collect();
+        let since = Instant::now();
+        let request = Request::Exec {
+            id: c.id.clone(),
+            process: file.clone(),
+            stdio: engine_stdio,
+            seccomp: c.seccomp.clone(),
+        };
+        let pid = self.engine.call(&request, &raw).await;
+        let _ = std::fs::remove_file(&file);
+        let pid =
+            pid?.ok_or_else(|| ContainerError::Internal("the engine returned no pid".into()))?;
+        drop(child_fds);
+        let stdio = match console {
+            Some(cw) => cw.finish().await?,
+            None => stdio,
+        };
+        let mut watch = c.watch.clone();
+        watch.oom_baseline = c.cgroup.oom_kills();
+        let exit = self.exits.claim(pid, since);
+        let p = Process::track(pid, &req.exec_id, stdio, exit, watch, || {});
+        let mut execs = c.execs.lock().expect("execs lock");
+        execs.insert(req.exec_id.clone(), p);
+        let mut ended: Vec<_> = execs
+            .iter()
+            .filter_map(|(k, p)| p.ended().map(|e| (e.at, k.clone())))
+            .collect();
+        if ended.len() > EXITED_EXECS_KEPT {
+            ended.sort();
+            for (_, k) in &ended[..ended.len() - EXITED_EXECS_KEPT] {
+                execs.remove(k);
+            }
+        }
+        Ok(pid as u32)
+    }
+
+    /// SignalProcess. SIGTERM to an init that has its own PID namespace and no SIGTERM handler becomes
+    /// SIGKILL: the kernel would ignore it (Kata does the same).
+    pub fn signal(&self, req: &pb::SignalProcessRequest) -> Result<(), ContainerError> {
+        let signal = nix::sys::signal::Signal::try_from(req.signal as i32).map_err(|_| {
+            ContainerError::InvalidArgument(format!("signal: {} is not a signal", req.signal))
+        })?;
+        let c = self.get(&req.container_id)?;
+        if req.all {
+            if !req.exec_id.is_empty() {
+                return Err(ContainerError::InvalidArgument(
+                    "exec_id: must be empty with all".into(),
+                ));
+            }
+            if signal == nix::sys::signal::Signal::SIGKILL {
+                c.cgroup.kill_all();
+            } else {
+                for pid in c.cgroup.pids() {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+                }
+            }
+            return Ok(());
+        }
+        let p = self.process(&req.container_id, &req.exec_id)?;
+        if p.ended().is_some() {
+            return Ok(());
+        }
+        let mut signal = signal;
+        if req.exec_id.is_empty()
+            && c.own_pid_ns
+            && signal == nix::sys::signal::Signal::SIGTERM
+            && !cgroup::catches(&self.paths.proc, p.pid, nix::libc::SIGTERM)
+        {
+            signal = nix::sys::signal::Signal::SIGKILL;
+        }
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), signal) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// PauseContainer / ResumeContainer.
+    pub async fn freeze(&self, id: &str, pause: bool) -> Result<(), ContainerError> {
+        let c = self.get(id)?;
+        let _op = c.ops.lock().await;
+        let (from, to, request) = if pause {
+            (
+                State::Running,
+                State::Paused,
+                Request::Pause { id: id.into() },
+            )
+        } else {
+            (
+                State::Paused,
+                State::Running,
+                Request::Resume { id: id.into() },
+            )
+        };
+        if c.state() != from {
+            return Err(ContainerError::FailedPrecondition(format!(
+                "container {id:?} is {:?}, not {from:?}",
+                c.state()
+            )));
+        }
+        self.engine.call(&request, &[]).await?;
+        c.set_state(to);
+        Ok(())
+    }
+
+    /// UpdateContainer.
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), ContainerError> {
+        let c = self.get(id)?;
+        let resources: LinuxResources = serde_json::from_slice(resources_json)
+            .map_err(|e| ContainerError::InvalidArgument(format!("resources_json: {e}")))?;
+        c.cgroup.update(&resources)
+    }
+
+    /// StatsContainer.
+    pub fn stats(&self, id: &str) -> Result<pb::StatsContainerResponse, ContainerError> {
+        let c = self.get(id)?;
+        let mut stats = c.cgroup.stats()?;
+        if let Ok(fs) = nix::sys::statvfs::statvfs(&c.bundle.join("layer")) {
+            let frag = fs.fragment_size();
+            stats.writable_layer_used_bytes = fs.blocks().saturating_sub(fs.blocks_free()) * frag;
+            stats.writable_layer_inodes_used = fs.files().saturating_sub(fs.files_free());
+        }
+        stats.timestamp_unix_ns = process::unix_ns(std::time::SystemTime::now());
+        Ok(stats)
+    }
+
+    /// ListProcesses.
+    pub fn processes(&self, id: &str) -> Result<Vec<pb::ProcessInfo>, ContainerError> {
+        let c = self.get(id)?;
+        let mut list: Vec<_> = c
+            .cgroup
+            .pids()
+            .into_iter()
+            .filter_map(|pid| cgroup::process_info(&self.paths.proc, pid))
+            .collect();
+        list.sort_by_key(|p| p.pid);
+        Ok(list)
+    }
+
+    /// RemoveContainer: kill everything, delete, unmount. False when the id was unknown.
+    pub async fn remove(&self, id: &str) -> Result<bool, ContainerError> {
+        let c = match self.get(id) {
+            Ok(c) => c,
+            Err(ContainerError::NotFound(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let _op = c.ops.lock().await;
+        if c.state() == State::Paused {
+            let _ = self
+                .engine
+                .call(&Request::Resume { id: id.into() }, &[])
+                .await;
+        }
+        c.cgroup.kill_all();
+        let deadline = Instant::now() + REMOVE_WAIT;
+        if c.init.wait_until(deadline).await.is_none() {
+            return Err(ContainerError::Internal(format!(
+                "container {id:?}: init {} did not exit within {REMOVE_WAIT:?} of SIGKILL",
+                c.init.pid
+            )));
+        }
+        self.engine
+            .call(&Request::Delete { id: id.into() }, &[])
+            .await?;
+        rootfs::teardown(&c.bundle);
+        self.containers.lock().expect("containers lock").remove(id);
+        Ok(true)
+    }
+}

@@ -1,0 +1,291 @@
+//! Checks the OCI runtime spec the host sends and rewrites the parts the agent owns: the root, the cgroup
+//! path, the pod-shared namespaces, the pod's /etc files, and the user named in the image's /etc/passwd.
+
+use std::path::{Component, Path, PathBuf};
+
+use oci_spec::runtime::{
+    LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, Mount, MountBuilder, Process,
+    RootBuilder, Spec,
+};
+
+use super::ContainerError;
+
+/// Guest directories a bind mount may take its source from.
+pub const BIND_SOURCE_ROOTS: [&str; 2] = ["/run/podvisor/storage", "/run/podvisor/sandbox"];
+
+/// The pod files every container gets unless its spec mounts something there.
+const POD_FILES: [&str; 3] = ["/etc/hostname", "/etc/hosts", "/etc/resolv.conf"];
+
+/// What the agent decides for every container of this pod.
+#[derive(Debug, Clone)]
+pub struct PodContext {
+    /// Directory holding `hostname`, `hosts` and `resolv.conf`.
+    pub files_dir: PathBuf,
+    /// PID namespace to join (shared pod PID namespace), or a new one per container.
+    pub pid_namespace: Option<PathBuf>,
+}
+
+fn invalid(field: &str, msg: impl std::fmt::Display) -> ContainerError {
+    ContainerError::InvalidArgument(format!("{field}: {msg}"))
+}
+
+/// An absolute path with no `..` (what a container path may be).
+pub fn check_absolute(field: &str, path: &Path) -> Result<(), ContainerError> {
+    if !path.is_absolute() {
+        return Err(invalid(
+            field,
+            format!("{} is not absolute", path.display()),
+        ));
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(invalid(field, format!("{} contains '..'", path.display())));
+    }
+    Ok(())
+}
+
+/// Parses and checks a spec, then applies the agent's decisions. `cgroup` is the cgroup path to use.
+pub fn prepare(json: &[u8], cgroup: &str, pod: &PodContext) -> Result<Spec, ContainerError> {
+    let mut spec: Spec = serde_json::from_slice(json).map_err(|e| invalid("oci_spec_json", e))?;
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| invalid("oci_spec_json.process", "missing"))?;
+    check_process("oci_spec_json.process", process)?;
+    if spec.hooks().is_some() {
+        return Err(invalid(
+            "oci_spec_json.hooks",
+            "hooks are not supported in the guest",
+        ));
+    }
+    let readonly = spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false);
+    spec.set_root(Some(
+        RootBuilder::default()
+            .path("rootfs")
+            .readonly(readonly)
+            .build()
+            .map_err(|e| invalid("oci_spec_json.root", e))?,
+    ));
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for (i, m) in mounts.iter().enumerate() {
+        check_mount(&format!("oci_spec_json.mounts[{i}]"), m)?;
+    }
+    for file in POD_FILES {
+        if !mounts.iter().any(|m| m.destination() == Path::new(file)) {
+            let name = Path::new(file).file_name().expect("file name");
+            let mut options = vec!["rbind".to_string(), "rprivate".to_string()];
+            if readonly {
+                options.push("ro".into());
+            }
+            mounts.push(
+                MountBuilder::default()
+                    .destination(file)
+                    .typ("bind")
+                    .source(pod.files_dir.join(name))
+                    .options(options)
+                    .build()
+                    .map_err(|e| invalid("oci_spec_json.mounts", e))?,
+            );
+        }
+    }
+    spec.set_mounts(Some(mounts));
+    let linux = spec
+        .linux_mut()
+        .as_mut()
+        .ok_or_else(|| invalid("oci_spec_json.linux", "missing"))?;
+    linux.set_cgroups_path(Some(cgroup.into()));
+    let mut namespaces = Vec::new();
+    for ns in linux.namespaces().clone().unwrap_or_default() {
+        match ns.typ() {
+            // The VM is the pod: containers share its network, hostname and IPC.
+            LinuxNamespaceType::Network | LinuxNamespaceType::Uts | LinuxNamespaceType::Ipc => {}
+            LinuxNamespaceType::Pid => {}
+            LinuxNamespaceType::Mount | LinuxNamespaceType::Cgroup => {
+                if ns.path().is_some() {
+                    return Err(invalid(
+                        "oci_spec_json.linux.namespaces",
+                        format!(
+                            "joining an existing {} namespace is not supported",
+                            ns.typ()
+                        ),
+                    ));
+                }
+                namespaces.push(ns);
+            }
+            other => {
+                return Err(invalid(
+                    "oci_spec_json.linux.namespaces",
+                    format!("{other} namespaces are not supported in the guest"),
+                ))
+            }
+        }
+    }
+    if !namespaces
+        .iter()
+        .any(|n| n.typ() == LinuxNamespaceType::Mount)
+    {
+        namespaces.push(namespace(LinuxNamespaceType::Mount, None)?);
+    }
+    namespaces.push(namespace(
+        LinuxNamespaceType::Pid,
+        pod.pid_namespace.clone(),
+    )?);
+    linux.set_namespaces(Some(namespaces));
+    if linux.uid_mappings().is_some() || linux.gid_mappings().is_some() {
+        return Err(invalid(
+            "oci_spec_json.linux.uidMappings",
+            "user namespaces are not supported in the guest",
+        ));
+    }
+    Ok(spec)
+}
+
+fn namespace(
+    typ: LinuxNamespaceType,
+    path: Option<PathBuf>,
+) -> Result<LinuxNamespace, ContainerError> {
+    let mut b = LinuxNamespaceBuilder::default().typ(typ);
+    if let Some(path) = path {
+        b = b.path(path);
+    }
+    b.build()
+        .map_err(|e| invalid("oci_spec_json.linux.namespaces", e))
+}
+
+/// Checks an OCI process (container entry point or exec).
+pub fn check_process(field: &str, process: &Process) -> Result<(), ContainerError> {
+    match process.args() {
+        Some(args) if !args.is_empty() && !args[0].is_empty() => {}
+        _ => return Err(invalid(&format!("{field}.args"), "empty")),
+    }
+    check_absolute(&format!("{field}.cwd"), process.cwd())?;
+    for (i, env) in process.env().iter().flatten().enumerate() {
+        if !env.contains('=') || env.starts_with('=') {
+            return Err(invalid(
+                &format!("{field}.env[{i}]"),
+                format!("{env:?} is not NAME=value"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_mount(field: &str, m: &Mount) -> Result<(), ContainerError> {
+    check_absolute(&format!("{field}.destination"), m.destination())?;
+    let bind = m.typ().as_deref() == Some("bind")
+        || m.options()
+            .iter()
+            .flatten()
+            .any(|o| o == "bind" || o == "rbind");
+    if bind {
+        let source = m
+            .source()
+            .as_ref()
+            .ok_or_else(|| invalid(&format!("{field}.source"), "a bind mount needs a source"))?;
+        check_absolute(&format!("{field}.source"), source)?;
+        if !BIND_SOURCE_ROOTS
+            .iter()
+            .any(|root| source.starts_with(root))
+        {
+            return Err(invalid(
+                &format!("{field}.source"),
+                format!(
+                    "{} is outside the guest directories a container may bind ({})",
+                    source.display(),
+                    BIND_SOURCE_ROOTS.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A user resolved from the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedUser {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups from /etc/group.
+    pub additional_gids: Vec<u32>,
+    /// Home directory (for HOME).
+    pub home: String,
+}
+
+/// Resolves `user` ("name", "uid", "name:group", "uid:gid") against the image's `etc/passwd` and
+/// `etc/group` under `rootfs`. Numeric ids need no entry (as runc).
+pub fn resolve_user(rootfs: &Path, user: &str) -> Result<ResolvedUser, ContainerError> {
+    let (name, group) = match user.split_once(':') {
+        Some((n, g)) => (n, Some(g)),
+        None => (user, None),
+    };
+    if name.is_empty() {
+        return Err(invalid("user", "empty user name"));
+    }
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let groups = std::fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+    let entry = passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        (f.len() >= 7 && (f[0] == name || f[2] == name)).then(|| {
+            (
+                f[0].to_string(),
+                f[2].parse::<u32>().ok(),
+                f[3].parse::<u32>().ok(),
+                f[5].to_string(),
+            )
+        })
+    });
+    let (user_name, uid, mut gid, home) = match (entry, name.parse::<u32>()) {
+        (Some((n, Some(uid), Some(gid), home)), _) => (n, uid, gid, home),
+        (None, Ok(uid)) => (String::new(), uid, 0, "/".to_string()),
+        _ => {
+            return Err(invalid(
+                "user",
+                format!("no user {name:?} in the image's /etc/passwd"),
+            ))
+        }
+    };
+    let group_line = |want: &str| {
+        groups.lines().find_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.len() >= 3 && (f[0] == want || f[2] == want)).then(|| f[2].parse::<u32>().ok())?
+        })
+    };
+    if let Some(group) = group {
+        gid = match (group_line(group), group.parse::<u32>()) {
+            (Some(g), _) | (None, Ok(g)) => g,
+            _ => {
+                return Err(invalid(
+                    "user",
+                    format!("no group {group:?} in the image's /etc/group"),
+                ))
+            }
+        };
+    }
+    let mut additional_gids: Vec<u32> = groups
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            let member =
+                f.len() >= 4 && !user_name.is_empty() && f[3].split(',').any(|m| m == user_name);
+            member.then(|| f[2].parse::<u32>().ok()).flatten()
+        })
+        .filter(|g| *g != gid)
+        .collect();
+    additional_gids.sort_unstable();
+    additional_gids.dedup();
+    Ok(ResolvedUser {
+        uid,
+        gid,
+        additional_gids,
+        home,
+    })
+}
+
+#[cfg(test)]
+#[path = "spec_tests.rs"]
+mod tests;

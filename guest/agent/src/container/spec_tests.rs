@@ -1,0 +1,207 @@
+use super::*;
+
+fn pod() -> PodContext {
+    PodContext {
+        files_dir: "/run/podvisor/sandbox".into(),
+        pid_namespace: None,
+    }
+}
+
+fn base() -> serde_json::Value {
+    serde_json::json!({
+        "ociVersion": "1.0.2", "hooks": null,
+        "process": {"args": ["sh", "-c", "echo hi"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}},
+        "root": {"path": "/somewhere/else", "readonly": true},
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+        "linux": {
+            "cgroupsPath": "/host/chosen",
+            "namespaces": [{"type": "pid"}, {"type": "network", "path": "/proc/1/ns/net"}, {"type": "ipc"},
+                           {"type": "uts"}, {"type": "mount"}]
+        }
+    })
+}
+
+fn prep(v: &serde_json::Value, pod: &PodContext) -> Result<Spec, ContainerError> {
+    prepare(&serde_json::to_vec(v).unwrap(), "/podvisor/c1", pod)
+}
+
+fn err_msg(r: Result<Spec, ContainerError>) -> String {
+    match r {
+        Err(ContainerError::InvalidArgument(m)) => m,
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+}
+
+#[test]
+fn agent_owns_root_cgroup_namespaces_and_pod_files() {
+    let spec = prep(&base(), &pod()).unwrap();
+    let root = spec.root().as_ref().unwrap();
+    assert_eq!(
+        (root.path().as_path(), root.readonly()),
+        (Path::new("rootfs"), Some(true))
+    );
+    let linux = spec.linux().as_ref().unwrap();
+    assert_eq!(
+        linux.cgroups_path().as_deref(),
+        Some(Path::new("/podvisor/c1"))
+    );
+    let ns: Vec<_> = linux
+        .namespaces()
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|n| (n.typ(), n.path().clone()))
+        .collect();
+    assert_eq!(
+        ns,
+        [
+            (LinuxNamespaceType::Mount, None),
+            (LinuxNamespaceType::Pid, None)
+        ]
+    );
+    let mounts = spec.mounts().as_ref().unwrap();
+    let hosts = mounts
+        .iter()
+        .find(|m| m.destination() == Path::new("/etc/hosts"))
+        .unwrap();
+    assert_eq!(
+        hosts.source().as_deref(),
+        Some(Path::new("/run/podvisor/sandbox/hosts"))
+    );
+    assert!(
+        hosts
+            .options()
+            .as_ref()
+            .unwrap()
+            .contains(&"ro".to_string()),
+        "read-only root: pod files too"
+    );
+    assert_eq!(mounts.len(), 4);
+
+    // Shared PID namespace: joined by path. A spec that mounts its own /etc/hosts keeps it.
+    let mut v = base();
+    v["mounts"] = serde_json::json!([{"destination": "/etc/hosts", "type": "bind",
+        "source": "/run/podvisor/storage/vol/hosts", "options": ["rbind"]}]);
+    let shared = PodContext {
+        pid_namespace: Some("/proc/7/ns/pid".into()),
+        ..pod()
+    };
+    let spec = prep(&v, &shared).unwrap();
+    let linux = spec.linux().as_ref().unwrap();
+    let pid = linux
+        .namespaces()
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|n| n.typ() == LinuxNamespaceType::Pid)
+        .unwrap();
+    assert_eq!(pid.path().as_deref(), Some(Path::new("/proc/7/ns/pid")));
+    let mounts = spec.mounts().as_ref().unwrap();
+    assert_eq!(
+        mounts
+            .iter()
+            .filter(|m| m.destination() == Path::new("/etc/hosts"))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn bad_specs_name_the_field() {
+    assert!(err_msg(prepare(b"{not json", "/p", &pod())).starts_with("oci_spec_json:"));
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "/process",
+            serde_json::Value::Null,
+            "oci_spec_json.process:",
+        ),
+        (
+            "/process/args",
+            serde_json::json!([]),
+            "oci_spec_json.process.args:",
+        ),
+        (
+            "/process/cwd",
+            serde_json::json!("relative"),
+            "oci_spec_json.process.cwd:",
+        ),
+        (
+            "/process/env",
+            serde_json::json!(["NOVALUE"]),
+            "oci_spec_json.process.env[0]:",
+        ),
+        (
+            "/mounts",
+            serde_json::json!([{"destination": "/x/../../etc", "type": "tmpfs"}]),
+            "oci_spec_json.mounts[0].destination:",
+        ),
+        (
+            "/mounts",
+            serde_json::json!([{"destination": "/data", "type": "bind", "source": "/etc"}]),
+            "oci_spec_json.mounts[0].source:",
+        ),
+        (
+            "/mounts",
+            serde_json::json!([{"destination": "/data", "options": ["rbind"], "source": "/run/podvisor/storage/../../etc"}]),
+            "oci_spec_json.mounts[0].source:",
+        ),
+        (
+            "/hooks",
+            serde_json::json!({"prestart": [{"path": "/bin/true"}]}),
+            "oci_spec_json.hooks:",
+        ),
+        (
+            "/linux/namespaces",
+            serde_json::json!([{"type": "user"}]),
+            "oci_spec_json.linux.namespaces:",
+        ),
+        (
+            "/linux/namespaces",
+            serde_json::json!([{"type": "mount", "path": "/proc/1/ns/mnt"}]),
+            "oci_spec_json.linux.namespaces:",
+        ),
+        ("/linux", serde_json::Value::Null, "oci_spec_json.linux:"),
+    ];
+    for (pointer, value, field) in cases {
+        let mut v = base();
+        *v.pointer_mut(pointer)
+            .unwrap_or_else(|| panic!("{pointer}")) = value;
+        let msg = err_msg(prep(&v, &pod()));
+        assert!(msg.starts_with(field), "{pointer}: {msg}");
+    }
+}
+
+#[test]
+fn users_resolve_from_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("etc")).unwrap();
+    std::fs::write(
+        dir.path().join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nwww:x:33:33:www:/var/www:/bin/false\nbroken:x:abc\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("etc/group"),
+        "root:x:0:\nwww:x:33:\nadm:x:4:www,other\nvideo:x:44:www\n",
+    )
+    .unwrap();
+    let u = resolve_user(dir.path(), "www").unwrap();
+    assert_eq!(
+        (u.uid, u.gid, u.additional_gids.as_slice(), u.home.as_str()),
+        (33, 33, &[4, 44][..], "/var/www")
+    );
+    assert_eq!(resolve_user(dir.path(), "33").unwrap(), u);
+    assert_eq!(resolve_user(dir.path(), "www:adm").unwrap().gid, 4);
+    assert_eq!(resolve_user(dir.path(), "www:1234").unwrap().gid, 1234);
+    let numeric = resolve_user(dir.path(), "1000:1000").unwrap();
+    assert_eq!(
+        (numeric.uid, numeric.gid, numeric.additional_gids.len()),
+        (1000, 1000, 0)
+    );
+    for bad in ["nobody", "www:nogroup", "", ":0", "broken"] {
+        assert!(
+            matches!(resolve_user(dir.path(), bad), Err(ContainerError::InvalidArgument(m)) if m.starts_with("user:")),
+            "{bad}"
+        );
+    }
+}

@@ -1,0 +1,481 @@
+//! The container engine: a single-threaded child of the agent that drives youki's `libcontainer`.
+//!
+//! libcontainer clones processes with raw `clone3`, which is only safe from a single-threaded process, and a
+//! container create blocks for as long as the container's init takes to set itself up (seconds in an
+//! emulated guest kernel). So the agent forks this engine before its runtime starts; the engine serves one
+//! request at a time over a `SOCK_SEQPACKET` socketpair (JSON, stdio descriptors as `SCM_RIGHTS`), and the
+//! agent stays responsive meanwhile. Containers are built `as_sibling`: their processes are children of the
+//! agent (PID 1), whose reaper records every exit.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType, UnixAddr,
+};
+use oci_spec::runtime::{LinuxSeccomp, Spec};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Mutex;
+
+/// Largest encoded request or reply.
+const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Errors talking to the engine or reported by it.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The engine process could not be started.
+    #[error("starting the container engine: {0}")]
+    Spawn(nix::Error),
+    /// The channel to the engine failed (the engine died?).
+    #[error("container engine channel: {0}")]
+    Channel(String),
+    /// libcontainer refused or failed the operation.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Where a process's stdio goes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Stdio {
+    /// Three descriptors (stdin, stdout, stderr) travel with the request.
+    Pipes,
+    /// A pty: libcontainer sends its master to this unix socket.
+    Console(PathBuf),
+}
+
+/// One engine operation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Request {
+    /// Create the container `id` from `bundle/config.json`; replies with the init PID.
+    Create {
+        /// Container id.
+        id: String,
+        /// Bundle directory.
+        bundle: PathBuf,
+        /// Stdio of the init process.
+        stdio: Stdio,
+    },
+    /// Start the created container `id`.
+    Start {
+        /// Container id.
+        id: String,
+    },
+    /// Run the OCI process in `process` (a process.json) in container `id`; replies with its PID.
+    Exec {
+        /// Container id.
+        id: String,
+        /// Path of the process.json.
+        process: PathBuf,
+        /// Stdio of the process.
+        stdio: Stdio,
+        /// The container's seccomp profile, applied to the process too.
+        seccomp: Option<LinuxSeccomp>,
+    },
+    /// Freeze the container.
+    Pause {
+        /// Container id.
+        id: String,
+    },
+    /// Thaw the container.
+    Resume {
+        /// Container id.
+        id: String,
+    },
+    /// Kill what is left and delete the container's state and cgroup.
+    Delete {
+        /// Container id.
+        id: String,
+    },
+}
+
+/// The engine's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+enum Reply {
+    Done,
+    Pid(i32),
+    Failed(String),
+}
+
+/// The agent's end of the engine channel. Requests are serialized.
+pub struct EngineClient {
+    sock: Mutex<AsyncFd<OwnedFd>>,
+}
+
+/// Forks the engine. Call before any thread exists (before the tokio runtime is built): the child runs
+/// [`serve`] and never returns.
+pub fn spawn(state_root: &Path) -> Result<OwnedFd, EngineError> {
+    let (agent_end, engine_end) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(EngineError::Spawn)?;
+    // SAFETY: called while the process is single-threaded (documented precondition), so the child may do
+    // anything; the child never returns from this function.
+    match unsafe { nix::unistd::fork() }.map_err(EngineError::Spawn)? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(engine_end);
+            Ok(agent_end)
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(agent_end);
+            let _ = nix::sys::prctl::set_name(c"podvisor-engine");
+            // A private copy of the console: container processes cloned from here keep logging to it after
+            // their stdio has become the container's (it is close-on-exec).
+            if let Ok(console) =
+                nix::fcntl::fcntl(std::io::stderr(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+            {
+                let _ = tracing::subscriber::set_global_default(ConsoleLog(console));
+            }
+            serve(engine_end, state_root);
+            std::process::exit(0)
+        }
+    }
+}
+
+/// The engine loop: one request at a time until the agent closes its end.
+fn serve(sock: OwnedFd, state_root: &Path) {
+    loop {
+        let (request, fds) = match receive::<Request>(sock.as_raw_fd()) {
+            Ok(Some(message)) => message,
+            Ok(None) => return,
+            Err(err) => {
+                crate::log(&format!("engine: {err}"));
+                return;
+            }
+        };
+        let reply = match handle(state_root, request, fds) {
+            Ok(reply) => reply,
+            Err(err) => Reply::Failed(err),
+        };
+        if let Err(err) = send(sock.as_raw_fd(), &reply, &[]) {
+            crate::log(&format!("engine: {err}"));
+            return;
+        }
+    }
+}
+
+/// Runs one request with libcontainer.
+fn handle(root: &Path, request: Request, mut fds: Vec<OwnedFd>) -> Result<Reply, String> {
+    let with_stdio = |builder: ContainerBuilder, stdio: &Stdio, fds: &mut Vec<OwnedFd>| match stdio
+    {
+        Stdio::Pipes if fds.len() == 3 => {
+            let stderr = fds.pop().expect("3 fds");
+            let stdout = fds.pop().expect("3 fds");
+            let stdin = fds.pop().expect("3 fds");
+            Ok(builder
+                .with_stdin(stdin)
+                .with_stdout(stdout)
+                .with_stderr(stderr))
+        }
+        Stdio::Pipes => Err(format!("expected 3 stdio descriptors, got {}", fds.len())),
+        Stdio::Console(path) => Ok(builder.with_console_socket(Some(path))),
+    };
+    let builder = |id: &str| {
+        ContainerBuilder::new(id.to_string(), SyscallType::Linux)
+            .with_root_path(root)
+            .map_err(|e| e.to_string())
+    };
+    let load = |id: &str| Container::load(root.join(id)).map_err(|e| e.to_string());
+    match request {
+        Request::Create { id, bundle, stdio } => {
+            let container = with_stdio(builder(&id)?, &stdio, &mut fds)?
+                .validate_id()
+                .map_err(|e| e.to_string())?
+                .as_init(bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .as_sibling(true)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let pid = container
+                .pid()
+                .ok_or_else(|| "libcontainer reported no init pid".to_string())?;
+            Ok(Reply::Pid(pid.as_raw()))
+        }
+        Request::Start { id } => load(&id)?
+            .start()
+            .map(|()| Reply::Done)
+            .map_err(|e| e.to_string()),
+        Request::Exec {
+            id,
+            process,
+            stdio,
+            seccomp,
+        } => {
+            let mut b = with_stdio(builder(&id)?, &stdio, &mut fds)?;
+            if let Some(seccomp) = seccomp {
+                b = b.with_executor(SeccompExec(seccomp));
+            }
+            let pid = b
+                .as_tenant()
+                .with_process(Some(process))
+                .with_detach(true)
+                .as_sibling(true)
+                .build()
+                .map_err(|e| e.to_string())?;
+            Ok(Reply::Pid(pid.as_raw()))
+        }
+        Request::Pause { id } => load(&id)?
+            .pause()
+            .map(|()| Reply::Done)
+            .map_err(|e| e.to_string()),
+        Request::Resume { id } => load(&id)?
+            .resume()
+            .map(|()| Reply::Done)
+            .map_err(|e| e.to_string()),
+        Request::Delete { id } => {
+            if !root.join(&id).exists() {
+                return Ok(Reply::Done);
+            }
+            load(&id)?
+                .delete(true)
+                .map(|()| Reply::Done)
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Runs an exec'd process under its container's seccomp profile. libcontainer 0.7's tenant builder drops
+/// `linux.seccomp` from the spec it execs with; runc applies the container's profile to exec'd processes.
+#[derive(Clone)]
+struct SeccompExec(LinuxSeccomp);
+
+impl Executor for SeccompExec {
+    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        match libcontainer::seccomp::initialize_seccomp(&self.0) {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                return Err(ExecutorError::Other(
+                    "seccomp notify actions are not supported for exec".into(),
+                ))
+            }
+            Err(e) => {
+                return Err(ExecutorError::Other(format!(
+                    "installing the container's seccomp profile: {e}"
+                )))
+            }
+        }
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
+    }
+}
+
+impl EngineClient {
+    /// The agent's end of a channel made by [`spawn`].
+    pub fn new(sock: OwnedFd) -> std::io::Result<Self> {
+        nix::fcntl::fcntl(
+            &sock,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+        // SAFETY: the OwnedFd is moved in and stays open, the same descriptor, for the AsyncFd's lifetime.
+        let sock = unsafe { AsyncFd::register(sock) }.map_err(|e| e.into_parts().1)?;
+        Ok(Self {
+            sock: Mutex::new(sock),
+        })
+    }
+
+    /// Sends `request` with `fds` and waits for the reply; `Ok(Some(pid))` for Create and Exec.
+    pub async fn call(&self, request: &Request, fds: &[RawFd]) -> Result<Option<i32>, EngineError> {
+        let sock = self.sock.lock().await;
+        loop {
+            let mut guard = sock
+                .writable()
+                .await
+                .map_err(|e| EngineError::Channel(e.to_string()))?;
+            match send(sock.get_ref().as_raw_fd(), request, fds) {
+                Err(ChannelError::WouldBlock) => guard.clear_ready(),
+                Err(err) => return Err(EngineError::Channel(err.to_string())),
+                Ok(()) => break,
+            }
+        }
+        loop {
+            let mut guard = sock
+                .readable()
+                .await
+                .map_err(|e| EngineError::Channel(e.to_string()))?;
+            match receive::<Reply>(sock.get_ref().as_raw_fd()) {
+                Err(ChannelError::WouldBlock) => guard.clear_ready(),
+                Err(err) => return Err(EngineError::Channel(err.to_string())),
+                Ok(None) => return Err(EngineError::Channel("the engine exited".into())),
+                Ok(Some((Reply::Done, _))) => return Ok(None),
+                Ok(Some((Reply::Pid(pid), _))) => return Ok(Some(pid)),
+                Ok(Some((Reply::Failed(msg), _))) => return Err(EngineError::Failed(msg)),
+            }
+        }
+    }
+}
+
+/// Channel failures.
+#[derive(Debug, thiserror::Error)]
+enum ChannelError {
+    #[error("would block")]
+    WouldBlock,
+    #[error("socket: {0}")]
+    Socket(nix::Error),
+    #[error("message: {0}")]
+    Encoding(serde_json::Error),
+}
+
+fn send<T: Serialize>(sock: RawFd, message: &T, fds: &[RawFd]) -> Result<(), ChannelError> {
+    let bytes = serde_json::to_vec(message).map_err(ChannelError::Encoding)?;
+    let iov = [IoSlice::new(&bytes)];
+    let cmsgs = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsgs };
+    match sendmsg::<UnixAddr>(sock, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+        Ok(_) => Ok(()),
+        Err(nix::errno::Errno::EAGAIN) => Err(ChannelError::WouldBlock),
+        Err(e) => Err(ChannelError::Socket(e)),
+    }
+}
+
+/// Receives one message and its descriptors; `None` at EOF.
+fn receive<T: for<'de> Deserialize<'de>>(
+    sock: RawFd,
+) -> Result<Option<(T, Vec<OwnedFd>)>, ChannelError> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut cmsg_space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = match recvmsg::<UnixAddr>(
+        sock,
+        &mut iov,
+        Some(&mut cmsg_space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    ) {
+        Ok(msg) => msg,
+        Err(nix::errno::Errno::EAGAIN) => return Err(ChannelError::WouldBlock),
+        Err(e) => return Err(ChannelError::Socket(e)),
+    };
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs().map_err(ChannelError::Socket)? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: the kernel just installed these descriptors in this process for us; nothing else owns
+            // them.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let len = msg.bytes;
+    if len == 0 {
+        return Ok(None);
+    }
+    let message = serde_json::from_slice(&buf[..len]).map_err(ChannelError::Encoding)?;
+    Ok(Some((message, fds)))
+}
+
+/// Prints libcontainer's warnings and errors (its only diagnostics) to the console log (a descriptor).
+struct ConsoleLog(RawFd);
+
+impl tracing::Subscriber for ConsoleLog {
+    fn enabled(&self, meta: &tracing::Metadata<'_>) -> bool {
+        *meta.level() <= tracing::Level::WARN
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Fields(String);
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                use std::fmt::Write;
+                if field.name() == "message" {
+                    let _ = write!(self.0, " {value:?}");
+                } else {
+                    let _ = write!(self.0, " {}={value:?}", field.name());
+                }
+            }
+        }
+        let mut fields = Fields(String::new());
+        event.record(&mut fields);
+        let meta = event.metadata();
+        let line = format!(
+            "podvisor-agent: engine[{}]: {} {}:{}\n",
+            std::process::id(),
+            meta.level(),
+            meta.target(),
+            fields.0
+        );
+        // SAFETY: the descriptor is owned by this process for its whole life (never closed).
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0) };
+        let _ = nix::unistd::write(fd, line.as_bytes());
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_and_descriptors_cross_the_channel() {
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let request = Request::Exec {
+            id: "c1".into(),
+            process: "/run/p.json".into(),
+            stdio: Stdio::Pipes,
+            seccomp: None,
+        };
+        send(a.as_raw_fd(), &request, &[w.as_raw_fd()]).unwrap();
+        drop(w);
+        let (got, mut fds) = receive::<Request>(b.as_raw_fd()).unwrap().unwrap();
+        assert_eq!(got, request);
+        assert_eq!(fds.len(), 1);
+        nix::unistd::write(fds.pop().unwrap(), b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        nix::unistd::read(&r, &mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        drop(a);
+        assert!(receive::<Request>(b.as_raw_fd()).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_stdio_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = handle(
+            dir.path(),
+            Request::Create {
+                id: "c".into(),
+                bundle: dir.path().into(),
+                stdio: Stdio::Pipes,
+            },
+            Vec::new(),
+        )
+        .unwrap_err();
+        assert!(err.contains("expected 3 stdio descriptors"), "{err}");
+        // Deleting an unknown container is a no-op.
+        assert_eq!(
+            handle(dir.path(), Request::Delete { id: "x".into() }, Vec::new()),
+            Ok(Reply::Done)
+        );
+    }
+}

@@ -1,0 +1,538 @@
+//! End to end on a real KVM VM: the guest agent runs OCI containers (youki's libcontainer) from a busybox
+//! block image built offline. One boot, many checks: sandbox setup, create/start, stdout streaming, exec
+//! with and without a tty, stats and processes, SIGTERM with and without a handler, an OOM kill reported as
+//! an event and in the exit status, bad requests, and removal. Prints how long each agent RPC took.
+
+mod common;
+
+use common::oci::{busybox_image, process, spec};
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use pb::AgentClient;
+use podvisor_proto as pb;
+use tonic::transport::Channel;
+use tonic::Code;
+use vmm::{BlockSlotConfig, Vm};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// RPC timings, printed at the end.
+#[derive(Default)]
+struct Timings(BTreeMap<&'static str, Vec<Duration>>);
+
+impl Timings {
+    async fn time<T>(&mut self, name: &'static str, f: impl std::future::Future<Output = T>) -> T {
+        let start = Instant::now();
+        let out = f.await;
+        self.0.entry(name).or_default().push(start.elapsed());
+        out
+    }
+
+    fn print(&self) {
+        eprintln!("agent RPC timings (this host, PVM-emulated guest kernel):");
+        for (name, all) in &self.0 {
+            let ms: Vec<String> = all.iter().map(|d| d.as_millis().to_string()).collect();
+            eprintln!("  {name:<16} {} ms", ms.join(", "));
+        }
+    }
+}
+
+/// Collects a process's output stream until EOF.
+fn collect(
+    agent: &AgentClient<Channel>,
+    container: &str,
+    exec: &str,
+    stream: pb::OutputStream,
+) -> tokio::task::JoinHandle<String> {
+    let mut agent = agent.clone();
+    let req = pb::ReadOutputRequest {
+        container_id: container.into(),
+        exec_id: exec.into(),
+        stream: stream.into(),
+    };
+    tokio::spawn(async move {
+        let mut s = agent
+            .read_output(req)
+            .await
+            .expect("read_output")
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = s.message().await.expect("output chunk") {
+            out.extend(chunk.data);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+fn create(id: &str, spec: Vec<u8>) -> pb::CreateContainerRequest {
+    pb::CreateContainerRequest {
+        container_id: id.into(),
+        oci_spec_json: spec,
+        image_storage_id: "busybox".into(),
+        writable_layer_bytes: 16 << 20,
+        user: String::new(),
+    }
+}
+
+fn ids(c: &str, e: &str) -> pb::ProcessRequest {
+    pb::ProcessRequest {
+        container_id: c.into(),
+        exec_id: e.into(),
+    }
+}
+
+fn signal(c: &str, sig: i32) -> pb::SignalProcessRequest {
+    pb::SignalProcessRequest {
+        container_id: c.into(),
+        exec_id: String::new(),
+        signal: sig as u32,
+        all: false,
+    }
+}
+
+/// Prints the guest console when the test panics (the temp dir goes away with it).
+struct ConsoleOnPanic(std::path::PathBuf);
+
+impl Drop for ConsoleOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
+            eprintln!("guest console:\n{log}");
+        }
+    }
+}
+
+#[test]
+fn containers_in_a_real_vm() {
+    let Some((kernel, initramfs)) = common::vm_prerequisites("containers_in_a_real_vm") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_image(dir.path());
+    let mut config = common::vm_config(
+        dir.path(),
+        &kernel,
+        &initramfs,
+        vec![BlockSlotConfig { read_only: true }],
+    );
+    config.mem_mib = 384;
+    // Kernel messages about container processes (segfaults, OOM kills) help when this test fails.
+    config.cmdline.push_str(" loglevel=7 print-fatal-signals=1");
+    let vsock_uds = config.vsock_uds.clone();
+    let _console = ConsoleOnPanic(config.console_log.clone());
+    let vm = Vm::boot(config).expect("boot");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let console = vm.console_log().to_path_buf();
+    let result = rt.block_on(async {
+        let agent = common::wait_for_agent(&vsock_uds, BOOT_TIMEOUT).await?;
+        vm.attach_block(0, &image, true)
+            .map_err(|e| e.to_string())?;
+        scenario(agent).await;
+        Ok::<_, String>(())
+    });
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    if let Err(e) = result {
+        panic!("{e}\nconsole:\n{log}");
+    }
+    vm.stop();
+}
+
+async fn scenario(mut agent: AgentClient<Channel>) {
+    let mut t = Timings::default();
+    let details = t
+        .time(
+            "GuestDetails",
+            agent.guest_details(pb::GuestDetailsRequest {}),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    eprintln!("guest: {details:?}");
+    for c in ["memory", "pids", "cpu"] {
+        assert!(
+            details.cgroup_controllers.iter().any(|x| x == c),
+            "{details:?}"
+        );
+    }
+    let sandbox = pb::CreateSandboxRequest {
+        hostname: "pod-a".into(),
+        dns_servers: vec!["10.96.0.10".into()],
+        dns_searches: vec!["default.svc.cluster.local".into()],
+        dns_options: vec!["ndots:5".into()],
+        time_unix_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+        entropy: vec![7; 64],
+        ..Default::default()
+    };
+    t.time("CreateSandbox", agent.create_sandbox(sandbox))
+        .await
+        .unwrap();
+    t.time(
+        "AddStorage",
+        agent.add_storage(pb::AddStorageRequest {
+            id: "busybox".into(),
+            block_slot: 0,
+            fstype: "ext4".into(),
+            read_only: true,
+            mount_point: None,
+            timeout_ms: 60_000,
+        }),
+    )
+    .await
+    .unwrap();
+    let mut events = agent
+        .get_events(pb::GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    // c1: a shell that handles SIGTERM.
+    let script = "trap 'echo got-term; exit 7' TERM; echo started; sleep 1000 & wait";
+    let created = t
+        .time(
+            "CreateContainer",
+            agent.create_container(create("c1", spec(&["sh", "-c", script], None))),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.pid > 1);
+    let c1_out = collect(&agent, "c1", "", pb::OutputStream::Stdout);
+    t.time(
+        "StartContainer",
+        agent.start_container(pb::ContainerRequest {
+            container_id: "c1".into(),
+        }),
+    )
+    .await
+    .unwrap();
+
+    // exec without a tty: output, hostname, resolv.conf, seccomp (mkdir denied), exit code.
+    let exec = pb::ExecProcessRequest {
+        container_id: "c1".into(),
+        exec_id: "e1".into(),
+        process_json: process(
+            &[
+                "sh",
+                "-c",
+                "echo hello; hostname; cat /etc/resolv.conf; mkdir /tmp/d || echo mkdir-denied; exit 3",
+            ],
+            false,
+        ),
+    };
+    t.time("ExecProcess", agent.exec_process(exec))
+        .await
+        .unwrap();
+    let e1_out = collect(&agent, "c1", "e1", pb::OutputStream::Stdout);
+    let e1_err = collect(&agent, "c1", "e1", pb::OutputStream::Stderr);
+    let waited = t
+        .time("WaitProcess", agent.wait_process(ids("c1", "e1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let out = e1_out.await.unwrap();
+    let err = e1_err.await.unwrap();
+    assert_eq!(
+        (waited.exit_code, waited.signal, waited.oom_killed),
+        (3, 0, false),
+        "stdout {out:?} stderr {err:?}"
+    );
+    assert!(
+        err.contains("Operation not permitted"),
+        "seccomp denial on stderr: {err:?}"
+    );
+    assert!(
+        out.starts_with("hello\npod-a\nnameserver 10.96.0.10\n"),
+        "{out:?}"
+    );
+    assert!(
+        out.contains("options ndots:5") && out.ends_with("mkdir-denied\n"),
+        "{out:?}"
+    );
+
+    // exec with a tty.
+    let exec = pb::ExecProcessRequest {
+        container_id: "c1".into(),
+        exec_id: "tty".into(),
+        process_json: process(&["sh", "-c", "tty; read line; echo got:$line"], true),
+    };
+    agent.exec_process(exec).await.unwrap();
+    let tty_out = collect(&agent, "c1", "tty", pb::OutputStream::Stdout);
+    t.time(
+        "ResizeTty",
+        agent.resize_tty(pb::ResizeTtyRequest {
+            container_id: "c1".into(),
+            exec_id: "tty".into(),
+            rows: 40,
+            cols: 120,
+        }),
+    )
+    .await
+    .unwrap();
+    t.time(
+        "WriteStdin",
+        agent.write_stdin(pb::WriteStdinRequest {
+            container_id: "c1".into(),
+            exec_id: "tty".into(),
+            data: b"abc\n".to_vec(),
+        }),
+    )
+    .await
+    .unwrap();
+    let waited = agent
+        .wait_process(ids("c1", "tty"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(waited.exit_code, 0);
+    let out = tty_out.await.unwrap();
+    assert!(
+        out.contains("/dev/pts/") && out.contains("got:abc"),
+        "{out:?}"
+    );
+
+    let stats = t
+        .time(
+            "StatsContainer",
+            agent.stats_container(pb::ContainerRequest {
+                container_id: "c1".into(),
+            }),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        stats.memory_usage_bytes > 0 && stats.pids >= 2 && stats.pids_limit == 64,
+        "{stats:?}"
+    );
+    let procs = t
+        .time(
+            "ListProcesses",
+            agent.list_processes(pb::ContainerRequest {
+                container_id: "c1".into(),
+            }),
+        )
+        .await
+        .unwrap()
+        .into_inner()
+        .processes;
+    assert!(procs.iter().any(|p| p.cmdline == "sleep 1000"), "{procs:?}");
+
+    // SIGTERM with a handler: delivered as is, the script exits 7.
+    t.time("SignalProcess", agent.signal_process(signal("c1", 15)))
+        .await
+        .unwrap();
+    let waited = agent
+        .wait_process(ids("c1", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((waited.exit_code, waited.signal), (7, 0), "{waited:?}");
+    assert_eq!(c1_out.await.unwrap(), "started\ngot-term\n");
+
+    // c2: SIGTERM to an init without a handler becomes SIGKILL.
+    agent
+        .create_container(create("c2", spec(&["sleep", "1000"], None)))
+        .await
+        .unwrap();
+    agent
+        .start_container(pb::ContainerRequest {
+            container_id: "c2".into(),
+        })
+        .await
+        .unwrap();
+    agent.signal_process(signal("c2", 15)).await.unwrap();
+    let waited = agent
+        .wait_process(ids("c2", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (waited.exit_code, waited.signal, waited.oom_killed),
+        (137, 9, false)
+    );
+
+    // c3: memory-limited, touches more than the limit: OOM event, exit 137, oom_killed.
+    let hog = spec(
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+        Some(16 << 20),
+    );
+    agent.create_container(create("c3", hog)).await.unwrap();
+    agent
+        .start_container(pb::ContainerRequest {
+            container_id: "c3".into(),
+        })
+        .await
+        .unwrap();
+    let waited = agent
+        .wait_process(ids("c3", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (waited.exit_code, waited.signal, waited.oom_killed),
+        (137, 9, true),
+        "{waited:?}"
+    );
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen
+        .iter()
+        .any(|e: &pb::Event| e.kind() == pb::EventKind::Oom && e.container_id == "c3")
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let e = tokio::time::timeout(left, events.message())
+            .await
+            .expect("OOM event in time")
+            .unwrap()
+            .unwrap();
+        seen.push(e);
+    }
+    assert!(
+        seen.iter()
+            .any(|e| e.kind() == pb::EventKind::Exit && e.container_id == "c1" && e.exit_code == 7),
+        "{seen:?}"
+    );
+
+    // User resolution from the image's /etc/passwd.
+    let mut req = create("c4", spec(&["id"], None));
+    req.user = "app".into();
+    agent.create_container(req).await.unwrap();
+    let c4_out = collect(&agent, "c4", "", pb::OutputStream::Stdout);
+    agent
+        .start_container(pb::ContainerRequest {
+            container_id: "c4".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        agent
+            .wait_process(ids("c4", ""))
+            .await
+            .unwrap()
+            .into_inner()
+            .exit_code,
+        0
+    );
+    let out = c4_out.await.unwrap();
+    assert!(
+        out.starts_with("uid=1000(app) gid=1000(app) groups=44(video)"),
+        "{out:?}"
+    );
+
+    // Bad requests: clear codes, nothing left behind.
+    let code =
+        |r: Result<tonic::Response<pb::CreateContainerResponse>, tonic::Status>| r.unwrap_err();
+    let e = code(
+        agent
+            .create_container(create("bad/id", spec(&["true"], None)))
+            .await,
+    );
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("container_id:"), "{}", e.message());
+    assert_eq!(
+        code(
+            agent
+                .create_container(create("c1", spec(&["true"], None)))
+                .await
+        )
+        .code(),
+        Code::AlreadyExists
+    );
+    let mut req = create("c5", spec(&["true"], None));
+    req.image_storage_id = "nope".into();
+    assert_eq!(
+        code(agent.create_container(req).await).code(),
+        Code::NotFound
+    );
+    let e = code(agent.create_container(create("c5", b"{}".to_vec())).await);
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("oci_spec_json"), "{}", e.message());
+    let e = code(
+        agent
+            .create_container(create("c5", spec(&["/no/such/binary"], None)))
+            .await,
+    );
+    eprintln!("missing entry point: {:?} {}", e.code(), e.message());
+    assert_ne!(e.code(), Code::Ok);
+    let gone = agent
+        .stats_container(pb::ContainerRequest {
+            container_id: "c5".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        gone.code(),
+        Code::NotFound,
+        "a failed create leaves no container"
+    );
+    let e = agent
+        .exec_process(pb::ExecProcessRequest {
+            container_id: "zz".into(),
+            exec_id: "e".into(),
+            process_json: process(&["true"], false),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = agent
+        .signal_process(pb::SignalProcessRequest {
+            container_id: "c2".into(),
+            exec_id: String::new(),
+            signal: 99,
+            all: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    // Remove everything; removal is idempotent.
+    for c in ["c1", "c2", "c3", "c4"] {
+        let removed = t
+            .time(
+                "RemoveContainer",
+                agent.remove_container(pb::ContainerRequest {
+                    container_id: c.into(),
+                }),
+            )
+            .await
+            .unwrap()
+            .into_inner()
+            .removed;
+        assert!(removed, "{c}");
+    }
+    assert!(
+        !agent
+            .remove_container(pb::ContainerRequest {
+                container_id: "c1".into()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .removed
+    );
+    let destroyed = t
+        .time(
+            "DestroySandbox",
+            agent.destroy_sandbox(pb::DestroySandboxRequest {}),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(destroyed.removed_containers.is_empty());
+    t.time(
+        "RemoveStorage",
+        agent.remove_storage(pb::RemoveStorageRequest {
+            id: "busybox".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    t.print();
+}
