@@ -117,8 +117,6 @@ fn containers_in_a_real_vm() {
         vec![BlockSlotConfig { read_only: true }],
     );
     config.mem_mib = 384;
-    // Kernel messages about container processes (segfaults, OOM kills) help when this test fails.
-    config.cmdline.push_str(" loglevel=7 print-fatal-signals=1");
     let vsock_uds = config.vsock_uds.clone();
     let _console = ConsoleOnPanic(config.console_log.clone());
     let vm = Vm::boot(config).expect("boot");
@@ -297,6 +295,36 @@ async fn scenario(mut agent: AgentClient<Channel>) {
         "{out:?}"
     );
 
+    // Resources: update the pids limit; pause and resume (no exec while paused).
+    let c1 = || pb::ContainerRequest {
+        container_id: "c1".into(),
+    };
+    let resources = serde_json::to_vec(&serde_json::json!({"pids": {"limit": 48}})).unwrap();
+    t.time(
+        "UpdateContainer",
+        agent.update_container(pb::UpdateContainerRequest {
+            container_id: "c1".into(),
+            resources_json: resources,
+        }),
+    )
+    .await
+    .unwrap();
+    t.time("PauseContainer", agent.pause_container(c1()))
+        .await
+        .unwrap();
+    let paused = agent
+        .exec_process(pb::ExecProcessRequest {
+            container_id: "c1".into(),
+            exec_id: "while-paused".into(),
+            process_json: process(&["true"], false),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(paused.code(), Code::FailedPrecondition, "{paused:?}");
+    t.time("ResumeContainer", agent.resume_container(c1()))
+        .await
+        .unwrap();
+
     let stats = t
         .time(
             "StatsContainer",
@@ -308,7 +336,7 @@ async fn scenario(mut agent: AgentClient<Channel>) {
         .unwrap()
         .into_inner();
     assert!(
-        stats.memory_usage_bytes > 0 && stats.pids >= 2 && stats.pids_limit == 64,
+        stats.memory_usage_bytes > 0 && stats.pids >= 2 && stats.pids_limit == 48,
         "{stats:?}"
     );
     let procs = t
@@ -400,8 +428,16 @@ async fn scenario(mut agent: AgentClient<Channel>) {
         "{seen:?}"
     );
 
+    // A shared pod PID namespace from now on: c4's init is not PID 1 there.
+    let shared = pb::CreateSandboxRequest {
+        hostname: "pod-a".into(),
+        share_pid_namespace: true,
+        ..Default::default()
+    };
+    agent.create_sandbox(shared).await.unwrap();
+
     // User resolution from the image's /etc/passwd.
-    let mut req = create("c4", spec(&["id"], None));
+    let mut req = create("c4", spec(&["sh", "-c", "echo pid=$$; id"], None));
     req.user = "app".into();
     agent.create_container(req).await.unwrap();
     let c4_out = collect(&agent, "c4", "", pb::OutputStream::Stdout);
@@ -421,8 +457,9 @@ async fn scenario(mut agent: AgentClient<Channel>) {
         0
     );
     let out = c4_out.await.unwrap();
+    assert!(!out.starts_with("pid=1\n"), "shared PID namespace: {out:?}");
     assert!(
-        out.starts_with("uid=1000(app) gid=1000(app) groups=44(video)"),
+        out.contains("uid=1000(app) gid=1000(app) groups=44(video)"),
         "{out:?}"
     );
 
