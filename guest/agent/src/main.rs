@@ -9,6 +9,7 @@ mod events;
 mod exits;
 mod files;
 mod init;
+mod network;
 mod sandbox;
 mod server;
 mod service;
@@ -140,6 +141,10 @@ async fn run(pid1: bool, boot: Arc<BootInfo>, engine: Option<std::os::fd::OwnedF
     }
     tokio::spawn(shutdown_when_asked(pid1, shutdown.clone(), storage.clone()));
     let mut service = AgentService::new(boot.clone(), storage.clone(), shutdown);
+    match network::Network::new() {
+        Ok(network) => service = service.with_network(Arc::new(network)),
+        Err(err) => log(&format!("{err}; network configuration is unavailable")),
+    }
     match engine.map(EngineClient::new).transpose() {
         Ok(Some(engine)) => {
             let sandbox = Arc::new(Sandbox::new(

@@ -11,8 +11,20 @@ use tonic::{Request, Response, Status};
 
 use crate::container::{ContainerError, ContainerManager};
 use crate::files::{self, FileError};
+use crate::network::{Network, NetworkError};
 use crate::sandbox::Sandbox;
 use crate::storage::{StorageError, StorageManager, StorageSpec};
+
+impl From<NetworkError> for Status {
+    fn from(e: NetworkError) -> Self {
+        let msg = e.to_string();
+        match e {
+            NetworkError::InvalidArgument(_) => Status::invalid_argument(msg),
+            NetworkError::NotFound(_) => Status::not_found(msg),
+            NetworkError::Netlink(_) => Status::internal(msg),
+        }
+    }
+}
 
 impl From<ContainerError> for Status {
     fn from(e: ContainerError) -> Self {
@@ -90,6 +102,7 @@ pub struct AgentService {
     storage: Arc<StorageManager>,
     containers: Option<Arc<ContainerManager>>,
     sandbox: Arc<Sandbox>,
+    network: Option<Arc<Network>>,
     shutdown: Arc<Notify>,
     stopping: Arc<AtomicBool>,
 }
@@ -101,6 +114,7 @@ impl AgentService {
             boot,
             storage,
             containers: None,
+            network: None,
             sandbox: Arc::new(Sandbox::new(
                 "/run/podvisor/sandbox".into(),
                 "/proc/sys".into(),
@@ -120,6 +134,18 @@ impl AgentService {
         self.containers = Some(containers);
         self.sandbox = sandbox;
         self
+    }
+
+    /// Adds guest network configuration (absent in tests and when no netlink socket could be opened).
+    pub fn with_network(mut self, network: Arc<Network>) -> Self {
+        self.network = Some(network);
+        self
+    }
+
+    fn network(&self) -> Result<&Network, Status> {
+        self.network
+            .as_deref()
+            .ok_or_else(|| Status::unavailable("guest network configuration is not available"))
     }
 
     fn containers(&self) -> Result<&ContainerManager, Status> {
@@ -467,6 +493,41 @@ impl pb::Agent for AgentService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn update_interface(
+        &self,
+        req: Request<pb::UpdateInterfaceRequest>,
+    ) -> Result<Response<pb::UpdateInterfaceResponse>, Status> {
+        let interface = req
+            .get_ref()
+            .interface
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("interface: missing"))?;
+        let (name, index) = self.network()?.update_interface(interface).await?;
+        crate::log(&format!(
+            "interface {name} ({}) configured",
+            interface.hw_addr
+        ));
+        Ok(Response::new(pb::UpdateInterfaceResponse { name, index }))
+    }
+
+    async fn update_routes(
+        &self,
+        req: Request<pb::UpdateRoutesRequest>,
+    ) -> Result<Response<pb::UpdateRoutesResponse>, Status> {
+        self.network()?.update_routes(&req.get_ref().routes).await?;
+        Ok(Response::new(pb::UpdateRoutesResponse {}))
+    }
+
+    async fn add_arp_neighbors(
+        &self,
+        req: Request<pb::AddArpNeighborsRequest>,
+    ) -> Result<Response<pb::AddArpNeighborsResponse>, Status> {
+        self.network()?
+            .add_arp_neighbors(&req.get_ref().neighbors)
+            .await?;
+        Ok(Response::new(pb::AddArpNeighborsResponse {}))
     }
 }
 
