@@ -176,6 +176,8 @@ impl ContainerManager {
             pod: Mutex::new(PodContext {
                 files_dir: pod_files,
                 pid_namespace: None,
+                avx_unsafe: std::fs::read_to_string("/proc/cmdline")
+                    .is_ok_and(|c| c.split_whitespace().any(|w| w == "noxsave")),
             }),
             containers: Mutex::new(HashMap::new()),
             create: tokio::sync::Mutex::new(()),
@@ -449,6 +451,9 @@ impl ContainerManager {
         }
         if process.no_new_privileges().is_none() {
             process.set_no_new_privileges(c.no_new_privileges);
+        }
+        if self.pod.lock().expect("pod lock").avx_unsafe {
+            spec::avoid_avx(&mut process);
         }
         let file = c.bundle.join(format!("exec-{}.json", req.exec_id));
         std::fs::write(

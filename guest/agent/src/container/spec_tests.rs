@@ -4,7 +4,57 @@ fn pod() -> PodContext {
     PodContext {
         files_dir: "/run/podvisor/sandbox".into(),
         pid_namespace: None,
+        avx_unsafe: false,
     }
+}
+
+#[test]
+fn avx_unsafe_guests_tell_glibc_to_avoid_avx() {
+    let unsafe_pod = PodContext {
+        avx_unsafe: true,
+        ..pod()
+    };
+    let spec = prep(&base(), &unsafe_pod).unwrap();
+    let env = spec.process().as_ref().unwrap().env().clone().unwrap();
+    assert_eq!(
+        env,
+        [
+            "PATH=/bin".to_string(),
+            format!("GLIBC_TUNABLES={NO_AVX_TUNABLE}")
+        ]
+    );
+    let spec = prep(&base(), &pod()).unwrap();
+    assert_eq!(
+        spec.process().as_ref().unwrap().env().clone().unwrap(),
+        ["PATH=/bin"]
+    );
+    // Existing tunables are extended; an explicit hwcaps choice is left alone.
+    let mut v = base();
+    v["process"]["env"] = serde_json::json!(["GLIBC_TUNABLES=glibc.malloc.arena_max=2"]);
+    let env = prep(&v, &unsafe_pod)
+        .unwrap()
+        .process()
+        .as_ref()
+        .unwrap()
+        .env()
+        .clone()
+        .unwrap();
+    assert_eq!(
+        env,
+        [format!(
+            "GLIBC_TUNABLES=glibc.malloc.arena_max=2:{NO_AVX_TUNABLE}"
+        )]
+    );
+    v["process"]["env"] = serde_json::json!(["GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2"]);
+    let env = prep(&v, &unsafe_pod)
+        .unwrap()
+        .process()
+        .as_ref()
+        .unwrap()
+        .env()
+        .clone()
+        .unwrap();
+    assert_eq!(env, ["GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2"]);
 }
 
 fn base() -> serde_json::Value {
