@@ -346,20 +346,30 @@ fn receive<T: for<'de> Deserialize<'de>>(
     sock: RawFd,
 ) -> Result<Option<(T, Vec<OwnedFd>)>, ChannelError> {
     let mut buf = vec![0u8; MAX_MESSAGE];
+    let (len, fds) = match recv_with_fds(sock, &mut buf) {
+        Ok(got) => got,
+        Err(nix::errno::Errno::EAGAIN) => return Err(ChannelError::WouldBlock),
+        Err(e) => return Err(ChannelError::Socket(e)),
+    };
+    if len == 0 {
+        return Ok(None);
+    }
+    let message = serde_json::from_slice(&buf[..len]).map_err(ChannelError::Encoding)?;
+    Ok(Some((message, fds)))
+}
+
+/// One `recvmsg` into `buf`: the byte count and the descriptors that came with it (close-on-exec, owned).
+pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> nix::Result<(usize, Vec<OwnedFd>)> {
     let mut cmsg_space = nix::cmsg_space!([RawFd; 4]);
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = match recvmsg::<UnixAddr>(
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<UnixAddr>(
         sock,
         &mut iov,
         Some(&mut cmsg_space),
         MsgFlags::MSG_CMSG_CLOEXEC,
-    ) {
-        Ok(msg) => msg,
-        Err(nix::errno::Errno::EAGAIN) => return Err(ChannelError::WouldBlock),
-        Err(e) => return Err(ChannelError::Socket(e)),
-    };
+    )?;
     let mut fds = Vec::new();
-    for cmsg in msg.cmsgs().map_err(ChannelError::Socket)? {
+    for cmsg in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(raw) = cmsg {
             // SAFETY: the kernel just installed these descriptors in this process for us; nothing else owns
             // them.
@@ -369,12 +379,7 @@ fn receive<T: for<'de> Deserialize<'de>>(
             );
         }
     }
-    let len = msg.bytes;
-    if len == 0 {
-        return Ok(None);
-    }
-    let message = serde_json::from_slice(&buf[..len]).map_err(ChannelError::Encoding)?;
-    Ok(Some((message, fds)))
+    Ok((msg.bytes, fds))
 }
 
 /// Prints libcontainer's warnings and errors (its only diagnostics) to the console log (a descriptor).

@@ -147,10 +147,7 @@ async fn run(pid1: bool, boot: Arc<BootInfo>, engine: Option<std::os::fd::OwnedF
     }
     match engine.map(EngineClient::new).transpose() {
         Ok(Some(engine)) => {
-            let sandbox = Arc::new(Sandbox::new(
-                "/run/podvisor/sandbox".into(),
-                "/proc/sys".into(),
-            ));
+            let sandbox = Arc::new(Sandbox::system());
             let manager = ContainerManager::new(
                 Arc::new(engine),
                 exits,

@@ -33,7 +33,17 @@ pub struct Sandbox {
     holder: Mutex<Option<Pid>>,
 }
 
+/// Where a real guest keeps the pod files (a bind source containers may use).
+pub const FILES_DIR: &str = "/run/podvisor/sandbox";
+/// The real sysctl tree; only a sandbox writing here also sets hostname, clock and entropy.
+const PROC_SYS: &str = "/proc/sys";
+
 impl Sandbox {
+    /// The sandbox of a real guest: [`FILES_DIR`], [`PROC_SYS`].
+    pub fn system() -> Self {
+        Self::new(FILES_DIR.into(), PROC_SYS.into())
+    }
+
     /// A sandbox writing its files to `files_dir` and sysctls under `proc_sys`.
     pub fn new(files_dir: PathBuf, proc_sys: PathBuf) -> Self {
         Self {
@@ -141,7 +151,7 @@ impl Sandbox {
             std::fs::write(&path, value)
                 .map_err(|e| invalid(format!("sysctls: setting {name} = {value:?}: {e}")))?;
         }
-        if self.proc_sys == Path::new("/proc/sys") {
+        if self.proc_sys == Path::new(PROC_SYS) {
             nix::unistd::sethostname(&req.hostname)?;
             if req.time_unix_ns > 0 {
                 let ts = nix::sys::time::TimeSpec::new(

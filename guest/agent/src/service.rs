@@ -115,10 +115,7 @@ impl AgentService {
             storage,
             containers: None,
             network: None,
-            sandbox: Arc::new(Sandbox::new(
-                "/run/podvisor/sandbox".into(),
-                "/proc/sys".into(),
-            )),
+            sandbox: Arc::new(Sandbox::system()),
             shutdown,
             stopping: Arc::new(AtomicBool::new(false)),
         }

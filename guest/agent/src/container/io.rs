@@ -195,25 +195,13 @@ pub fn console_listener(
         loop {
             stream.readable().await?;
             let mut buf = [0u8; 256];
-            let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-            let msg = match nix::sys::socket::recvmsg::<nix::sys::socket::UnixAddr>(
-                stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
+            let (_, fds) = match crate::engine::recv_with_fds(stream.as_raw_fd(), &mut buf) {
                 Err(Errno::EAGAIN) => continue,
                 Err(e) => return Err(e.into()),
-                Ok(msg) => msg,
+                Ok(got) => got,
             };
-            for c in msg.cmsgs()? {
-                if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
-                    if let Some(&fd) = fds.first() {
-                        // SAFETY: the kernel installed this descriptor for us just now; we own it.
-                        return Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
-                    }
-                }
+            if let Some(master) = fds.into_iter().next() {
+                return Ok(master);
             }
             return Err(ContainerError::Internal(
                 "console socket closed without a pty master".into(),

@@ -369,12 +369,13 @@ impl ContainerManager {
             Some(c) => c.finish().await?,
             None => stdio,
         };
+        let oom_baseline = cgroup.oom_kills();
         let watch = Watch {
             container_id: id.to_string(),
             cgroup: cgroup.clone(),
-            oom_baseline: cgroup.oom_kills(),
+            oom_baseline,
             events: self.events.clone(),
-            oom_reported: Arc::new(Mutex::new(cgroup.oom_kills())),
+            oom_reported: Arc::new(Mutex::new(oom_baseline)),
         };
         let state = Arc::new(Mutex::new(State::Created));
         let on_exit = {

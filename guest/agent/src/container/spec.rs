@@ -11,7 +11,10 @@ use oci_spec::runtime::{
 use super::ContainerError;
 
 /// Guest directories a bind mount may take its source from.
-pub const BIND_SOURCE_ROOTS: [&str; 2] = ["/run/podvisor/storage", "/run/podvisor/sandbox"];
+pub const BIND_SOURCE_ROOTS: [&str; 2] = [
+    podvisor_proto::DEFAULT_STORAGE_ROOT,
+    crate::sandbox::FILES_DIR,
+];
 
 /// The pod files every container gets unless its spec mounts something there.
 const POD_FILES: [&str; 3] = ["/etc/hostname", "/etc/hosts", "/etc/resolv.conf"];

@@ -15,7 +15,7 @@ fn avx_unsafe_guests_tell_glibc_to_avoid_avx() {
         ..pod()
     };
     let spec = prep(&base(), &unsafe_pod).unwrap();
-    let env = spec.process().as_ref().unwrap().env().clone().unwrap();
+    let env = env_of(&spec);
     assert_eq!(
         env,
         [
@@ -31,14 +31,7 @@ fn avx_unsafe_guests_tell_glibc_to_avoid_avx() {
     // Existing tunables are extended; an explicit hwcaps choice is left alone.
     let mut v = base();
     v["process"]["env"] = serde_json::json!(["GLIBC_TUNABLES=glibc.malloc.arena_max=2"]);
-    let env = prep(&v, &unsafe_pod)
-        .unwrap()
-        .process()
-        .as_ref()
-        .unwrap()
-        .env()
-        .clone()
-        .unwrap();
+    let env = env_of(&prep(&v, &unsafe_pod).unwrap());
     assert_eq!(
         env,
         [format!(
@@ -46,15 +39,12 @@ fn avx_unsafe_guests_tell_glibc_to_avoid_avx() {
         )]
     );
     v["process"]["env"] = serde_json::json!(["GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2"]);
-    let env = prep(&v, &unsafe_pod)
-        .unwrap()
-        .process()
-        .as_ref()
-        .unwrap()
-        .env()
-        .clone()
-        .unwrap();
+    let env = env_of(&prep(&v, &unsafe_pod).unwrap());
     assert_eq!(env, ["GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2"]);
+}
+
+fn env_of(spec: &Spec) -> Vec<String> {
+    spec.process().as_ref().unwrap().env().clone().unwrap()
 }
 
 fn base() -> serde_json::Value {
