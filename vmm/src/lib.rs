@@ -22,7 +22,7 @@ mod vm;
 
 pub use config::{BlockSlotConfig, ConfigError, VmConfig};
 pub use host::{HostKind, KvmHost};
-pub use vm::{Error, ExitReason, Vm, VmState};
+pub use vm::{Error, ExitReason, ExitWatch, Vm, VmState};
 
 /// The kernel command line podvisor boots guests with on `host` (serial console, reboot ends the VM,
 /// no PCI/ACPI probing), plus what the host's KVM kind needs (see [`KvmHost::guest_cmdline_args`]).

@@ -29,6 +29,7 @@ use crate::devices::virtio::vsock::{VsockDevice, VsockError};
 use crate::devices::virtio::worker::{self, lock, WorkerError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::BusDevice;
+use crate::host::{HostKind, KvmHost};
 use crate::vcpu::{install_kick_handler, run_vcpu, IoBus, Shared};
 
 /// How long [`Vm::stop`] keeps kicking vCPUs before giving up on joining them.
@@ -144,6 +145,25 @@ impl fmt::Display for ExitReason {
             ExitReason::VmmPanic(e) => write!(f, "VMM thread panicked: {e}"),
             ExitReason::Unexpected(e) => write!(f, "unhandled VM exit: {e}"),
         }
+    }
+}
+
+/// Observes a VM's exit from another thread; valid after the VM is dropped.
+#[derive(Clone)]
+pub struct ExitWatch(Arc<Shared>);
+
+impl ExitWatch {
+    /// Waits up to `timeout` for the VM to stop; returns why it stopped.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
+        self.0.wait_exit(timeout)
+    }
+}
+
+impl fmt::Debug for ExitWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ExitWatch")
+            .field(&self.0.exit_reason())
+            .finish()
     }
 }
 
@@ -285,12 +305,13 @@ impl Vm {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let hide_pv_hypercalls = KvmHost::detect().kind == HostKind::Pvm;
         let mut vcpu_fds = Vec::new();
         for id in 0..vm.config.vcpus {
             let vcpu = vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            setup_vcpu_common(&vcpu, id, vm.config.vcpus, &cpuid)?;
+            setup_vcpu_common(&vcpu, id, vm.config.vcpus, &cpuid, hide_pv_hypercalls)?;
             if id == 0 {
                 setup_boot_vcpu(&vcpu, images.entry.raw_value())?;
             }
@@ -382,6 +403,11 @@ impl Vm {
     /// Waits up to `timeout` for the VM to stop by itself; returns why it stopped.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
         self.shared.wait_exit(timeout)
+    }
+
+    /// A handle that observes this VM's exit without owning the VM (for watcher threads).
+    pub fn exit_watch(&self) -> ExitWatch {
+        ExitWatch(self.shared.clone())
     }
 
     /// Time since the vCPUs were started.

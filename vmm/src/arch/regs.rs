@@ -123,12 +123,19 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), RegsError> {
     Ok(())
 }
 
-/// Common setup of every vCPU: CPUID with its APIC id, default FPU state, LAPIC LINT0/1 wiring.
+/// CPUID leaf with KVM's paravirt feature bits.
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// KVM_FEATURE_PV_UNHALT (7), KVM_FEATURE_PV_SEND_IPI (11), KVM_FEATURE_PV_SCHED_YIELD (13).
+const PV_HYPERCALL_FEATURES: u32 = (1 << 7) | (1 << 11) | (1 << 13);
+
+/// Common setup of every vCPU: CPUID with its APIC id (and, with `hide_pv_hypercalls`, without KVM's
+/// hypercall-based paravirt features), default FPU state, LAPIC LINT0/1 wiring.
 pub fn setup_vcpu_common(
     vcpu: &VcpuFd,
     id: u8,
     num_cpus: u8,
     base: &CpuId,
+    hide_pv_hypercalls: bool,
 ) -> Result<(), RegsError> {
     let mut cpuid = base.clone();
     for e in cpuid.as_mut_slice() {
@@ -140,6 +147,9 @@ pub fn setup_vcpu_common(
                 e.ecx |= 1 << 31;
             }
             0xb | 0x1f => e.edx = u32::from(id),
+            // KVM paravirt features that make the guest issue VMCALL (PV_UNHALT, PV_SEND_IPI,
+            // PV_SCHED_YIELD). Under PVM the emulator loops on VMCALL: a second vCPU hangs boot.
+            KVM_CPUID_FEATURES if hide_pv_hypercalls => e.eax &= !PV_HYPERCALL_FEATURES,
             _ => {}
         }
     }
