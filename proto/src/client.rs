@@ -160,6 +160,23 @@ pub async fn connect_hybrid_vsock(
     Ok(AgentClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES))
 }
 
+/// Connects to the agent through `uds`, retrying until it answers Health or `timeout` passes.
+pub async fn wait_for_agent(uds: &Path, timeout: Duration) -> Result<AgentClient<Channel>, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::from("never tried");
+    while tokio::time::Instant::now() < deadline {
+        match connect_hybrid_vsock(uds, crate::AGENT_VSOCK_PORT).await {
+            Ok(mut client) => match client.health(crate::HealthRequest {}).await {
+                Ok(_) => return Ok(client),
+                Err(e) => last = format!("health: {e}"),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!("agent not ready after {timeout:?}: {last}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

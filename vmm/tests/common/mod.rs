@@ -7,9 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use podvisor_proto::client::connect_hybrid_vsock;
-use podvisor_proto::{AgentClient, HealthRequest, AGENT_VSOCK_PORT};
-use tonic::transport::Channel;
 use vmm::{BlockSlotConfig, KvmHost, VmConfig};
 
 /// Kernel and initramfs built by `guest/build.sh` (or given by PODVISOR_KERNEL / PODVISOR_INITRAMFS).
@@ -69,22 +66,8 @@ pub fn vm_config(
     }
 }
 
-/// Connects to the agent, retrying until it answers Health or `timeout` passes.
-pub async fn wait_for_agent(uds: &Path, timeout: Duration) -> Result<AgentClient<Channel>, String> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::from("never tried");
-    while Instant::now() < deadline {
-        match connect_hybrid_vsock(uds, AGENT_VSOCK_PORT).await {
-            Ok(mut client) => match client.health(HealthRequest {}).await {
-                Ok(_) => return Ok(client),
-                Err(e) => last = format!("health: {e}"),
-            },
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Err(format!("agent not ready after {timeout:?}: {last}"))
-}
+#[allow(unused_imports)]
+pub use podvisor_proto::client::wait_for_agent;
 
 /// Builds an ext4 image of `size_mib` MiB holding `files` (path, content), without a journal.
 pub fn make_ext4(dir: &Path, name: &str, files: &[(&str, &[u8])], size_mib: u32) -> PathBuf {
