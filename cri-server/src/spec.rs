@@ -1,0 +1,490 @@
+//! CRI `ContainerConfig` → OCI runtime spec for the guest agent, following what containerd's
+//! CRI plugin does, minus what a pod VM cannot offer (host devices, host namespaces, LSMs).
+//!
+//! Privileged containers get every capability, no seccomp filter, no masked or read-only
+//! paths and writable /sys and /sys/fs/cgroup. That is tolerable here because the pod's
+//! kernel is the VM's, not the node's: a privileged container can take over its pod VM
+//! (including the agent and its vsock link to the host), not the node.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::path::PathBuf;
+
+use k8s_cri::v1::{
+    ContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext, PodSandboxConfig,
+};
+use oci_spec::runtime::{LinuxDeviceCgroup, LinuxResources, Process, Root, Spec, User};
+use serde_json::Value;
+
+mod linux;
+mod security;
+#[cfg(test)]
+mod tests;
+
+use linux::{
+    container_resources, mounts, namespaces, non_empty_or, DEFAULT_MASKED, DEFAULT_READONLY,
+};
+
+/// Where the guest finds the content of CRI mount `<index>` of container `<id>`.
+pub const GUEST_MOUNTS_DIR: &str = "/run/podvisor/sandbox/mounts";
+/// PATH for containers whose image sets none (containerd's default).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Signal number StopContainer sends when the image names none.
+pub const SIGTERM: i32 = 15;
+
+const SC: &str = "config.linux.security_context";
+const RES: &str = "config.linux.resources";
+
+/// An OCI runtime spec for the agent plus what the spec cannot carry.
+#[derive(Debug, Clone)]
+pub struct BuiltSpec {
+    /// The OCI runtime spec (JSON); `root.path` is "rootfs", the agent replaces it.
+    pub oci_spec_json: Vec<u8>,
+    /// Docker-style `user[:group]` the guest must resolve against the image's /etc/passwd and
+    /// /etc/group, overriding `process.user` uid/gid; numeric parts are literal ids, a missing
+    /// group means the user's primary group (0 when the uid has no passwd entry). Empty when
+    /// `process.user` is already final (numeric uid and gid, or nothing set: root).
+    pub user: String,
+    /// Signal number for StopContainer: the image's StopSignal, else SIGTERM.
+    pub stop_signal: i32,
+    /// CRI mounts the host must deliver into the guest before the container is created.
+    pub mounts: Vec<HostMount>,
+}
+
+/// A CRI mount: host content to copy to `guest_source`, bind-mounted at `container_path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostMount {
+    /// Absolute path on the node.
+    pub host_path: PathBuf,
+    /// Path in the guest the spec's bind mount uses as its source.
+    pub guest_source: String,
+    /// Absolute path inside the container.
+    pub container_path: String,
+    /// Mounted read-only in the container.
+    pub readonly: bool,
+}
+
+/// Why a CRI container config cannot be turned into a spec.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The request is wrong; the message starts with the CRI field path.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request is valid CRI but a pod VM cannot do it; the message names the field.
+    #[error("{0}")]
+    Unimplemented(String),
+    /// A container spec given back to us does not parse (or ours does not serialize).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<SpecError> for tonic::Status {
+    fn from(e: SpecError) -> Self {
+        match e {
+            SpecError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            SpecError::Unimplemented(m) => tonic::Status::unimplemented(m),
+            SpecError::Internal(m) => tonic::Status::internal(m),
+        }
+    }
+}
+
+fn invalid(field: impl Display, msg: impl Display) -> SpecError {
+    SpecError::InvalidArgument(format!("{field}: {msg}"))
+}
+
+fn unimplemented(field: impl Display, msg: impl Display) -> SpecError {
+    SpecError::Unimplemented(format!("{field}: {msg}"))
+}
+
+/// What the image config contributes (`config` of the OCI image config blob).
+#[derive(Default)]
+struct ImageDefaults {
+    env: Vec<String>,
+    entrypoint: Vec<String>,
+    cmd: Vec<String>,
+    working_dir: String,
+    user: String,
+    stop_signal: String,
+}
+
+impl ImageDefaults {
+    fn from_blob(blob: &Value) -> Self {
+        let Some(c) = blob.get("config") else {
+            return Self::default();
+        };
+        let list = |k: &str| -> Vec<String> {
+            c.get(k)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let text = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        ImageDefaults {
+            env: list("Env"),
+            entrypoint: list("Entrypoint"),
+            cmd: list("Cmd"),
+            working_dir: text("WorkingDir"),
+            user: text("User"),
+            stop_signal: text("StopSignal"),
+        }
+    }
+}
+
+/// Builds the OCI runtime spec of container `container_id` of the pod configured by `pod`.
+/// `image_config` is the image's whole OCI config blob.
+pub fn container_spec(
+    container_id: &str,
+    config: &ContainerConfig,
+    pod: &PodSandboxConfig,
+    image_config: &Value,
+) -> Result<BuiltSpec, SpecError> {
+    let image = ImageDefaults::from_blob(image_config);
+    if !config.devices.is_empty() {
+        return Err(unimplemented(
+            "config.devices",
+            "device passthrough into the pod VM is not supported",
+        ));
+    }
+    if !config.cdi_devices.is_empty() {
+        return Err(unimplemented(
+            "config.cdi_devices",
+            "device passthrough into the pod VM is not supported",
+        ));
+    }
+    let default_sc = LinuxContainerSecurityContext::default();
+    let linux_cfg = config.linux.as_ref();
+    let sc = linux_cfg
+        .and_then(|l| l.security_context.as_ref())
+        .unwrap_or(&default_sc);
+    security::check_lsm(sc)?;
+
+    let mut process = Process::default();
+    process
+        .set_args(Some(process_args(config, &image)?))
+        .set_env(Some(environment(config, pod, &image)?))
+        .set_cwd(working_dir(config, &image)?)
+        .set_terminal(Some(config.tty))
+        .set_rlimits(None)
+        .set_no_new_privileges(sc.no_new_privs.then_some(true));
+    let (user, to_resolve) = process_user(sc, &image)?;
+    process.set_user(user);
+    let caps = security::capabilities(sc.privileged, sc.capabilities.as_ref())?;
+    let seccomp = security::seccomp(sc, &caps)?;
+    process.set_capabilities(Some(caps));
+
+    let mut linux = oci_spec::runtime::Linux::default();
+    linux
+        .set_namespaces(Some(namespaces(sc.namespace_options.as_ref())?))
+        .set_seccomp(seccomp)
+        .set_uid_mappings(None)
+        .set_gid_mappings(None)
+        .set_sysctl(None);
+    if sc.privileged {
+        linux.set_masked_paths(None).set_readonly_paths(None);
+    } else {
+        linux
+            .set_masked_paths(Some(non_empty_or(&sc.masked_paths, DEFAULT_MASKED)))
+            .set_readonly_paths(Some(non_empty_or(&sc.readonly_paths, DEFAULT_READONLY)));
+    }
+    let mut resources = LinuxResources::default();
+    let mut device_rule = LinuxDeviceCgroup::default();
+    device_rule
+        .set_allow(sc.privileged)
+        .set_access(Some("rwm".to_string()));
+    resources.set_devices(Some(vec![device_rule]));
+    if let Some(r) = linux_cfg.and_then(|l| l.resources.as_ref()) {
+        container_resources(r, &mut resources)?;
+        let adj = i32::try_from(r.oom_score_adj)
+            .ok()
+            .filter(|a| (-1000..=1000).contains(a))
+            .ok_or_else(|| invalid(format!("{RES}.oom_score_adj"), "must be in -1000..=1000"))?;
+        process.set_oom_score_adj(Some(adj));
+    }
+    linux.set_resources(Some(resources));
+
+    let (mounts, host_mounts) = mounts(container_id, config, sc.privileged)?;
+    let mut root = Root::default();
+    root.set_path(PathBuf::from("rootfs"))
+        .set_readonly(Some(sc.readonly_rootfs));
+
+    let mut spec = Spec::default();
+    spec.set_version("1.1.0".to_string())
+        .set_root(Some(root))
+        .set_process(Some(process))
+        // No hostname: containers share the VM's UTS namespace, whose hostname the agent sets.
+        .set_hostname(None)
+        .set_mounts(Some(mounts))
+        .set_annotations(Some(annotations(config, pod)))
+        .set_linux(Some(linux));
+    let oci_spec_json = serde_json::to_vec(&spec)
+        .map_err(|e| SpecError::Internal(format!("serializing the OCI spec: {e}")))?;
+    Ok(BuiltSpec {
+        oci_spec_json,
+        user: to_resolve,
+        stop_signal: stop_signal(&image.stop_signal)?,
+        mounts: host_mounts,
+    })
+}
+
+/// OCI resources for UpdateContainerResources; errors name the request field (`linux.<field>`).
+pub fn oci_resources(r: &LinuxContainerResources) -> Result<LinuxResources, SpecError> {
+    let mut resources = LinuxResources::default();
+    container_resources(r, &mut resources).map_err(|e| match e {
+        SpecError::InvalidArgument(m) => SpecError::InvalidArgument(m.replacen(RES, "linux", 1)),
+        other => other,
+    })?;
+    Ok(resources)
+}
+
+/// The OCI `process` of an exec in the container whose spec is `container_spec_json`: the
+/// container's process with `cmd` as args and a terminal iff `tty`.
+pub fn exec_process(
+    container_spec_json: &[u8],
+    cmd: &[String],
+    tty: bool,
+) -> Result<Vec<u8>, SpecError> {
+    if cmd.first().is_none_or(|c| c.is_empty()) {
+        return Err(invalid("cmd", "no command specified"));
+    }
+    let spec: Spec = serde_json::from_slice(container_spec_json)
+        .map_err(|e| SpecError::Internal(format!("container spec does not parse: {e}")))?;
+    let mut process = spec
+        .process()
+        .clone()
+        .ok_or_else(|| SpecError::Internal("container spec has no process".into()))?;
+    process
+        .set_args(Some(cmd.to_vec()))
+        .set_terminal(Some(tty))
+        .set_console_size(None);
+    serde_json::to_vec(&process)
+        .map_err(|e| SpecError::Internal(format!("serializing the exec process: {e}")))
+}
+
+/// Docker's rules: CRI command replaces Entrypoint (and drops Cmd), CRI args replace Cmd.
+fn process_args(config: &ContainerConfig, image: &ImageDefaults) -> Result<Vec<String>, SpecError> {
+    let mut args = config.command.clone();
+    if args.is_empty() {
+        if !(image.entrypoint.len() == 1 && image.entrypoint[0].is_empty()) {
+            args = image.entrypoint.clone();
+        }
+        if config.args.is_empty() {
+            args.extend(image.cmd.iter().cloned());
+        }
+    }
+    args.extend(config.args.iter().cloned());
+    if args.is_empty() {
+        return Err(invalid(
+            "config.command",
+            "no command specified and the image has none",
+        ));
+    }
+    Ok(args)
+}
+
+/// Image Env, then HOSTNAME, then CRI envs, later keys replacing earlier ones in place.
+fn environment(
+    config: &ContainerConfig,
+    pod: &PodSandboxConfig,
+    image: &ImageDefaults,
+) -> Result<Vec<String>, SpecError> {
+    fn set(env: &mut Vec<String>, key: &str, value: &str) {
+        let entry = format!("{key}={value}");
+        let prefix = format!("{key}=");
+        match env.iter_mut().find(|e| e.starts_with(&prefix) || *e == key) {
+            Some(e) => *e = entry,
+            None => env.push(entry),
+        }
+    }
+    let mut env = image.env.clone();
+    if !pod.hostname.is_empty() {
+        set(&mut env, "HOSTNAME", &pod.hostname);
+    }
+    for (i, kv) in config.envs.iter().enumerate() {
+        if kv.key.is_empty() || kv.key.contains('=') || kv.key.contains('\0') {
+            return Err(invalid(
+                format!("config.envs[{i}].key"),
+                format!("invalid environment variable name {:?}", kv.key),
+            ));
+        }
+        set(&mut env, &kv.key, &kv.value);
+    }
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(format!("PATH={DEFAULT_PATH}"));
+    }
+    Ok(env)
+}
+
+fn working_dir(config: &ContainerConfig, image: &ImageDefaults) -> Result<PathBuf, SpecError> {
+    let (dir, field) = if !config.working_dir.is_empty() {
+        (config.working_dir.as_str(), "config.working_dir")
+    } else if !image.working_dir.is_empty() {
+        (image.working_dir.as_str(), "image config WorkingDir")
+    } else {
+        ("/", "")
+    };
+    if !dir.starts_with('/') {
+        return Err(invalid(field, format!("{dir:?} is not an absolute path")));
+    }
+    Ok(PathBuf::from(dir))
+}
+
+fn id(field: String, v: i64) -> Result<u32, SpecError> {
+    u32::try_from(v).map_err(|_| invalid(field, format!("{v} is not a valid id")))
+}
+
+/// The numeric `process.user` plus the `user[:group]` string the guest must resolve ("" if none).
+fn process_user(
+    sc: &LinuxContainerSecurityContext,
+    image: &ImageDefaults,
+) -> Result<(User, String), SpecError> {
+    let spec = if !sc.run_as_username.is_empty() || sc.run_as_user.is_some() {
+        let user = if sc.run_as_username.is_empty() {
+            let uid = sc.run_as_user.as_ref().map_or(0, |u| u.value);
+            id(format!("{SC}.run_as_user"), uid)?.to_string()
+        } else {
+            sc.run_as_username.clone()
+        };
+        match &sc.run_as_group {
+            Some(g) => format!("{user}:{}", id(format!("{SC}.run_as_group"), g.value)?),
+            None => user,
+        }
+    } else if sc.run_as_group.is_some() {
+        return Err(invalid(
+            format!("{SC}.run_as_group"),
+            "set without run_as_user or run_as_username",
+        ));
+    } else {
+        image.user.clone()
+    };
+    let (name, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec.as_str(), None),
+    };
+    let uid = name.parse::<u32>().ok();
+    let gid = group.and_then(|g| g.parse::<u32>().ok());
+    let mut user = User::default();
+    user.set_uid(uid.unwrap_or(0)).set_gid(gid.unwrap_or(0));
+    let groups = sc
+        .supplemental_groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| id(format!("{SC}.supplemental_groups[{i}]"), *g))
+        .collect::<Result<Vec<u32>, _>>()?;
+    user.set_additional_gids((!groups.is_empty()).then_some(groups));
+    let settled = spec.is_empty() || (uid.is_some() && gid.is_some());
+    Ok((user, if settled { String::new() } else { spec }))
+}
+
+/// CRI annotations plus the io.kubernetes.cri.* ones containerd sets on containers.
+fn annotations(config: &ContainerConfig, pod: &PodSandboxConfig) -> HashMap<String, String> {
+    let mut a = config.annotations.clone();
+    let mut put = |k: &str, v: &str| {
+        a.insert(format!("io.kubernetes.cri.{k}"), v.to_string());
+    };
+    put("container-type", "container");
+    if let Some(m) = &config.metadata {
+        put("container-name", &m.name);
+    }
+    if let Some(m) = &pod.metadata {
+        put("sandbox-name", &m.name);
+        put("sandbox-namespace", &m.namespace);
+        put("sandbox-uid", &m.uid);
+    }
+    if let Some(i) = &config.image {
+        let name = if i.user_specified_image.is_empty() {
+            &i.image
+        } else {
+            &i.user_specified_image
+        };
+        put("image-name", name);
+    }
+    a
+}
+
+/// x86_64 signal numbers by name (without "SIG").
+const SIGNALS: &[(&str, i32)] = &[
+    ("HUP", 1),
+    ("INT", 2),
+    ("QUIT", 3),
+    ("ILL", 4),
+    ("TRAP", 5),
+    ("ABRT", 6),
+    ("IOT", 6),
+    ("BUS", 7),
+    ("FPE", 8),
+    ("KILL", 9),
+    ("USR1", 10),
+    ("SEGV", 11),
+    ("USR2", 12),
+    ("PIPE", 13),
+    ("ALRM", 14),
+    ("TERM", 15),
+    ("STKFLT", 16),
+    ("CHLD", 17),
+    ("CONT", 18),
+    ("STOP", 19),
+    ("TSTP", 20),
+    ("TTIN", 21),
+    ("TTOU", 22),
+    ("URG", 23),
+    ("XCPU", 24),
+    ("XFSZ", 25),
+    ("VTALRM", 26),
+    ("PROF", 27),
+    ("WINCH", 28),
+    ("IO", 29),
+    ("POLL", 29),
+    ("PWR", 30),
+    ("SYS", 31),
+];
+const SIGRTMIN: i32 = 34;
+const SIGRTMAX: i32 = 64;
+
+/// Parses an image StopSignal ("SIGTERM", "TERM", "15", "SIGRTMIN+3"); "" is SIGTERM.
+fn stop_signal(s: &str) -> Result<i32, SpecError> {
+    let field = "image config StopSignal";
+    if s.is_empty() {
+        return Ok(SIGTERM);
+    }
+    let bad = || invalid(field, format!("unknown signal {s:?}"));
+    if let Ok(n) = s.parse::<i32>() {
+        return if (1..=SIGRTMAX).contains(&n) {
+            Ok(n)
+        } else {
+            Err(bad())
+        };
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    if let Some(&(_, n)) = SIGNALS.iter().find(|(k, _)| *k == name) {
+        return Ok(n);
+    }
+    let rt = |base: i32, rest: &str, sign: i32| -> Result<i32, SpecError> {
+        let off = if rest.is_empty() {
+            0
+        } else {
+            rest.parse::<i32>().map_err(|_| bad())?
+        };
+        let n = base + sign * off;
+        if (SIGRTMIN..=SIGRTMAX).contains(&n) {
+            Ok(n)
+        } else {
+            Err(bad())
+        }
+    };
+    if let Some(rest) = name.strip_prefix("RTMIN") {
+        if rest.is_empty() || rest.starts_with('+') {
+            return rt(SIGRTMIN, rest.trim_start_matches('+'), 1);
+        }
+    }
+    if let Some(rest) = name.strip_prefix("RTMAX") {
+        if rest.is_empty() || rest.starts_with('-') {
+            return rt(SIGRTMAX, rest.trim_start_matches('-'), -1);
+        }
+    }
+    Err(bad())
+}
