@@ -22,3 +22,11 @@ if command -v rustup >/dev/null; then
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >&2
   done
 fi
+# The CRI client we did not write, for the e2e tests: PyPI container-runtime-interface-api in a venv.
+VENV="${HOME}/.cache/podvisor/venv"
+CRI_API=container-runtime-interface-api==2.0.1
+if ! "$VENV/bin/python" -c "import cri_api.v1.api_pb2_grpc" 2>/dev/null; then
+  echo "setup-host: installing $CRI_API into $VENV" >&2
+  python3 -m venv "$VENV" >&2
+  "$VENV/bin/pip" install -q "$CRI_API" >&2
+fi

@@ -12,6 +12,8 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::defaults;
 use crate::images::{open_db, open_store, ImageArgs, Images, OpenError};
 use crate::runtime::Runtime;
+use crate::sandbox::{Manager, ManagerConfig};
+use crate::state::StateStore;
 
 /// Daemon flags.
 #[derive(clap::Args, Clone, Debug)]
@@ -22,12 +24,38 @@ pub struct DaemonArgs {
     /// State directory.
     #[arg(long, default_value = defaults::STATE_DIR)]
     pub state_dir: PathBuf,
+    /// Runtime directory (VM sockets).
+    #[arg(long, default_value = defaults::RUN_DIR)]
+    pub run_dir: PathBuf,
     /// Directory holding the guest vmlinux and initramfs.cpio.
     #[arg(long, default_value = defaults::GUEST_DIR)]
     pub guest_dir: PathBuf,
     /// Image store settings.
     #[command(flatten)]
     pub images: ImageArgs,
+    /// Pod VM settings.
+    #[command(flatten)]
+    pub pods: PodArgs,
+}
+
+/// Pod VM flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct PodArgs {
+    /// Image block slots per pod VM (distinct images one pod can run); each costs guest boot time.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub image_slots: u32,
+    /// Seconds a pod VM has to boot its agent.
+    #[arg(long, default_value_t = 600)]
+    pub boot_timeout_secs: u64,
+    /// Guest memory of a pod without memory limits, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub default_pod_memory_mib: u32,
+    /// Guest memory added to a pod's memory limits for its guest kernel and agent, MiB.
+    #[arg(long, default_value_t = 128)]
+    pub guest_overhead_mib: u32,
+    /// Size cap of each container's writable layer (tmpfs in the guest), MiB.
+    #[arg(long, default_value_t = 256)]
+    pub writable_layer_mib: u64,
 }
 
 /// Errors starting the daemon.
@@ -47,6 +75,9 @@ pub enum DaemonError {
     /// The image store could not be opened.
     #[error("image store: {0}")]
     Images(#[from] OpenError),
+    /// The pod state could not be opened or reconciled.
+    #[error("pod state: {0}")]
+    State(String),
     /// The gRPC server failed.
     #[error("CRI server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -85,13 +116,39 @@ pub fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
+fn manager_config(args: &DaemonArgs) -> ManagerConfig {
+    let p = &args.pods;
+    ManagerConfig {
+        kernel: args.guest_dir.join("vmlinux"),
+        initramfs: args.guest_dir.join("initramfs.cpio"),
+        cmdline: vmm::default_cmdline(&vmm::KvmHost::detect()),
+        pods_dir: args.state_dir.join("pods"),
+        run_dir: args.run_dir.clone(),
+        image_slots: p.image_slots,
+        boot_timeout: std::time::Duration::from_secs(p.boot_timeout_secs),
+        default_mem_mib: p.default_pod_memory_mib,
+        guest_overhead_mib: p.guest_overhead_mib,
+        writable_layer_bytes: p.writable_layer_mib << 20,
+    }
+}
+
 async fn serve(args: DaemonArgs) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&args.state_dir).map_err(io_err(&args.state_dir))?;
     let db = open_db(&args.state_dir)?;
-    let images = Images::new(open_store(&db, &args.state_dir, &args.images)?);
+    let store = open_store(&db, &args.state_dir, &args.images)?;
+    let state = StateStore::open(&db).map_err(|e| DaemonError::State(e.to_string()))?;
+    let manager = Manager::new(manager_config(&args), state, store.clone());
+    let touched = manager
+        .reconcile()
+        .await
+        .map_err(|e| DaemonError::State(e.to_string()))?;
+    if touched > 0 {
+        tracing::info!(pods = touched, "reconciled pods left by the previous run");
+    }
+    let images = Images::new(store);
     let listener = bind(&args.socket)?;
     tracing::info!(socket = %args.socket.display(), state = %args.state_dir.display(), "podvisor serving CRI v1");
-    let runtime = Runtime::new(args.guest_dir.clone());
+    let runtime = Runtime::new(args.guest_dir.clone(), manager);
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");

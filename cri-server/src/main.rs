@@ -8,13 +8,19 @@ use clap::{Parser, Subcommand};
 mod check;
 mod daemon;
 mod images;
+mod logs;
 mod pull;
 mod runtime;
+mod sandbox;
+mod spec;
+mod state;
 
 /// Defaults the daemon embeds; every one can be overridden by a flag.
 pub mod defaults {
     /// CRI socket kubelet and crictl connect to.
     pub const SOCKET: &str = "/run/podvisor/podvisor.sock";
+    /// Runtime files (VM sockets); emptied of stale files at start.
+    pub const RUN_DIR: &str = "/run/podvisor";
     /// Root of the daemon's state (sled database, images, per-pod files).
     pub const STATE_DIR: &str = "/var/lib/podvisor";
     /// Where the guest kernel (`vmlinux`) and initramfs (`initramfs.cpio`) are installed.

@@ -1,6 +1,8 @@
-//! The CRI v1 RuntimeService. Version and Status are real; pod and container operations are not
-//! implemented yet and answer `UNIMPLEMENTED` naming the RPC (issue "CRI RuntimeService end to end"),
-//! so kubelet and crictl get a clear error rather than a fake success. The ImageService is in `images`.
+//! The CRI v1 RuntimeService: request validation and the mapping of [`SandboxError`]s to gRPC codes,
+//! over the sandbox manager. Record → CRI message conversions are in `convert`; the ImageService is in
+//! `images`.
+
+mod convert;
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -8,23 +10,66 @@ use std::pin::Pin;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use k8s_cri::v1::*;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use vmm::KvmHost;
+
+use crate::sandbox::{Manager, SandboxError};
+use crate::state::{labels_match, ContainerState, PodState};
+use convert::{container_status, cri_container, cri_pod, pod_status, Stats};
 
 /// CRI API version served.
 pub const CRI_API_VERSION: &str = "v1";
 /// Runtime name reported by Version.
 pub const RUNTIME_NAME: &str = "podvisor";
 
-/// The CRI runtime state.
-#[derive(Clone, Debug)]
+/// The CRI runtime.
+#[derive(Clone)]
 pub struct Runtime {
     guest_dir: PathBuf,
+    manager: Manager,
+    stats: Stats,
+}
+
+/// Maps a manager error to the gRPC status the CRI client gets.
+pub fn to_status(e: SandboxError) -> Status {
+    match e {
+        SandboxError::InvalidArgument(m) => Status::invalid_argument(m),
+        SandboxError::NotFound(m) => Status::not_found(m),
+        SandboxError::AlreadyExists(m) => Status::already_exists(m),
+        SandboxError::FailedPrecondition(m) => Status::failed_precondition(m),
+        SandboxError::Unimplemented(m) => Status::unimplemented(m),
+        SandboxError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+        SandboxError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        SandboxError::Image(e) => crate::images::status_of(&e),
+        SandboxError::Agent { call, status } => {
+            let code = match status.code() {
+                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
+                    tonic::Code::Unavailable
+                }
+                _ => tonic::Code::Internal,
+            };
+            Status::new(code, format!("guest agent {call}: {}", status.message()))
+        }
+        e @ (SandboxError::State(_) | SandboxError::Vm(_) | SandboxError::Io { .. }) => {
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+type Result<T> = std::result::Result<Response<T>, Status>;
+
+fn ok<T>(v: T) -> Result<T> {
+    Ok(Response::new(v))
 }
 
 impl Runtime {
-    /// A runtime booting guests from `guest_dir`.
-    pub fn new(guest_dir: PathBuf) -> Runtime {
-        Runtime { guest_dir }
+    /// A runtime booting guests from `guest_dir` through `manager`.
+    pub fn new(guest_dir: PathBuf, manager: Manager) -> Runtime {
+        Runtime {
+            guest_dir,
+            manager,
+            stats: Stats::default(),
+        }
     }
 
     /// RuntimeReady: KVM usable and guest artifacts installed.
@@ -54,83 +99,515 @@ impl Runtime {
             message,
         }
     }
+
+    async fn pod_status_of(
+        &self,
+        id: &str,
+        verbose: bool,
+    ) -> std::result::Result<PodSandboxStatusResponse, SandboxError> {
+        let id = self.manager.resolve_pod("pod_sandbox_id", id)?;
+        let store = self.manager.store();
+        let pod = store.pod(&id)?.ok_or_else(|| {
+            SandboxError::NotFound(format!("pod_sandbox_id: pod sandbox {id} not found"))
+        })?;
+        let containers = store.pod_containers(&id)?;
+        Ok(PodSandboxStatusResponse {
+            status: Some(pod_status(&pod)),
+            info: if verbose {
+                convert::pod_info(&pod)
+            } else {
+                Default::default()
+            },
+            containers_statuses: containers.iter().map(container_status).collect(),
+            timestamp: crate::sandbox::now_ns(),
+        })
+    }
 }
 
-type EventStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<ContainerEventResponse, Status>> + Send>>;
+type EventStream = Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = std::result::Result<ContainerEventResponse, Status>> + Send,
+    >,
+>;
 
-macro_rules! cri_impl {
-    ($trait:ident for $ty:ty { $($own:item)* } unimplemented { $($name:ident($req:ty) -> $resp:ty;)* }) => {
-        #[tonic::async_trait]
-        impl $trait for $ty {
-            $($own)*
-            $(
-                async fn $name(&self, _request: Request<$req>) -> Result<Response<$resp>, Status> {
-                    Err(Status::unimplemented(concat!(stringify!($name), " is not implemented by podvisor yet")))
-                }
-            )*
-        }
-    };
+fn span(rpc: &'static str, id: &str) -> tracing::Span {
+    tracing::info_span!("cri", rpc, id = %id)
 }
 
-cri_impl!(RuntimeService for Runtime {
+#[tonic::async_trait]
+impl RuntimeService for Runtime {
     type GetContainerEventsStream = EventStream;
 
-    async fn version(&self, _request: Request<VersionRequest>) -> Result<Response<VersionResponse>, Status> {
-        Ok(Response::new(VersionResponse {
+    async fn version(&self, _request: Request<VersionRequest>) -> Result<VersionResponse> {
+        ok(VersionResponse {
             version: "0.1.0".into(),
             runtime_name: RUNTIME_NAME.into(),
             runtime_version: env!("CARGO_PKG_VERSION").into(),
             runtime_api_version: CRI_API_VERSION.into(),
-        }))
+        })
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, request: Request<StatusRequest>) -> Result<StatusResponse> {
         let network = RuntimeCondition {
             r#type: "NetworkReady".into(),
             status: false,
             reason: "NetworkPluginNotReady".into(),
-            message: "pod networking is not implemented yet".into(),
+            message: "pod networking (CNI, virtio-net) is not implemented yet".into(),
         };
-        Ok(Response::new(StatusResponse {
+        let mut info = std::collections::HashMap::new();
+        if request.into_inner().verbose {
+            info.insert(
+                "config".into(),
+                serde_json::json!({"guestDir": self.guest_dir, "kvm": KvmHost::detect().kind.to_string()})
+                    .to_string(),
+            );
+        }
+        ok(StatusResponse {
             status: Some(RuntimeStatus {
                 conditions: vec![self.runtime_condition(), network],
             }),
+            info,
             ..Default::default()
-        }))
+        })
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        request: Request<RunPodSandboxRequest>,
+    ) -> Result<RunPodSandboxResponse> {
+        let req = request.into_inner();
+        if !matches!(req.runtime_handler.as_str(), "" | RUNTIME_NAME) {
+            return Err(Status::not_found(format!(
+                "runtime_handler: {:?} is not configured (podvisor serves \"\" and \"{RUNTIME_NAME}\")",
+                req.runtime_handler
+            )));
+        }
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("config: missing"))?;
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let id = self
+            .manager
+            .run_pod(config)
+            .instrument(span("RunPodSandbox", &name))
+            .await
+            .map_err(to_status)?;
+        ok(RunPodSandboxResponse { pod_sandbox_id: id })
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        request: Request<StopPodSandboxRequest>,
+    ) -> Result<StopPodSandboxResponse> {
+        let id = request.into_inner().pod_sandbox_id;
+        self.manager
+            .stop_pod(&id)
+            .instrument(span("StopPodSandbox", &id))
+            .await
+            .map_err(to_status)?;
+        ok(StopPodSandboxResponse {})
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        request: Request<RemovePodSandboxRequest>,
+    ) -> Result<RemovePodSandboxResponse> {
+        let id = request.into_inner().pod_sandbox_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("pod_sandbox_id: empty"));
+        }
+        self.manager
+            .remove_pod(&id)
+            .instrument(span("RemovePodSandbox", &id))
+            .await
+            .map_err(to_status)?;
+        ok(RemovePodSandboxResponse {})
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        request: Request<PodSandboxStatusRequest>,
+    ) -> Result<PodSandboxStatusResponse> {
+        let req = request.into_inner();
+        self.pod_status_of(&req.pod_sandbox_id, req.verbose)
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        request: Request<ListPodSandboxRequest>,
+    ) -> Result<ListPodSandboxResponse> {
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let pods = self
+            .manager
+            .store()
+            .pods()
+            .map_err(|e| to_status(e.into()))?;
+        let items = pods
+            .iter()
+            .filter(|p| filter.id.is_empty() || p.id.starts_with(&filter.id))
+            .map(cri_pod)
+            .filter(|p| filter.state.as_ref().is_none_or(|s| s.state == p.state))
+            .filter(|p| labels_match(&p.labels, &filter.label_selector))
+            .collect();
+        ok(ListPodSandboxResponse { items })
+    }
+
+    async fn create_container(
+        &self,
+        request: Request<CreateContainerRequest>,
+    ) -> Result<CreateContainerResponse> {
+        let req = request.into_inner();
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("config: missing"))?;
+        let id = self
+            .manager
+            .create_container(&req.pod_sandbox_id, config, req.sandbox_config)
+            .instrument(span("CreateContainer", &req.pod_sandbox_id))
+            .await
+            .map_err(to_status)?;
+        ok(CreateContainerResponse { container_id: id })
+    }
+
+    async fn start_container(
+        &self,
+        request: Request<StartContainerRequest>,
+    ) -> Result<StartContainerResponse> {
+        let id = request.into_inner().container_id;
+        self.manager
+            .start_container(&id)
+            .instrument(span("StartContainer", &id))
+            .await
+            .map_err(to_status)?;
+        ok(StartContainerResponse {})
+    }
+
+    async fn stop_container(
+        &self,
+        request: Request<StopContainerRequest>,
+    ) -> Result<StopContainerResponse> {
+        let req = request.into_inner();
+        self.manager
+            .stop_container(&req.container_id, req.timeout)
+            .instrument(span("StopContainer", &req.container_id))
+            .await
+            .map_err(to_status)?;
+        ok(StopContainerResponse {})
+    }
+
+    async fn remove_container(
+        &self,
+        request: Request<RemoveContainerRequest>,
+    ) -> Result<RemoveContainerResponse> {
+        let id = request.into_inner().container_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("container_id: empty"));
+        }
+        self.manager
+            .remove_container(&id)
+            .instrument(span("RemoveContainer", &id))
+            .await
+            .map_err(to_status)?;
+        ok(RemoveContainerResponse {})
+    }
+
+    async fn list_containers(
+        &self,
+        request: Request<ListContainersRequest>,
+    ) -> Result<ListContainersResponse> {
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let all = self
+            .manager
+            .store()
+            .containers()
+            .map_err(|e| to_status(e.into()))?;
+        let containers = all
+            .iter()
+            .filter(|c| c.state != ContainerState::Creating)
+            .filter(|c| filter.id.is_empty() || c.id.starts_with(&filter.id))
+            .filter(|c| {
+                filter.pod_sandbox_id.is_empty() || c.pod_id.starts_with(&filter.pod_sandbox_id)
+            })
+            .map(cri_container)
+            .filter(|c| filter.state.as_ref().is_none_or(|s| s.state == c.state))
+            .filter(|c| labels_match(&c.labels, &filter.label_selector))
+            .collect();
+        ok(ListContainersResponse { containers })
+    }
+
+    async fn container_status(
+        &self,
+        request: Request<ContainerStatusRequest>,
+    ) -> Result<ContainerStatusResponse> {
+        let req = request.into_inner();
+        let id = self
+            .manager
+            .resolve_container("container_id", &req.container_id)
+            .map_err(to_status)?;
+        let record = self
+            .manager
+            .store()
+            .container(&id)
+            .map_err(|e| to_status(e.into()))?
+            .ok_or_else(|| Status::not_found(format!("container_id: container {id} not found")))?;
+        let mut info = std::collections::HashMap::new();
+        if req.verbose {
+            info.insert("info".into(), convert::container_info(&record));
+        }
+        ok(ContainerStatusResponse {
+            status: Some(container_status(&record)),
+            info,
+        })
+    }
+
+    async fn update_container_resources(
+        &self,
+        request: Request<UpdateContainerResourcesRequest>,
+    ) -> Result<UpdateContainerResourcesResponse> {
+        let req = request.into_inner();
+        let linux = req
+            .linux
+            .ok_or_else(|| Status::invalid_argument("linux: missing"))?;
+        self.manager
+            .update_resources(&req.container_id, linux)
+            .instrument(span("UpdateContainerResources", &req.container_id))
+            .await
+            .map_err(to_status)?;
+        ok(UpdateContainerResourcesResponse {})
+    }
+
+    async fn reopen_container_log(
+        &self,
+        request: Request<ReopenContainerLogRequest>,
+    ) -> Result<ReopenContainerLogResponse> {
+        let id = request.into_inner().container_id;
+        self.manager.reopen_log(&id).await.map_err(to_status)?;
+        ok(ReopenContainerLogResponse {})
+    }
+
+    async fn exec_sync(&self, request: Request<ExecSyncRequest>) -> Result<ExecSyncResponse> {
+        let req = request.into_inner();
+        let out = self
+            .manager
+            .exec_sync(&req.container_id, &req.cmd, req.timeout)
+            .instrument(span("ExecSync", &req.container_id))
+            .await
+            .map_err(to_status)?;
+        ok(ExecSyncResponse {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            exit_code: out.exit_code,
+        })
+    }
+
+    async fn exec(&self, _request: Request<ExecRequest>) -> Result<ExecResponse> {
+        Err(Status::unimplemented(
+            "exec: the streaming server is not implemented yet",
+        ))
+    }
+
+    async fn attach(&self, _request: Request<AttachRequest>) -> Result<AttachResponse> {
+        Err(Status::unimplemented(
+            "attach: the streaming server is not implemented yet",
+        ))
+    }
+
+    async fn port_forward(
+        &self,
+        _request: Request<PortForwardRequest>,
+    ) -> Result<PortForwardResponse> {
+        Err(Status::unimplemented(
+            "port_forward: the streaming server is not implemented yet",
+        ))
+    }
+
+    async fn container_stats(
+        &self,
+        request: Request<ContainerStatsRequest>,
+    ) -> Result<ContainerStatsResponse> {
+        let id = request.into_inner().container_id;
+        let (record, stats) = self.manager.container_stats(&id).await.map_err(to_status)?;
+        ok(ContainerStatsResponse {
+            stats: Some(self.stats.container(&record, stats.as_ref())),
+        })
+    }
+
+    async fn list_container_stats(
+        &self,
+        request: Request<ListContainerStatsRequest>,
+    ) -> Result<ListContainerStatsResponse> {
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let all = self
+            .manager
+            .store()
+            .containers()
+            .map_err(|e| to_status(e.into()))?;
+        let mut stats = Vec::new();
+        for c in all.iter().filter(|c| c.state == ContainerState::Running) {
+            if !(filter.id.is_empty() || c.id.starts_with(&filter.id))
+                || !(filter.pod_sandbox_id.is_empty()
+                    || c.pod_id.starts_with(&filter.pod_sandbox_id))
+            {
+                continue;
+            }
+            let (record, s) = match self.manager.container_stats(&c.id).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::info!(container = %c.id, "stats: {e}");
+                    continue;
+                }
+            };
+            let cri = self.stats.container(&record, s.as_ref());
+            if labels_match(
+                &cri.attributes.clone().unwrap_or_default().labels,
+                &filter.label_selector,
+            ) {
+                stats.push(cri);
+            }
+        }
+        ok(ListContainerStatsResponse { stats })
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        request: Request<PodSandboxStatsRequest>,
+    ) -> Result<PodSandboxStatsResponse> {
+        let id = self
+            .manager
+            .resolve_pod("pod_sandbox_id", &request.into_inner().pod_sandbox_id)
+            .map_err(to_status)?;
+        ok(PodSandboxStatsResponse {
+            stats: Some(self.pod_stats(&id).await.map_err(to_status)?),
+        })
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        request: Request<ListPodSandboxStatsRequest>,
+    ) -> Result<ListPodSandboxStatsResponse> {
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let pods = self
+            .manager
+            .store()
+            .pods()
+            .map_err(|e| to_status(e.into()))?;
+        let mut stats = Vec::new();
+        for p in pods.iter().filter(|p| p.state == PodState::Ready) {
+            if !(filter.id.is_empty() || p.id.starts_with(&filter.id)) {
+                continue;
+            }
+            let s = self.pod_stats(&p.id).await.map_err(to_status)?;
+            if labels_match(
+                &s.attributes.clone().unwrap_or_default().labels,
+                &filter.label_selector,
+            ) {
+                stats.push(s);
+            }
+        }
+        ok(ListPodSandboxStatsResponse { stats })
+    }
+
+    async fn update_runtime_config(
+        &self,
+        request: Request<UpdateRuntimeConfigRequest>,
+    ) -> Result<UpdateRuntimeConfigResponse> {
+        // The pod CIDR matters to CNI configurations that template it; podvisor's comes from the
+        // CNI config files, so it is only logged.
+        if let Some(net) = request
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+        {
+            tracing::info!(pod_cidr = %net.pod_cidr, "UpdateRuntimeConfig");
+        }
+        ok(UpdateRuntimeConfigResponse {})
+    }
+
+    async fn runtime_config(
+        &self,
+        _request: Request<RuntimeConfigRequest>,
+    ) -> Result<RuntimeConfigResponse> {
+        ok(RuntimeConfigResponse {
+            linux: Some(LinuxRuntimeConfiguration {
+                cgroup_driver: CgroupDriver::Cgroupfs as i32,
+            }),
+        })
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _request: Request<CheckpointContainerRequest>,
+    ) -> Result<CheckpointContainerResponse> {
+        Err(Status::unimplemented(
+            "checkpoint_container: checkpointing pod VMs is not supported",
+        ))
     }
 
     async fn get_container_events(
         &self,
         _request: Request<GetEventsRequest>,
-    ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        Err(Status::unimplemented("get_container_events is not implemented by podvisor yet"))
+    ) -> Result<Self::GetContainerEventsStream> {
+        let rx = self.manager.subscribe();
+        let manager = self.manager.clone();
+        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |ev| {
+            let ev = ev.ok()?;
+            Some(Ok(convert::event(&manager, &ev)))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
-} unimplemented {
-    run_pod_sandbox(RunPodSandboxRequest) -> RunPodSandboxResponse;
-    stop_pod_sandbox(StopPodSandboxRequest) -> StopPodSandboxResponse;
-    remove_pod_sandbox(RemovePodSandboxRequest) -> RemovePodSandboxResponse;
-    pod_sandbox_status(PodSandboxStatusRequest) -> PodSandboxStatusResponse;
-    list_pod_sandbox(ListPodSandboxRequest) -> ListPodSandboxResponse;
-    create_container(CreateContainerRequest) -> CreateContainerResponse;
-    start_container(StartContainerRequest) -> StartContainerResponse;
-    stop_container(StopContainerRequest) -> StopContainerResponse;
-    remove_container(RemoveContainerRequest) -> RemoveContainerResponse;
-    list_containers(ListContainersRequest) -> ListContainersResponse;
-    container_status(ContainerStatusRequest) -> ContainerStatusResponse;
-    update_container_resources(UpdateContainerResourcesRequest) -> UpdateContainerResourcesResponse;
-    reopen_container_log(ReopenContainerLogRequest) -> ReopenContainerLogResponse;
-    exec_sync(ExecSyncRequest) -> ExecSyncResponse;
-    exec(ExecRequest) -> ExecResponse;
-    attach(AttachRequest) -> AttachResponse;
-    port_forward(PortForwardRequest) -> PortForwardResponse;
-    container_stats(ContainerStatsRequest) -> ContainerStatsResponse;
-    list_container_stats(ListContainerStatsRequest) -> ListContainerStatsResponse;
-    pod_sandbox_stats(PodSandboxStatsRequest) -> PodSandboxStatsResponse;
-    list_pod_sandbox_stats(ListPodSandboxStatsRequest) -> ListPodSandboxStatsResponse;
-    update_runtime_config(UpdateRuntimeConfigRequest) -> UpdateRuntimeConfigResponse;
-    checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse;
-    list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse;
-    list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse;
-    runtime_config(RuntimeConfigRequest) -> RuntimeConfigResponse;
-});
+
+    async fn list_metric_descriptors(
+        &self,
+        _request: Request<ListMetricDescriptorsRequest>,
+    ) -> Result<ListMetricDescriptorsResponse> {
+        ok(ListMetricDescriptorsResponse {
+            descriptors: convert::metric_descriptors(),
+        })
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _request: Request<ListPodSandboxMetricsRequest>,
+    ) -> Result<ListPodSandboxMetricsResponse> {
+        let pods = self
+            .manager
+            .store()
+            .pods()
+            .map_err(|e| to_status(e.into()))?;
+        let mut pod_metrics = Vec::new();
+        for p in pods.iter().filter(|p| p.state == PodState::Ready) {
+            let s = self.pod_stats(&p.id).await.map_err(to_status)?;
+            pod_metrics.push(convert::pod_metrics(&p.id, &s));
+        }
+        ok(ListPodSandboxMetricsResponse { pod_metrics })
+    }
+}
+
+impl Runtime {
+    async fn pod_stats(&self, id: &str) -> std::result::Result<PodSandboxStats, SandboxError> {
+        let store = self.manager.store();
+        let pod = store.pod(id)?.ok_or_else(|| {
+            SandboxError::NotFound(format!("pod_sandbox_id: pod sandbox {id} not found"))
+        })?;
+        let mut containers = Vec::new();
+        for c in store
+            .pod_containers(id)?
+            .iter()
+            .filter(|c| c.state == ContainerState::Running)
+        {
+            if let Ok((record, s)) = self.manager.container_stats(&c.id).await {
+                containers.push(self.stats.container(&record, s.as_ref()));
+            }
+        }
+        Ok(convert::pod_stats(&pod, containers))
+    }
+}
+
+use tokio_stream::StreamExt as _;

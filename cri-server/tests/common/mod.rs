@@ -14,39 +14,154 @@ pub struct Daemon(Child);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        self.kill9();
     }
 }
 
 impl Daemon {
     /// Spawns `cmd` (a `podvisor` command line) with `--socket socket --guest-dir <dir>/guest` added and
     /// waits (bounded) for the socket to appear.
-    pub async fn start(mut cmd: Command, socket: &Path, dir: &Path) -> Daemon {
+    pub async fn start(cmd: Command, socket: &Path, dir: &Path) -> Daemon {
+        Daemon::start_with(cmd, socket, &dir.join("guest"), None).await
+    }
+
+    /// Like [`Daemon::start`] with an explicit guest directory, its log appended to `log` if given.
+    pub async fn start_with(
+        mut cmd: Command,
+        socket: &Path,
+        guest_dir: &Path,
+        log: Option<&Path>,
+    ) -> Daemon {
+        let stderr = match log {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap(),
+            ),
+            None => Stdio::null(),
+        };
         let child = cmd
             .arg("--socket")
             .arg(socket)
             .arg("--guest-dir")
-            .arg(dir.join("guest"))
-            .stderr(Stdio::null())
+            .arg(guest_dir)
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let daemon = Daemon(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !socket.exists() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         daemon
     }
+
+    /// SIGKILL, as a crash would, and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
 }
 
-/// A gRPC channel over the unix socket.
+/// A gRPC channel over the unix socket, retrying (bounded) while the daemon is not accepting yet
+/// (a socket file left by a killed daemon exists before the new one binds).
 pub async fn connect(socket: PathBuf) -> Channel {
-    Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await
-        .unwrap()
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = socket.clone();
+        let result =
+            Endpoint::from_static("http://[::]:50051")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let socket = s.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?))
+                    }
+                }))
+                .await;
+        match result {
+            Ok(channel) => return channel,
+            Err(e) if Instant::now() > deadline => {
+                panic!("connecting to {}: {e}", socket.display())
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Guest kernel + initramfs directory built by `guest/build.sh`, if this host can run pod VMs.
+/// Otherwise prints a SKIPPED line and returns None — or panics when PODVISOR_REQUIRE_KVM=1.
+pub fn pod_prerequisites(test: &str) -> Option<PathBuf> {
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
+    let why = if !Path::new("/dev/kvm").exists() {
+        Some("/dev/kvm not available".to_string())
+    } else if !guest.join("vmlinux").is_file() || !guest.join("initramfs.cpio").is_file() {
+        Some(format!(
+            "{} has no vmlinux/initramfs.cpio (run guest/build.sh)",
+            guest.display()
+        ))
+    } else {
+        image_service::testing::skip_reason()
+    };
+    match why {
+        None => Some(guest),
+        Some(reason) if std::env::var("PODVISOR_REQUIRE_KVM").as_deref() == Ok("1") => {
+            panic!("{test}: PODVISOR_REQUIRE_KVM=1 but {reason}")
+        }
+        Some(reason) => {
+            println!("SKIPPED {test}: {reason}");
+            None
+        }
+    }
+}
+
+/// Busybox applets of the pod test image.
+const APPLETS: [&str; 16] = [
+    "sh", "echo", "sleep", "cat", "dd", "hostname", "id", "ls", "true", "head", "wc", "ps", "env",
+    "kill", "mkdir", "date",
+];
+
+/// Pushes a busybox image for pods (static busybox, applets, passwd, the usual mount points) to
+/// `reg` as `<repo>:v1`; returns its reference.
+pub fn push_pod_image(reg: &image_service::testing::Registry, dir: &Path, repo: &str) -> String {
+    use image_service::testing::{OciLayout, TarBuilder};
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
+    let mut t = TarBuilder::default();
+    t.dir("bin/", 0o755).file("bin/busybox", 0o755, &busybox);
+    for applet in APPLETS {
+        t.link(tar::EntryType::Symlink, &format!("bin/{applet}"), "busybox");
+    }
+    for d in [
+        "etc/",
+        "proc/",
+        "sys/",
+        "dev/",
+        "tmp/",
+        "root/",
+        "home/",
+        "home/app/",
+        "var/",
+        "run/",
+    ] {
+        t.dir(d, 0o755);
+    }
+    t.file(
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+    )
+    .file("etc/group", 0o644, b"root:x:0:\napp:x:1000:\n");
+    let layer = t.finish();
+    let mut layout = OciLayout::new(&dir.join(format!("layout-{}", repo.replace('/', "-"))));
+    let m = layout.image("amd64", &[(&layer, "gzip")], "");
+    layout.tag(&m, "v1");
+    let reference = format!("{repo}:v1");
+    reg.push(layout.path(), "v1", &reference, false).unwrap();
+    format!("{}/{reference}", reg.host)
 }

@@ -1,0 +1,377 @@
+//! State records and guest stats → CRI messages.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use k8s_cri::v1::*;
+use podvisor_proto as pb;
+use prost::Message;
+
+use crate::sandbox::{now_ns, ContainerEvent, EventKind, Manager};
+use crate::state::{ContainerRecord, ContainerState as St, PodRecord, PodState};
+
+fn pod_config(pod: &PodRecord) -> PodSandboxConfig {
+    PodSandboxConfig::decode(pod.config.as_slice()).unwrap_or_default()
+}
+
+fn container_config(c: &ContainerRecord) -> ContainerConfig {
+    ContainerConfig::decode(c.config.as_slice()).unwrap_or_default()
+}
+
+fn pod_state(pod: &PodRecord) -> i32 {
+    match pod.state {
+        PodState::Ready => PodSandboxState::SandboxReady as i32,
+        PodState::Creating | PodState::NotReady => PodSandboxState::SandboxNotready as i32,
+    }
+}
+
+fn container_state(c: &ContainerRecord) -> i32 {
+    (match c.state {
+        St::Creating | St::Created => ContainerState::ContainerCreated,
+        St::Running => ContainerState::ContainerRunning,
+        St::Exited => ContainerState::ContainerExited,
+    }) as i32
+}
+
+/// A pod as ListPodSandbox reports it.
+pub fn cri_pod(pod: &PodRecord) -> PodSandbox {
+    let config = pod_config(pod);
+    PodSandbox {
+        id: pod.id.clone(),
+        metadata: config.metadata,
+        state: pod_state(pod),
+        created_at: pod.created_at,
+        labels: config.labels,
+        annotations: config.annotations,
+        runtime_handler: String::new(),
+    }
+}
+
+/// A pod's status.
+pub fn pod_status(pod: &PodRecord) -> PodSandboxStatus {
+    let config = pod_config(pod);
+    let options = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone());
+    PodSandboxStatus {
+        id: pod.id.clone(),
+        metadata: config.metadata,
+        state: pod_state(pod),
+        created_at: pod.created_at,
+        // Pod networking (CNI + virtio-net) gives the pod its IP; until then it has none.
+        network: Some(PodSandboxNetworkStatus::default()),
+        linux: Some(LinuxPodSandboxStatus {
+            namespaces: Some(Namespace { options }),
+        }),
+        labels: config.labels,
+        annotations: config.annotations,
+        runtime_handler: String::new(),
+    }
+}
+
+/// Verbose pod information (PodSandboxStatus verbose=true).
+pub fn pod_info(pod: &PodRecord) -> HashMap<String, String> {
+    let info = serde_json::json!({
+        "vcpus": pod.vcpus,
+        "memoryMiB": pod.mem_mib,
+        "imageSlots": pod.slots,
+        "state": format!("{:?}", pod.state),
+        "reason": pod.reason,
+        "hostResourcesReleased": pod.released,
+    });
+    HashMap::from([("info".to_string(), info.to_string())])
+}
+
+/// A container as ListContainers reports it.
+pub fn cri_container(c: &ContainerRecord) -> Container {
+    let config = container_config(c);
+    Container {
+        id: c.id.clone(),
+        pod_sandbox_id: c.pod_id.clone(),
+        metadata: config.metadata,
+        image: config.image,
+        image_ref: c.image_id.clone(),
+        state: container_state(c),
+        created_at: c.created_at,
+        labels: config.labels,
+        annotations: config.annotations,
+        image_id: c.image_id.clone(),
+    }
+}
+
+/// A container's status.
+pub fn container_status(c: &ContainerRecord) -> ContainerStatus {
+    let config = container_config(c);
+    let resources = LinuxContainerResources::decode(c.resources.as_slice()).ok();
+    ContainerStatus {
+        id: c.id.clone(),
+        metadata: config.metadata,
+        state: container_state(c),
+        created_at: c.created_at,
+        started_at: c.started_at,
+        finished_at: c.finished_at,
+        exit_code: c.exit_code,
+        image: config.image,
+        image_ref: c.image_id.clone(),
+        reason: c.reason.clone(),
+        message: c.message.clone(),
+        labels: config.labels,
+        annotations: config.annotations,
+        mounts: config.mounts,
+        log_path: config.log_path,
+        resources: resources.map(|r| ContainerResources {
+            linux: Some(r),
+            windows: None,
+        }),
+        image_id: c.image_id.clone(),
+        user: None,
+    }
+}
+
+/// Verbose container information (ContainerStatus verbose=true).
+pub fn container_info(c: &ContainerRecord) -> String {
+    let spec: serde_json::Value = serde_json::from_slice(&c.spec_json).unwrap_or_default();
+    serde_json::json!({
+        "sandboxID": c.pod_id,
+        "imageSlot": c.slot,
+        "stopSignal": c.stop_signal,
+        "runtimeSpec": spec,
+    })
+    .to_string()
+}
+
+/// A CRI container event with the pod's and its containers' current status.
+pub fn event(manager: &Manager, ev: &ContainerEvent) -> ContainerEventResponse {
+    let store = manager.store();
+    let kind = match ev.kind {
+        EventKind::Created => ContainerEventType::ContainerCreatedEvent,
+        EventKind::Started => ContainerEventType::ContainerStartedEvent,
+        EventKind::Stopped => ContainerEventType::ContainerStoppedEvent,
+        EventKind::Deleted => ContainerEventType::ContainerDeletedEvent,
+    };
+    ContainerEventResponse {
+        container_id: ev.container_id.clone(),
+        container_event_type: kind as i32,
+        created_at: ev.at,
+        pod_sandbox_status: store.pod(&ev.pod_id).ok().flatten().map(|p| pod_status(&p)),
+        containers_statuses: store
+            .pod_containers(&ev.pod_id)
+            .unwrap_or_default()
+            .iter()
+            .map(container_status)
+            .collect(),
+    }
+}
+
+fn u64v(v: u64) -> Option<UInt64Value> {
+    Some(UInt64Value { value: v })
+}
+
+/// Turns cumulative CPU time into a rate (usage_nano_cores) from the previous sample of each
+/// container.
+#[derive(Clone, Default)]
+pub struct Stats {
+    last: Arc<Mutex<HashMap<String, (u64, u64)>>>,
+}
+
+impl Stats {
+    /// CRI stats of a container; without guest stats only the attributes.
+    pub fn container(
+        &self,
+        c: &ContainerRecord,
+        s: Option<&pb::StatsContainerResponse>,
+    ) -> ContainerStats {
+        let config = container_config(c);
+        let attributes = Some(ContainerAttributes {
+            id: c.id.clone(),
+            metadata: config.metadata,
+            labels: config.labels,
+            annotations: config.annotations,
+        });
+        let Some(s) = s else {
+            return ContainerStats {
+                attributes,
+                ..Default::default()
+            };
+        };
+        let ts = if s.timestamp_unix_ns > 0 {
+            s.timestamp_unix_ns
+        } else {
+            now_ns() as u64
+        };
+        let nano_cores = {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            let prev = last.insert(c.id.clone(), (ts, s.cpu_usage_ns));
+            prev.and_then(|(pts, pusage)| {
+                let dt = ts.checked_sub(pts).filter(|d| *d > 0)?;
+                let du = s.cpu_usage_ns.checked_sub(pusage)?;
+                Some((du as u128 * 1_000_000_000 / dt as u128) as u64)
+            })
+        };
+        let available = s.memory_limit_bytes.checked_sub(s.memory_working_set_bytes);
+        ContainerStats {
+            attributes,
+            cpu: Some(CpuUsage {
+                timestamp: ts as i64,
+                usage_core_nano_seconds: u64v(s.cpu_usage_ns),
+                usage_nano_cores: nano_cores.and_then(u64v),
+            }),
+            memory: Some(MemoryUsage {
+                timestamp: ts as i64,
+                working_set_bytes: u64v(s.memory_working_set_bytes),
+                available_bytes: available.and_then(u64v),
+                usage_bytes: u64v(s.memory_usage_bytes),
+                rss_bytes: u64v(s.memory_rss_bytes),
+                page_faults: u64v(s.page_faults),
+                major_page_faults: u64v(s.major_page_faults),
+            }),
+            writable_layer: Some(FilesystemUsage {
+                timestamp: ts as i64,
+                fs_id: Some(FilesystemIdentifier {
+                    mountpoint: "/".into(),
+                }),
+                used_bytes: u64v(s.writable_layer_used_bytes),
+                inodes_used: u64v(s.writable_layer_inodes_used),
+            }),
+            swap: None,
+        }
+    }
+}
+
+/// Pod stats: the sum of its containers' CPU and memory.
+pub fn pod_stats(pod: &PodRecord, containers: Vec<ContainerStats>) -> PodSandboxStats {
+    let config = pod_config(pod);
+    let ts = now_ns();
+    let sum = |f: &dyn Fn(&ContainerStats) -> Option<u64>| -> Option<UInt64Value> {
+        let vals: Vec<u64> = containers.iter().filter_map(f).collect();
+        (!vals.is_empty()).then(|| UInt64Value {
+            value: vals.iter().sum(),
+        })
+    };
+    let cpu = CpuUsage {
+        timestamp: ts,
+        usage_core_nano_seconds: sum(&|c| {
+            c.cpu
+                .as_ref()?
+                .usage_core_nano_seconds
+                .as_ref()
+                .map(|v| v.value)
+        }),
+        usage_nano_cores: sum(&|c| c.cpu.as_ref()?.usage_nano_cores.as_ref().map(|v| v.value)),
+    };
+    let memory = MemoryUsage {
+        timestamp: ts,
+        working_set_bytes: sum(&|c| {
+            c.memory
+                .as_ref()?
+                .working_set_bytes
+                .as_ref()
+                .map(|v| v.value)
+        }),
+        usage_bytes: sum(&|c| c.memory.as_ref()?.usage_bytes.as_ref().map(|v| v.value)),
+        rss_bytes: sum(&|c| c.memory.as_ref()?.rss_bytes.as_ref().map(|v| v.value)),
+        ..Default::default()
+    };
+    PodSandboxStats {
+        attributes: Some(PodSandboxAttributes {
+            id: pod.id.clone(),
+            metadata: config.metadata,
+            labels: config.labels,
+            annotations: config.annotations,
+        }),
+        linux: Some(LinuxPodSandboxStats {
+            cpu: Some(cpu),
+            memory: Some(memory),
+            network: None,
+            process: None,
+            containers,
+        }),
+        windows: None,
+    }
+}
+
+/// The metrics ListPodSandboxMetrics reports, named as cAdvisor does.
+const METRICS: [(&str, &str, MetricType); 4] = [
+    (
+        "container_cpu_usage_seconds_total",
+        "Cumulative cpu time consumed in seconds.",
+        MetricType::Counter,
+    ),
+    (
+        "container_memory_working_set_bytes",
+        "Current working set in bytes.",
+        MetricType::Gauge,
+    ),
+    (
+        "container_memory_usage_bytes",
+        "Current memory usage in bytes.",
+        MetricType::Gauge,
+    ),
+    (
+        "container_memory_rss",
+        "Size of RSS in bytes.",
+        MetricType::Gauge,
+    ),
+];
+
+/// Descriptors of [`METRICS`].
+pub fn metric_descriptors() -> Vec<MetricDescriptor> {
+    METRICS
+        .iter()
+        .map(|(name, help, _)| MetricDescriptor {
+            name: (*name).into(),
+            help: (*help).into(),
+            label_keys: vec!["container".into(), "pod".into(), "namespace".into()],
+        })
+        .collect()
+}
+
+/// The metrics of one pod from its stats.
+pub fn pod_metrics(id: &str, stats: &PodSandboxStats) -> PodSandboxMetrics {
+    let attrs = stats.attributes.clone().unwrap_or_default();
+    let meta = attrs.metadata.unwrap_or_default();
+    let containers = stats
+        .linux
+        .as_ref()
+        .map(|l| l.containers.clone())
+        .unwrap_or_default();
+    let container_metrics = containers
+        .iter()
+        .map(|c| {
+            let a = c.attributes.clone().unwrap_or_default();
+            let name = a.metadata.map(|m| m.name).unwrap_or_default();
+            let cpu = c.cpu.unwrap_or_default();
+            let mem = c.memory.unwrap_or_default();
+            let values = [
+                cpu.usage_core_nano_seconds.map(|v| v.value / 1_000_000_000),
+                mem.working_set_bytes.map(|v| v.value),
+                mem.usage_bytes.map(|v| v.value),
+                mem.rss_bytes.map(|v| v.value),
+            ];
+            let metrics = METRICS
+                .iter()
+                .zip(values)
+                .filter_map(|((mname, _, kind), v)| {
+                    Some(Metric {
+                        name: (*mname).into(),
+                        timestamp: cpu.timestamp,
+                        metric_type: *kind as i32,
+                        label_values: vec![name.clone(), meta.name.clone(), meta.namespace.clone()],
+                        value: u64v(v?),
+                    })
+                })
+                .collect();
+            ContainerMetrics {
+                container_id: a.id,
+                metrics,
+            }
+        })
+        .collect();
+    PodSandboxMetrics {
+        pod_sandbox_id: id.into(),
+        metrics: Vec::new(),
+        container_metrics,
+    }
+}

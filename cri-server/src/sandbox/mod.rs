@@ -1,0 +1,255 @@
+//! The sandbox manager: every pod is a microVM with the guest agent as PID 1, every container runs in
+//! its pod's VM from an image block device hot-attached to a free slot.
+//!
+//! Data flows one way: the CRI layer (`runtime`) calls the manager; the manager writes its intent to the
+//! state store, then acts through the image service, the VMM and the agent client, then writes the
+//! result. Operations on one pod are serialized by a per-pod lock; different pods proceed in parallel.
+//! Nothing here knows about gRPC status codes: errors are [`SandboxError`] and `runtime` maps them.
+
+mod containers;
+mod live;
+mod pods;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use image_service::{ImageError, ImageService};
+use tokio::sync::broadcast;
+
+pub use live::{LiveContainer, LivePod};
+
+use crate::state::{StateError, StateStore};
+
+/// Errors of the sandbox manager, by the class the CRI layer reports them as.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A request field is missing or invalid; the message names the field.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No such pod, container or image.
+    #[error("{0}")]
+    NotFound(String),
+    /// The name is already reserved.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The object is not in a state that allows the operation.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A requested feature is not supported by podvisor.
+    #[error("{0}")]
+    Unimplemented(String),
+    /// A deadline (ExecSync timeout) passed.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// A fixed resource (image slots) is used up.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The state store failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The image service failed.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The VM could not be booted or driven.
+    #[error("pod VM: {0}")]
+    Vm(String),
+    /// The guest agent answered an error or could not be reached.
+    #[error("guest agent {call}: {status}")]
+    Agent {
+        /// The agent RPC.
+        call: &'static str,
+        /// Its status.
+        status: tonic::Status,
+    },
+    /// A host file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Maps an agent error to a [`SandboxError`] tagged with the call.
+pub(crate) fn agent_err(call: &'static str) -> impl FnOnce(tonic::Status) -> SandboxError {
+    move |status| SandboxError::Agent { call, status }
+}
+
+/// Settings of the manager.
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    /// Guest kernel (vmlinux).
+    pub kernel: PathBuf,
+    /// Guest initramfs.
+    pub initramfs: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Per-pod directories (console log): `<state dir>/pods`.
+    pub pods_dir: PathBuf,
+    /// Runtime files (the VMs' vsock sockets, `<run dir>/vm/<pod id>.vsock`): short paths, as unix
+    /// socket paths are limited to 108 bytes.
+    pub run_dir: PathBuf,
+    /// Image block slots per VM (distinct images a pod can run).
+    pub image_slots: u32,
+    /// How long a booting VM has to bring its agent up.
+    pub boot_timeout: Duration,
+    /// Guest memory of a pod without memory limits, MiB.
+    pub default_mem_mib: u32,
+    /// Guest memory added to a pod's limits for the guest kernel and agent, MiB.
+    pub guest_overhead_mib: u32,
+    /// Size cap of each container's writable layer (tmpfs in the guest), bytes.
+    pub writable_layer_bytes: u64,
+}
+
+/// What a CRI container event reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// Created.
+    Created,
+    /// Started.
+    Started,
+    /// Exited.
+    Stopped,
+    /// Removed.
+    Deleted,
+}
+
+/// A container lifecycle event (CRI GetContainerEvents).
+#[derive(Clone, Debug)]
+pub struct ContainerEvent {
+    /// The container.
+    pub container_id: String,
+    /// Its pod.
+    pub pod_id: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// When, ns since the epoch.
+    pub at: i64,
+}
+
+/// The sandbox manager. Cheap to clone.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ManagerConfig,
+    store: StateStore,
+    images: ImageService,
+    pods: Mutex<HashMap<String, Arc<LivePod>>>,
+    containers: Mutex<HashMap<String, Arc<LiveContainer>>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    events: broadcast::Sender<ContainerEvent>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Nanoseconds since the epoch.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// A new random 64-hex-digit id.
+pub fn new_id() -> Result<String, SandboxError> {
+    let mut bytes = [0u8; 32];
+    let path = PathBuf::from("/dev/urandom");
+    std::fs::File::open(&path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .map_err(|source| SandboxError::Io { path, source })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl Manager {
+    /// A manager over `store` and `images`. Call [`Manager::reconcile`] once before serving.
+    pub fn new(config: ManagerConfig, store: StateStore, images: ImageService) -> Manager {
+        let (events, _) = broadcast::channel(1024);
+        Manager {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                images,
+                pods: Mutex::default(),
+                containers: Mutex::default(),
+                locks: Mutex::default(),
+                events,
+            }),
+        }
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &StateStore {
+        &self.inner.store
+    }
+
+    /// Subscribes to container lifecycle events.
+    pub fn subscribe(&self) -> broadcast::Receiver<ContainerEvent> {
+        self.inner.events.subscribe()
+    }
+
+    fn emit(&self, container_id: &str, pod_id: &str, kind: EventKind) {
+        let _ = self.inner.events.send(ContainerEvent {
+            container_id: container_id.into(),
+            pod_id: pod_id.into(),
+            kind,
+            at: now_ns(),
+        });
+    }
+
+    /// The lock serializing operations on pod `id`.
+    fn pod_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.inner.locks)
+            .entry(id.into())
+            .or_default()
+            .clone()
+    }
+
+    fn live_pod(&self, id: &str) -> Option<Arc<LivePod>> {
+        lock(&self.inner.pods).get(id).cloned()
+    }
+
+    fn live_container(&self, id: &str) -> Option<Arc<LiveContainer>> {
+        lock(&self.inner.containers).get(id).cloned()
+    }
+
+    /// Resolves a full pod id or a unique prefix; `field` names the request field for errors.
+    pub fn resolve_pod(&self, field: &str, id: &str) -> Result<String, SandboxError> {
+        if id.is_empty() {
+            return Err(SandboxError::InvalidArgument(format!("{field}: empty")));
+        }
+        let pods = self.inner.store.pods()?;
+        crate::state::resolve_prefix(pods.iter().map(|p| p.id.as_str()), id)
+            .ok_or_else(|| SandboxError::NotFound(format!("{field}: pod sandbox {id:?} not found")))
+    }
+
+    /// Resolves a full container id or a unique prefix; `field` names the request field for errors.
+    pub fn resolve_container(&self, field: &str, id: &str) -> Result<String, SandboxError> {
+        if id.is_empty() {
+            return Err(SandboxError::InvalidArgument(format!("{field}: empty")));
+        }
+        let all = self.inner.store.containers()?;
+        crate::state::resolve_prefix(all.iter().map(|c| c.id.as_str()), id)
+            .ok_or_else(|| SandboxError::NotFound(format!("{field}: container {id:?} not found")))
+    }
+
+    fn pod_dir(&self, id: &str) -> PathBuf {
+        self.inner.config.pods_dir.join(id)
+    }
+
+    /// The host end of pod `id`'s vsock device.
+    fn vsock_path(&self, id: &str) -> PathBuf {
+        self.inner
+            .config
+            .run_dir
+            .join("vm")
+            .join(format!("{id}.vsock"))
+    }
+}

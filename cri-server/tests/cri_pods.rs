@@ -1,0 +1,815 @@
+//! CRI RuntimeService end to end on real VMs: the `podvisor` daemon, a real `docker-registry`, and the
+//! Rust k8s-cri client. One pod runs three containers (logs, exec, stats, an OOM kill, stop with and
+//! without a handler), the daemon is killed with SIGKILL while booting a second pod, and the restarted
+//! daemon must report consistent state with nothing left behind.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{connect, pod_prerequisites, push_pod_image, Daemon};
+use image_service::testing::{self, Registry};
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::transport::Channel;
+use tonic::Code;
+
+type Rt = RuntimeServiceClient<Channel>;
+
+fn podvisor(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
+    cmd.arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .arg("--certs-dir")
+        .arg(dir.join("certs.d"))
+        .args(["--image-slots", "2", "--default-pod-memory-mib", "384"]);
+    cmd
+}
+
+fn pod_config(name: &str, uid: &str, logs: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: uid.into(),
+            namespace: "e2e".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: logs.display().to_string(),
+        dns_config: Some(DnsConfig {
+            servers: vec!["10.96.0.10".into()],
+            searches: vec!["e2e.svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        }),
+        labels: HashMap::from([("app".into(), name.into())]),
+        ..Default::default()
+    }
+}
+
+fn container(name: &str, image: &str, args: &[&str], memory: i64) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: args.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        labels: HashMap::from([("name".into(), name.into())]),
+        linux: Some(LinuxContainerConfig {
+            resources: Some(LinuxContainerResources {
+                memory_limit_in_bytes: memory,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn create(
+    rt: &mut Rt,
+    pod: &str,
+    config: ContainerConfig,
+    pod_config: &PodSandboxConfig,
+) -> String {
+    let start = Instant::now();
+    let id = rt
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    eprintln!("CreateContainer took {:?}", start.elapsed());
+    id
+}
+
+async fn status(rt: &mut Rt, id: &str) -> ContainerStatus {
+    rt.container_status(ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .expect("ContainerStatus")
+    .into_inner()
+    .status
+    .unwrap()
+}
+
+/// Polls until the container has exited (bounded).
+async fn wait_exited(rt: &mut Rt, id: &str, timeout: Duration) -> ContainerStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = status(rt, id).await;
+        if s.state == ContainerState::ContainerExited as i32 || Instant::now() > deadline {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Polls until `path` contains every marker (bounded); returns the content.
+async fn wait_log(path: &Path, markers: &[&str], timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if markers.iter().all(|m| log.contains(m)) || Instant::now() > deadline {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> (Code, String) {
+    let e = r.expect_err("expected an error");
+    (e.code(), e.message().to_string())
+}
+
+/// Bad requests answered with the right code and a message naming the field, before any VM exists.
+async fn invalid_requests(rt: &mut Rt, image: &str, logs: &Path) {
+    let unknown = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let (c, m) = code(
+        rt.pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: unknown.into(),
+            verbose: false,
+        })
+        .await,
+    );
+    assert_eq!(c, Code::NotFound, "{m}");
+    let (c, m) = code(
+        rt.container_status(ContainerStatusRequest {
+            container_id: unknown.into(),
+            verbose: false,
+        })
+        .await,
+    );
+    assert_eq!(c, Code::NotFound, "{m}");
+    let (c, m) = code(
+        rt.start_container(StartContainerRequest {
+            container_id: unknown.into(),
+        })
+        .await,
+    );
+    assert_eq!(c, Code::NotFound, "{m}");
+    let (c, m) = code(
+        rt.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: unknown.into(),
+        })
+        .await,
+    );
+    assert_eq!(c, Code::NotFound, "{m}");
+    let (c, m) = code(
+        rt.exec_sync(ExecSyncRequest {
+            container_id: unknown.into(),
+            cmd: vec!["true".into()],
+            timeout: 1,
+        })
+        .await,
+    );
+    assert_eq!(c, Code::NotFound, "{m}");
+    // Removing what does not exist succeeds: kubelet retries removals.
+    rt.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: unknown.into(),
+    })
+    .await
+    .unwrap();
+    rt.remove_container(RemoveContainerRequest {
+        container_id: unknown.into(),
+    })
+    .await
+    .unwrap();
+
+    let mut empty_name = pod_config("", "u", logs);
+    empty_name.metadata.as_mut().unwrap().name.clear();
+    let (c, m) = code(
+        rt.run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(empty_name),
+            runtime_handler: String::new(),
+        })
+        .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+    assert!(m.contains("config.metadata.name"), "{m}");
+    let mut bad = pod_config("bad", "u", logs);
+    bad.linux = Some(LinuxPodSandboxConfig {
+        resources: Some(LinuxContainerResources {
+            memory_limit_in_bytes: -5,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let (c, m) = code(
+        rt.run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(bad),
+            runtime_handler: String::new(),
+        })
+        .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+    assert!(
+        m.contains("config.linux.resources.memory_limit_in_bytes"),
+        "{m}"
+    );
+    let mut host_net = pod_config("hostnet", "u", logs);
+    host_net.linux = Some(LinuxPodSandboxConfig {
+        security_context: Some(LinuxSandboxSecurityContext {
+            namespace_options: Some(NamespaceOption {
+                network: NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let (c, m) = code(
+        rt.run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(host_net),
+            runtime_handler: String::new(),
+        })
+        .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+    assert!(m.contains("hostNetwork"), "{m}");
+    let (c, m) = code(
+        rt.run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config("h", "u", logs)),
+            runtime_handler: "runc".into(),
+        })
+        .await,
+    );
+    assert_eq!(c, Code::NotFound);
+    assert!(m.contains("runtime_handler"), "{m}");
+    let (c, m) = code(
+        rt.create_container(CreateContainerRequest {
+            pod_sandbox_id: unknown.into(),
+            config: Some(container("x", image, &["true"], 0)),
+            sandbox_config: None,
+        })
+        .await,
+    );
+    assert_eq!(c, Code::NotFound, "{m}");
+    // Nothing was left behind by the refused requests.
+    let pods = rt
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(pods.items.is_empty(), "{pods:?}");
+}
+
+/// Every file under `dir`, relative.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p.strip_prefix(dir).unwrap().to_path_buf());
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_lifecycle_crash_and_restart() {
+    let Some(guest) = pod_prerequisites("pod_lifecycle_crash_and_restart") else {
+        return;
+    };
+    let reg = Registry::start(None).unwrap();
+    let dir = testing::tempdir();
+    let d = dir.path();
+    let image = push_pod_image(&reg, d, "e2e/busybox");
+    testing::write_hosts(&d.join("certs.d"), &reg.host, &reg.host).unwrap();
+    let socket = d.join("podvisor.sock");
+    let daemon_log = d.join("daemon.log");
+    let result = tokio::spawn(scenario(
+        guest,
+        d.to_path_buf(),
+        image,
+        socket,
+        daemon_log.clone(),
+    ))
+    .await;
+    if let Err(e) = result {
+        let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
+        let tail = &log[log.len().saturating_sub(20_000)..];
+        eprintln!("daemon log (tail):\n{tail}");
+        for pod in std::fs::read_dir(d.join("state/pods"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let console =
+                std::fs::read_to_string(pod.path().join("console.log")).unwrap_or_default();
+            eprintln!(
+                "console of {}:\n{}",
+                pod.path().display(),
+                &console[console.len().saturating_sub(6000)..]
+            );
+        }
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, daemon_log: PathBuf) {
+    let mut daemon = Daemon::start_with(podvisor(&d), &socket, &guest, Some(&daemon_log)).await;
+    let chan = connect(socket.clone()).await;
+    let mut rt = RuntimeServiceClient::new(chan.clone());
+    let mut img = ImageServiceClient::new(chan);
+    let mut events = rt
+        .get_container_events(GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    img.pull_image(PullImageRequest {
+        image: Some(ImageSpec {
+            image: image.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("PullImage");
+    let logs = d.join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    invalid_requests(&mut rt, &image, &logs).await;
+
+    // Pod A.
+    let config_a = pod_config("web", "uid-a", &logs);
+    let start = Instant::now();
+    let pod = rt
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config_a.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    eprintln!("RunPodSandbox took {:?}", start.elapsed());
+    let (c, m) = code(
+        rt.run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config_a.clone()),
+            runtime_handler: String::new(),
+        })
+        .await,
+    );
+    assert_eq!(c, Code::AlreadyExists, "{m}");
+    let st = rt
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        st.status.as_ref().unwrap().state,
+        PodSandboxState::SandboxReady as i32
+    );
+    assert!(st.info["info"].contains("\"vcpus\":1"), "{:?}", st.info);
+
+    let talker = create(&mut rt, &pod, container("talker", &image, &["sh", "-c",
+        "echo hello; echo oops >&2; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"], 0), &config_a).await;
+    let sleeper = create(
+        &mut rt,
+        &pod,
+        container(
+            "sleeper",
+            &image,
+            &[
+                "sh",
+                "-c",
+                "trap 'echo bye; exit 0' TERM; sleep 100000 & wait",
+            ],
+            64 << 20,
+        ),
+        &config_a,
+    )
+    .await;
+    let (c, m) = code(
+        rt.create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container("talker", &image, &["true"], 0)),
+            sandbox_config: Some(config_a.clone()),
+        })
+        .await,
+    );
+    assert_eq!(c, Code::AlreadyExists, "{m}");
+    let mut no_image = container("noimage", "example.invalid/none:v1", &["true"], 0);
+    no_image.log_path.clear();
+    let (c, m) = code(
+        rt.create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(no_image),
+            sandbox_config: Some(config_a.clone()),
+        })
+        .await,
+    );
+    assert_eq!(c, Code::NotFound, "{m}");
+    assert!(m.contains("config.image.image"), "{m}");
+    for id in [&talker, &sleeper] {
+        rt.start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect("StartContainer");
+        assert_eq!(
+            status(&mut rt, id).await.state,
+            ContainerState::ContainerRunning as i32
+        );
+    }
+    let (c, _) = code(
+        rt.start_container(StartContainerRequest {
+            container_id: talker.clone(),
+        })
+        .await,
+    );
+    assert_eq!(c, Code::FailedPrecondition);
+
+    // Exec.
+    let start = Instant::now();
+    let out = rt
+        .exec_sync(ExecSyncRequest {
+            container_id: sleeper.clone(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo out; echo err >&2; hostname; cat /etc/resolv.conf; exit 3".into(),
+            ],
+            timeout: 120,
+        })
+        .await
+        .expect("ExecSync")
+        .into_inner();
+    eprintln!("ExecSync took {:?}", start.elapsed());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.exit_code, 3);
+    assert!(stdout.starts_with("out\nweb\n"), "{stdout}");
+    assert!(
+        stdout.contains("nameserver 10.96.0.10") && stdout.contains("ndots:5"),
+        "{stdout}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    let (c, m) = code(
+        rt.exec_sync(ExecSyncRequest {
+            container_id: sleeper.clone(),
+            cmd: vec!["sleep".into(), "600".into()],
+            timeout: 3,
+        })
+        .await,
+    );
+    assert_eq!(c, Code::DeadlineExceeded, "{m}");
+
+    // Logs, and their rotation.
+    let talker_log = logs.join("talker.log");
+    let log = wait_log(
+        &talker_log,
+        &["stdout F hello", "stderr F oops", "stdout F tick 1"],
+        Duration::from_secs(120),
+    )
+    .await;
+    for line in log.lines() {
+        let mut parts = line.splitn(4, ' ');
+        let ts = parts.next().unwrap();
+        assert!(ts.ends_with('Z') && ts.len() >= 20, "{line}");
+        assert!(matches!(parts.next(), Some("stdout" | "stderr")), "{line}");
+        assert!(matches!(parts.next(), Some("F" | "P")), "{line}");
+    }
+    std::fs::rename(&talker_log, logs.join("talker.log.1")).unwrap();
+    rt.reopen_container_log(ReopenContainerLogRequest {
+        container_id: talker.clone(),
+    })
+    .await
+    .expect("ReopenContainerLog");
+    let rotated = wait_log(&talker_log, &["stdout F tick"], Duration::from_secs(60)).await;
+    assert!(rotated.contains("stdout F tick"), "{rotated}");
+
+    // Stats and resources.
+    let s = rt
+        .container_stats(ContainerStatsRequest {
+            container_id: talker.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert!(s.cpu.unwrap().usage_core_nano_seconds.unwrap().value > 0);
+    assert!(s.memory.unwrap().working_set_bytes.unwrap().value > 0);
+    let all = rt
+        .list_container_stats(ListContainerStatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.stats.len(), 2, "{all:?}");
+    let ps = rt
+        .pod_sandbox_stats(PodSandboxStatsRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ps.stats.unwrap().linux.unwrap().containers.len(), 2);
+    let metrics = rt
+        .list_pod_sandbox_metrics(ListPodSandboxMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(metrics.pod_metrics[0].container_metrics.len(), 2);
+    rt.update_container_resources(UpdateContainerResourcesRequest {
+        container_id: sleeper.clone(),
+        linux: Some(LinuxContainerResources {
+            memory_limit_in_bytes: 96 << 20,
+            cpu_shares: 512,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("UpdateContainerResources");
+    let res = status(&mut rt, &sleeper)
+        .await
+        .resources
+        .unwrap()
+        .linux
+        .unwrap();
+    assert_eq!(res.memory_limit_in_bytes, 96 << 20);
+    let (c, m) = code(
+        rt.update_container_resources(UpdateContainerResourcesRequest {
+            container_id: sleeper.clone(),
+            linux: Some(LinuxContainerResources {
+                cpu_quota: -7,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+
+    // OOM: 64 MiB buffers under a 16 MiB limit.
+    let hog = create(
+        &mut rt,
+        &pod,
+        container(
+            "hog",
+            &image,
+            &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=4"],
+            16 << 20,
+        ),
+        &config_a,
+    )
+    .await;
+    rt.start_container(StartContainerRequest {
+        container_id: hog.clone(),
+    })
+    .await
+    .unwrap();
+    let s = wait_exited(&mut rt, &hog, Duration::from_secs(180)).await;
+    assert_eq!(
+        (s.state, s.reason.as_str(), s.exit_code),
+        (ContainerState::ContainerExited as i32, "OOMKilled", 137),
+        "{s:?}"
+    );
+    assert!(
+        s.finished_at >= s.started_at && s.started_at > s.created_at,
+        "{s:?}"
+    );
+
+    // Stop without a handler: the shell in its own PID namespace ignores SIGTERM, so it is killed.
+    rt.stop_container(StopContainerRequest {
+        container_id: talker.clone(),
+        timeout: 2,
+    })
+    .await
+    .expect("StopContainer");
+    let s = status(&mut rt, &talker).await;
+    assert_eq!(
+        (s.state, s.exit_code, s.reason.as_str()),
+        (ContainerState::ContainerExited as i32, 137, "Error"),
+        "{s:?}"
+    );
+    // Stopping again succeeds.
+    rt.stop_container(StopContainerRequest {
+        container_id: talker.clone(),
+        timeout: 2,
+    })
+    .await
+    .unwrap();
+    let exited = rt
+        .list_containers(ListContainersRequest {
+            filter: Some(ContainerFilter {
+                state: Some(ContainerStateValue {
+                    state: ContainerState::ContainerExited as i32,
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(exited.len(), 2, "{exited:?}");
+    let by_label = rt
+        .list_containers(ListContainersRequest {
+            filter: Some(ContainerFilter {
+                label_selector: HashMap::from([("name".into(), "sleeper".into())]),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(by_label.len(), 1);
+    assert_eq!(by_label[0].id, sleeper);
+    rt.remove_container(RemoveContainerRequest {
+        container_id: hog.clone(),
+    })
+    .await
+    .expect("RemoveContainer");
+    let (c, _) = code(
+        rt.container_status(ContainerStatusRequest {
+            container_id: hog.clone(),
+            verbose: false,
+        })
+        .await,
+    );
+    assert_eq!(c, Code::NotFound);
+    rt.remove_container(RemoveContainerRequest {
+        container_id: hog.clone(),
+    })
+    .await
+    .unwrap();
+
+    // Events seen so far for the talker: created, started, stopped.
+    let mut kinds = Vec::new();
+    while kinds.len() < 3 {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("event")
+            .unwrap()
+            .unwrap();
+        if ev.container_id == talker {
+            kinds.push(ev.container_event_type);
+        }
+    }
+    assert_eq!(kinds, [0, 1, 2]);
+
+    // Crash: SIGKILL the daemon while it boots pod B. The sleeper keeps running in pod A until then.
+    let mut rt2 = rt.clone();
+    let logs_b = logs.clone();
+    let booting = tokio::spawn(async move {
+        rt2.run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config("db", "uid-b", &logs_b)),
+            runtime_handler: String::new(),
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    daemon.kill9();
+    assert!(booting.await.unwrap().is_err());
+    let pods_dir = d.join("state/pods");
+    assert_eq!(
+        std::fs::read_dir(&pods_dir).unwrap().count(),
+        2,
+        "pod A and the half-booted pod B"
+    );
+
+    let daemon = Daemon::start_with(podvisor(&d), &socket, &guest, Some(&daemon_log)).await;
+    let chan = connect(socket.clone()).await;
+    let mut rt = RuntimeServiceClient::new(chan.clone());
+    let mut img = ImageServiceClient::new(chan);
+    let pods = rt
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    assert_eq!(
+        (pods[0].id.as_str(), pods[0].state),
+        (pod.as_str(), PodSandboxState::SandboxNotready as i32)
+    );
+    let s = status(&mut rt, &sleeper).await;
+    assert_eq!(s.state, ContainerState::ContainerExited as i32, "{s:?}");
+    assert!(
+        !s.reason.is_empty() && s.message.contains("daemon"),
+        "{s:?}"
+    );
+    assert_eq!(
+        status(&mut rt, &talker).await.exit_code,
+        137,
+        "earlier results are kept"
+    );
+    // Only pod A's console log is left; no VM socket survives the crash.
+    let left: Vec<PathBuf> = files_under(&pods_dir);
+    assert!(left.iter().all(|p| p.starts_with(&pod)), "{left:?}");
+    let sockets = files_under(&d.join("run/vm"));
+    assert!(sockets.is_empty(), "{sockets:?}");
+    let (c, _) = code(
+        rt.exec_sync(ExecSyncRequest {
+            container_id: talker.clone(),
+            cmd: vec!["true".into()],
+            timeout: 5,
+        })
+        .await,
+    );
+    assert_eq!(c, Code::FailedPrecondition);
+
+    // The name of the interrupted pod B is free again and the restarted daemon runs pods.
+    let config_b = pod_config("db", "uid-b", &logs);
+    let pod_b = rt
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config_b.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("RunPodSandbox after restart")
+        .into_inner()
+        .pod_sandbox_id;
+    let c = create(
+        &mut rt,
+        &pod_b,
+        container("once", &image, &["sh", "-c", "echo done-$((6*7))"], 0),
+        &config_b,
+    )
+    .await;
+    rt.start_container(StartContainerRequest {
+        container_id: c.clone(),
+    })
+    .await
+    .unwrap();
+    let s = wait_exited(&mut rt, &c, Duration::from_secs(180)).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"), "{s:?}");
+    let log = wait_log(
+        &logs.join("once.log"),
+        &["stdout F done-42"],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(log.contains("stdout F done-42"), "{log}");
+
+    for p in [&pod, &pod_b] {
+        rt.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: p.clone(),
+        })
+        .await
+        .expect("StopPodSandbox");
+        rt.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: p.clone(),
+        })
+        .await
+        .expect("StopPodSandbox again");
+        rt.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: p.clone(),
+        })
+        .await
+        .expect("RemovePodSandbox");
+        rt.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: p.clone(),
+        })
+        .await
+        .expect("RemovePodSandbox again");
+    }
+    assert!(rt
+        .list_containers(ListContainersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .containers
+        .is_empty());
+    assert!(
+        files_under(&pods_dir).is_empty(),
+        "{:?}",
+        files_under(&pods_dir)
+    );
+    // Every image lease was released: the image can be removed.
+    img.remove_image(RemoveImageRequest {
+        image: Some(ImageSpec {
+            image: image.clone(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("RemoveImage after all containers are gone");
+    drop(daemon);
+}

@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""A pod's life on podvisor, driven by a CRI client we did not write: PyPI container-runtime-interface-api
+(Domino Data Lab's `cri_api`: its Images/Containers wrappers and its generated v1 RuntimeService stubs).
+
+Environment: RUNTIME_SOCK (unix:///...), IMAGE (a pullable reference), LOG_DIR (the pod log directory).
+Exits non-zero with a message on the first failed check; prints one "ok" line per check.
+"""
+
+import os
+import sys
+import time
+
+import grpc
+from cri_api.channel import Channel
+from cri_api.containers import Containers
+from cri_api.exceptions import ContainerServiceException
+from cri_api.images import Images
+from cri_api.v1 import api_pb2 as cri
+from cri_api.v1.api_pb2_grpc import RuntimeServiceStub
+
+SOCK = os.environ["RUNTIME_SOCK"]
+IMAGE = os.environ["IMAGE"]
+LOG_DIR = os.environ["LOG_DIR"]
+
+
+def check(cond, what):
+    if not cond:
+        print(f"FAIL: {what}", flush=True)
+        sys.exit(1)
+    print(f"ok: {what}", flush=True)
+
+
+def expect_code(call, code, field=None):
+    try:
+        call()
+    except grpc.RpcError as e:
+        msg = e.details() or ""
+        check(e.code() == code and (field is None or field in msg), f"{code.name} {field or ''}: {msg}")
+        return
+    check(False, f"expected {code.name}")
+
+
+def main():
+    channel = Channel(SOCK)
+    runtime = RuntimeServiceStub(channel.channel)
+    version = runtime.Version(cri.VersionRequest())
+    check(version.runtime_name == "podvisor" and version.runtime_api_version == "v1", f"version {version.runtime_name}")
+    check(channel.version == "v1", "the client negotiates CRI v1")
+
+    images = Images(channel)
+    images.pull_image(IMAGE)
+    check(images.get_image(IMAGE) is not None, "image pulled and listed")
+
+    pod_config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="py-pod", uid="py-uid", namespace="py", attempt=0),
+        hostname="py-pod",
+        log_directory=LOG_DIR,
+        labels={"client": "python"},
+    )
+    start = time.monotonic()
+    pod = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
+    print(f"RunPodSandbox: {time.monotonic() - start:.1f} s", flush=True)
+    status = runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
+    check(status.state == cri.SANDBOX_READY and status.metadata.name == "py-pod", "pod ready")
+    listed = runtime.ListPodSandbox(cri.ListPodSandboxRequest(
+        filter=cri.PodSandboxFilter(label_selector={"client": "python"}))).items
+    check([p.id for p in listed] == [pod], "ListPodSandbox by label")
+
+    def container(name, args):
+        return cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name=name),
+            image=cri.ImageSpec(image=IMAGE),
+            command=args,
+            log_path=f"{name}.log",
+        )
+
+    expect_code(lambda: runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod, config=container("", ["true"]), sandbox_config=pod_config)),
+        grpc.StatusCode.INVALID_ARGUMENT, "config.metadata.name")
+    cid = runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod, config=container("app", ["sh", "-c", "echo from-python; sleep 100000"]),
+        sandbox_config=pod_config)).container_id
+    runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+
+    containers = Containers(channel)
+    running = containers.list_containers({"state": {"state": "CONTAINER_RUNNING"}})
+    check([c["id"] for c in running] == [cid], "the wrapper lists the running container")
+    check(containers.get_container(cid)["metadata"]["name"] == "app", "the wrapper reads its status")
+
+    out = runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", "echo $((1+2)); exit 4"], timeout=120))
+    check(out.stdout == b"3\n" and out.exit_code == 4, f"ExecSync stdout {out.stdout!r} exit {out.exit_code}")
+
+    log_path = os.path.join(LOG_DIR, "app.log")
+    deadline = time.monotonic() + 60
+    log = ""
+    while time.monotonic() < deadline and "stdout F from-python" not in log:
+        time.sleep(0.5)
+        log = open(log_path).read() if os.path.exists(log_path) else ""
+    check("stdout F from-python" in log, f"CRI log line: {log!r}")
+
+    stats = runtime.ContainerStats(cri.ContainerStatsRequest(container_id=cid)).stats
+    check(stats.memory.working_set_bytes.value > 0, "ContainerStats memory")
+    expect_code(lambda: runtime.UpdateContainerResources(cri.UpdateContainerResourcesRequest(
+        container_id=cid, linux=cri.LinuxContainerResources(cpu_quota=-1))),
+        grpc.StatusCode.INVALID_ARGUMENT, "cpu_quota")
+    expect_code(lambda: runtime.ContainerStatus(cri.ContainerStatusRequest(container_id="f" * 64)),
+                grpc.StatusCode.NOT_FOUND)
+    try:
+        containers.get_container("f" * 64)
+        check(False, "the wrapper reports an unknown container")
+    except ContainerServiceException as e:
+        check(e.status_code == grpc.StatusCode.NOT_FOUND, f"the wrapper reports NOT_FOUND: {e}")
+
+    runtime.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=1))
+    st = runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+    check(st.state == cri.CONTAINER_EXITED and st.exit_code == 137, f"stopped: exit {st.exit_code} {st.reason}")
+    containers.remove_container(cid)
+    check(containers.list_containers() == [], "the wrapper removed the container")
+
+    runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
+    runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
+    runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
+    check(len(runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items) == 0, "pod removed (twice)")
+    images.remove_image(IMAGE)
+    check(images.get_image(IMAGE) is None, "image removable once no container leases it")
+    print("PASS", flush=True)
+
+
+if __name__ == "__main__":
+    main()
