@@ -42,6 +42,10 @@ def expect_code(call, code, field=None):
 
 def main():
     channel = Channel(SOCK)
+    # grpc-core (Python, C++, Java) sends the socket path as HTTP/2 :authority on unix sockets; tonic's
+    # HTTP/2 layer (h2) rejects that as malformed (RST_STREAM PROTOCOL_ERROR). kubelet and crictl
+    # (grpc-go) send "localhost", which this option makes grpc-core send too.
+    channel.channel = grpc.insecure_channel(SOCK, options=[("grpc.default_authority", "localhost")])
     runtime = RuntimeServiceStub(channel.channel)
     version = runtime.Version(cri.VersionRequest())
     check(version.runtime_name == "podvisor" and version.runtime_api_version == "v1", f"version {version.runtime_name}")

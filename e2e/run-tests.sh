@@ -7,6 +7,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 e2e/setup-host.sh
+# setup-host.sh installed the Python clients: tests that need them must not skip.
+export PODVISOR_REQUIRE_PYTHON=1
 guest/build.sh >/dev/null
 if [ -e /dev/kvm ]; then
   export PODVISOR_REQUIRE_KVM=1

@@ -22,11 +22,12 @@ if command -v rustup >/dev/null; then
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >&2
   done
 fi
-# The CRI client we did not write, for the e2e tests: PyPI container-runtime-interface-api in a venv.
+# Clients we did not write, for the e2e tests, in a venv: PyPI container-runtime-interface-api (CRI v1)
+# and the Kubernetes Python client (its WebSocket exec/port-forward client for the streaming server).
 VENV="${HOME}/.cache/podvisor/venv"
-CRI_API=container-runtime-interface-api==2.0.1
-if ! "$VENV/bin/python" -c "import cri_api.v1.api_pb2_grpc" 2>/dev/null; then
-  echo "setup-host: installing $CRI_API into $VENV" >&2
+PY_PKGS=(container-runtime-interface-api==2.0.1 kubernetes==37.0.2 websocket-client)
+if ! "$VENV/bin/python" -c "import cri_api.v1.api_pb2_grpc, kubernetes.stream.ws_client, websocket" 2>/dev/null; then
+  echo "setup-host: installing ${PY_PKGS[*]} into $VENV" >&2
   python3 -m venv "$VENV" >&2
-  "$VENV/bin/pip" install -q "$CRI_API" >&2
+  "$VENV/bin/pip" install -q "${PY_PKGS[@]}" >&2
 fi

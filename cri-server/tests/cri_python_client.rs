@@ -38,7 +38,7 @@ async fn python_cri_client_drives_a_pod() {
     };
     let python = match python() {
         Ok(p) => p,
-        Err(e) if std::env::var("PODVISOR_REQUIRE_KVM").as_deref() == Ok("1") => {
+        Err(e) if std::env::var("PODVISOR_REQUIRE_PYTHON").as_deref() == Ok("1") => {
             panic!("python_cri_client_drives_a_pod: {e}")
         }
         Err(e) => {
