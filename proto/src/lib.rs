@@ -21,6 +21,11 @@ pub mod client;
 /// The vsock port the guest agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// vsock port of the agent's port forwarder: the host writes `PORT <tcp port>\n`, the agent connects to
+/// that port on the guest's loopback and answers `OK\n` (or `ERR <reason>\n` and closes); the
+/// connection then carries the TCP stream's bytes both ways (CRI PortForward).
+pub const PORT_FORWARD_VSOCK_PORT: u32 = 1025;
+
 /// The largest `ReadFileRequest::max_bytes` the agent accepts (4 MiB). Clients must accept responses of this
 /// size plus framing, above tonic's default 4 MiB decoding limit (`client::connect_hybrid_vsock` does).
 pub const MAX_READ_BYTES: u32 = 4 * 1024 * 1024;

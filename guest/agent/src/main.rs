@@ -10,6 +10,7 @@ mod exits;
 mod files;
 mod init;
 mod network;
+mod portforward;
 mod sandbox;
 mod server;
 mod service;
@@ -20,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use podvisor_proto::AGENT_VSOCK_PORT;
+use podvisor_proto::{AGENT_VSOCK_PORT, PORT_FORWARD_VSOCK_PORT};
 use tokio::sync::Notify;
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
 
@@ -161,6 +162,12 @@ async fn run(pid1: bool, boot: Arc<BootInfo>, engine: Option<std::os::fd::OwnedF
         Err(err) => log(&format!(
             "container engine channel: {err}; containers are unavailable"
         )),
+    }
+    match bind_with_retry(PORT_FORWARD_VSOCK_PORT).await {
+        Ok(listener) => {
+            tokio::spawn(portforward::serve(listener));
+        }
+        Err(err) => log(&format!("port forwarding is unavailable: {err}")),
     }
     let mut restarts = 0;
     loop {
