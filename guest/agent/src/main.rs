@@ -143,7 +143,12 @@ async fn run(pid1: bool, boot: Arc<BootInfo>, engine: Option<std::os::fd::OwnedF
     tokio::spawn(shutdown_when_asked(pid1, shutdown.clone(), storage.clone()));
     let mut service = AgentService::new(boot.clone(), storage.clone(), shutdown);
     match network::Network::new() {
-        Ok(network) => service = service.with_network(Arc::new(network)),
+        Ok(network) => {
+            if let Err(err) = network.loopback_up().await {
+                log(&format!("loopback: {err}"));
+            }
+            service = service.with_network(Arc::new(network));
+        }
         Err(err) => log(&format!("{err}; network configuration is unavailable")),
     }
     match engine.map(EngineClient::new).transpose() {

@@ -137,6 +137,15 @@ impl Network {
     }
 
     /// Lists the links (name, index, MAC address).
+    /// Sets the loopback interface up (the kernel creates it down); the pod's containers share it.
+    pub async fn loopback_up(&self) -> Result<(), NetworkError> {
+        let links = self.links().await?;
+        let lo = links.iter().find(|l| l.name == "lo");
+        let lo = lo.ok_or_else(|| NetworkError::NotFound("no loopback interface".into()))?;
+        let up = LinkUnspec::new_with_index(lo.index).up().build();
+        ack(self.handle.link().set(up).execute().await, "setting lo up")
+    }
+
     async fn links(&self) -> Result<Vec<Link>, NetworkError> {
         let messages = collect(self.handle.link().get().execute(), "listing interfaces").await?;
         Ok(messages.iter().map(Link::from_message).collect())

@@ -601,3 +601,26 @@ fn add_arp_neighbors_adds_permanent_entries() {
         },
     );
 }
+
+#[test]
+fn loopback_comes_up_for_port_forwarding() {
+    in_netns("loopback_comes_up_for_port_forwarding", |net| async move {
+        let lo = net
+            .links()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|l| l.name == "lo")
+            .unwrap();
+        assert!(
+            !link_state(&net, lo.index).await.2,
+            "a new namespace starts with lo down"
+        );
+        net.loopback_up().await.unwrap();
+        assert!(link_state(&net, lo.index).await.2);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+    });
+}
