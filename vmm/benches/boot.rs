@@ -14,7 +14,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const AGENT_START_MARKER: &str = "starting: pid 1,";
@@ -61,51 +60,10 @@ fn ours(dir: &Path, kernel: &Path, initramfs: &Path, ready: &mut Vec<f64>) -> Sa
 }
 
 fn qemu(dir: &Path, kernel: &Path, initramfs: &Path) -> Sample {
-    let console = dir.join("qemu-console.log");
-    let cmdline = vmm::default_cmdline(&vmm::KvmHost::detect());
-    let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "kvm",
-            "-M",
-            "microvm,acpi=off",
-            "-cpu",
-            "host,-arch-capabilities",
-        ])
-        .args([
-            "-m",
-            "256",
-            "-smp",
-            "1",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-nodefaults",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initramfs)
-        .arg("-append")
-        .arg(&cmdline)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-system-x86_64 must be installed (apt-get install qemu-system-x86)");
-    let ok = common::wait_for_marker(&console, AGENT_START_MARKER, TIMEOUT);
-    let agent_start = start.elapsed().as_secs_f64();
-    std::thread::sleep(SETTLE);
-    let pss = common::pss_kib(child.id());
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(ok, "qemu: no agent start marker in {}", console.display());
+    let boot = common::qemu::qemu_boot(dir, kernel, initramfs, AGENT_START_MARKER, TIMEOUT, SETTLE);
     Sample {
-        agent_start,
-        pss_mib: pss as f64 / 1024.0,
+        agent_start: boot.to_marker,
+        pss_mib: boot.pss_mib,
     }
 }
 

@@ -2,10 +2,13 @@
 #![allow(dead_code)]
 
 pub mod oci;
+pub mod qemu;
+
+#[allow(unused_imports)]
+pub use qemu::{pss_kib, wait_for_marker};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use vmm::{BlockSlotConfig, KvmHost, VmConfig};
 
@@ -116,26 +119,4 @@ pub fn fd_targets() -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-/// Proportional set size of process `pid` in KiB.
-pub fn pss_kib(pid: u32) -> u64 {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Waits until `path` contains `marker`; returns false on timeout.
-pub fn wait_for_marker(path: &Path, marker: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(marker)) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
