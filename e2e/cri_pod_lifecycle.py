@@ -11,6 +11,8 @@ import sys
 import time
 
 import grpc
+from kubernetes.client import Configuration
+from kubernetes.stream.ws_client import PortForward, WSClient, create_websocket, get_websocket_url
 from cri_api.channel import Channel
 from cri_api.containers import Containers
 from cri_api.exceptions import ContainerServiceException
@@ -82,7 +84,8 @@ def main():
         pod_sandbox_id=pod, config=container("", ["true"]), sandbox_config=pod_config)),
         grpc.StatusCode.INVALID_ARGUMENT, "config.metadata.name")
     cid = runtime.CreateContainer(cri.CreateContainerRequest(
-        pod_sandbox_id=pod, config=container("app", ["sh", "-c", "echo from-python; sleep 100000"]),
+        pod_sandbox_id=pod, config=container("app", ["sh", "-c",
+            "echo from-python; while true; do echo pong | nc -l -p 8080; done"]),
         sandbox_config=pod_config)).container_id
     runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
 
@@ -93,6 +96,37 @@ def main():
 
     out = runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", "echo $((1+2)); exit 4"], timeout=120))
     check(out.stdout == b"3\n" and out.exit_code == 4, f"ExecSync stdout {out.stdout!r} exit {out.exit_code}")
+
+    # Streaming exec through the URL from Exec, with the Kubernetes Python client's WebSocket code.
+    url = runtime.Exec(cri.ExecRequest(container_id=cid, cmd=["sh", "-c", "read x; echo got-$x; echo e >&2; exit 6"],
+                                       stdin=True, stdout=True, stderr=True)).url
+    ws = WSClient(Configuration(), get_websocket_url(url), None, capture_all=True)
+    ws.write_stdin("hi\n")
+    ws.close_channel(0)
+    ws.run_forever(timeout=180)
+    out, err = ws.read_channel(1), ws.read_channel(2)
+    check(out == "got-hi\n" and err == "e\n" and ws.returncode == 6,
+          f"streaming exec over {ws.subprotocol}: {out!r} {err!r} exit {ws.returncode}")
+
+    # Port-forward to the container's listener on the pod's loopback.
+    url = runtime.PortForward(cri.PortForwardRequest(pod_sandbox_id=pod, port=[8080])).url
+    pf = PortForward(create_websocket(Configuration(), get_websocket_url(url + "?port=8080"),
+                                      {"sec-websocket-protocol": "v4.channel.k8s.io"}), [8080])
+    sock = pf.socket(8080)
+    sock.settimeout(1)
+    got = b""
+    deadline = time.monotonic() + 60
+    while b"pong" not in got and time.monotonic() < deadline:
+        try:
+            data = sock.recv(1024)
+            if not data:
+                break
+            got += data
+        except OSError:
+            pass
+    error = pf.error(8080)
+    check(got == b"pong\n" and error is None, f"port-forward read {got!r}, error {error!r}")
+    pf.close()
 
     log_path = os.path.join(LOG_DIR, "app.log")
     deadline = time.monotonic() + 60

@@ -14,6 +14,8 @@ use crate::images::{open_db, open_store, ImageArgs, Images, OpenError};
 use crate::runtime::Runtime;
 use crate::sandbox::{Manager, ManagerConfig};
 use crate::state::StateStore;
+use crate::streaming::StreamingServer;
+use std::sync::Arc;
 
 /// Daemon flags.
 #[derive(clap::Args, Clone, Debug)]
@@ -30,6 +32,9 @@ pub struct DaemonArgs {
     /// Directory holding the guest vmlinux and initramfs.cpio.
     #[arg(long, default_value = defaults::GUEST_DIR)]
     pub guest_dir: PathBuf,
+    /// Address of the streaming server (Exec/Attach/PortForward URLs); port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub streaming_addr: std::net::SocketAddr,
     /// Image store settings.
     #[command(flatten)]
     pub images: ImageArgs,
@@ -75,8 +80,8 @@ pub enum DaemonError {
     /// The image store could not be opened.
     #[error("image store: {0}")]
     Images(#[from] OpenError),
-    /// The pod state could not be opened or reconciled.
-    #[error("pod state: {0}")]
+    /// The pod state could not be opened or reconciled, or the streaming server not started.
+    #[error("{0}")]
     State(String),
     /// The gRPC server failed.
     #[error("CRI server: {0}")]
@@ -136,19 +141,23 @@ async fn serve(args: DaemonArgs) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&args.state_dir).map_err(io_err(&args.state_dir))?;
     let db = open_db(&args.state_dir)?;
     let store = open_store(&db, &args.state_dir, &args.images)?;
-    let state = StateStore::open(&db).map_err(|e| DaemonError::State(e.to_string()))?;
+    let state = StateStore::open(&db).map_err(|e| DaemonError::State(format!("pod state: {e}")))?;
     let manager = Manager::new(manager_config(&args), state, store.clone());
     let touched = manager
         .reconcile()
         .await
-        .map_err(|e| DaemonError::State(e.to_string()))?;
+        .map_err(|e| DaemonError::State(format!("reconciling pods: {e}")))?;
     if touched > 0 {
         tracing::info!(pods = touched, "reconciled pods left by the previous run");
     }
     let images = Images::new(store);
     let listener = bind(&args.socket)?;
     tracing::info!(socket = %args.socket.display(), state = %args.state_dir.display(), "podvisor serving CRI v1");
-    let runtime = Runtime::new(args.guest_dir.clone(), manager);
+    let streaming = StreamingServer::start(args.streaming_addr, crate::sandbox::backend(&manager))
+        .await
+        .map_err(|e| DaemonError::State(e.to_string()))?;
+    tracing::info!(addr = %streaming.addr(), "streaming server (exec, attach, port-forward) listening");
+    let runtime = Runtime::new(args.guest_dir.clone(), manager, Arc::new(streaming));
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");

@@ -14,7 +14,6 @@ mod runtime;
 mod sandbox;
 mod spec;
 mod state;
-#[allow(dead_code)] // wired into Exec/Attach/PortForward next
 mod streaming;
 
 /// Defaults the daemon embeds; every one can be overridden by a flag.

@@ -122,6 +122,20 @@ pub struct ContainerRecord {
     pub resources: Vec<u8>,
 }
 
+impl ContainerRecord {
+    /// The CRI config it was created from.
+    pub fn cri_config(&self) -> k8s_cri::v1::ContainerConfig {
+        prost::Message::decode(self.config.as_slice()).unwrap_or_default()
+    }
+}
+
+impl PodRecord {
+    /// The CRI config it was created from.
+    pub fn cri_config(&self) -> k8s_cri::v1::PodSandboxConfig {
+        prost::Message::decode(self.config.as_slice()).unwrap_or_default()
+    }
+}
+
 /// The pod and container store.
 #[derive(Clone)]
 pub struct StateStore {

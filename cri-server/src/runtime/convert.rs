@@ -10,14 +10,6 @@ use prost::Message;
 use crate::sandbox::{now_ns, ContainerEvent, EventKind, Manager};
 use crate::state::{ContainerRecord, ContainerState as St, PodRecord, PodState};
 
-fn pod_config(pod: &PodRecord) -> PodSandboxConfig {
-    PodSandboxConfig::decode(pod.config.as_slice()).unwrap_or_default()
-}
-
-fn container_config(c: &ContainerRecord) -> ContainerConfig {
-    ContainerConfig::decode(c.config.as_slice()).unwrap_or_default()
-}
-
 fn pod_state(pod: &PodRecord) -> i32 {
     match pod.state {
         PodState::Ready => PodSandboxState::SandboxReady as i32,
@@ -35,7 +27,7 @@ fn container_state(c: &ContainerRecord) -> i32 {
 
 /// A pod as ListPodSandbox reports it.
 pub fn cri_pod(pod: &PodRecord) -> PodSandbox {
-    let config = pod_config(pod);
+    let config = pod.cri_config();
     PodSandbox {
         id: pod.id.clone(),
         metadata: config.metadata,
@@ -49,7 +41,7 @@ pub fn cri_pod(pod: &PodRecord) -> PodSandbox {
 
 /// A pod's status.
 pub fn pod_status(pod: &PodRecord) -> PodSandboxStatus {
-    let config = pod_config(pod);
+    let config = pod.cri_config();
     let options = config
         .linux
         .as_ref()
@@ -86,7 +78,7 @@ pub fn pod_info(pod: &PodRecord) -> HashMap<String, String> {
 
 /// A container as ListContainers reports it.
 pub fn cri_container(c: &ContainerRecord) -> Container {
-    let config = container_config(c);
+    let config = c.cri_config();
     Container {
         id: c.id.clone(),
         pod_sandbox_id: c.pod_id.clone(),
@@ -103,7 +95,7 @@ pub fn cri_container(c: &ContainerRecord) -> Container {
 
 /// A container's status.
 pub fn container_status(c: &ContainerRecord) -> ContainerStatus {
-    let config = container_config(c);
+    let config = c.cri_config();
     let resources = LinuxContainerResources::decode(c.resources.as_slice()).ok();
     ContainerStatus {
         id: c.id.clone(),
@@ -183,7 +175,7 @@ impl Stats {
         c: &ContainerRecord,
         s: Option<&pb::StatsContainerResponse>,
     ) -> ContainerStats {
-        let config = container_config(c);
+        let config = c.cri_config();
         let attributes = Some(ContainerAttributes {
             id: c.id.clone(),
             metadata: config.metadata,
@@ -242,7 +234,7 @@ impl Stats {
 
 /// Pod stats: the sum of its containers' CPU and memory.
 pub fn pod_stats(pod: &PodRecord, containers: Vec<ContainerStats>) -> PodSandboxStats {
-    let config = pod_config(pod);
+    let config = pod.cri_config();
     let ts = now_ns();
     let sum = |f: &dyn Fn(&ContainerStats) -> Option<u64>| -> Option<UInt64Value> {
         let vals: Vec<u64> = containers.iter().filter_map(f).collect();

@@ -6,6 +6,7 @@ mod convert;
 
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use k8s_cri::v1::*;
@@ -15,6 +16,7 @@ use vmm::KvmHost;
 
 use crate::sandbox::{Manager, SandboxError};
 use crate::state::{labels_match, ContainerState, PodState};
+use crate::streaming::StreamingServer;
 use convert::{container_status, cri_container, cri_pod, pod_status, Stats};
 
 /// CRI API version served.
@@ -27,6 +29,7 @@ pub const RUNTIME_NAME: &str = "podvisor";
 pub struct Runtime {
     guest_dir: PathBuf,
     manager: Manager,
+    streaming: Arc<StreamingServer>,
     stats: Stats,
 }
 
@@ -63,12 +66,32 @@ fn ok<T>(v: T) -> Result<T> {
 }
 
 impl Runtime {
-    /// A runtime booting guests from `guest_dir` through `manager`.
-    pub fn new(guest_dir: PathBuf, manager: Manager) -> Runtime {
+    /// A runtime booting guests from `guest_dir` through `manager`, handing out `streaming` URLs.
+    pub fn new(guest_dir: PathBuf, manager: Manager, streaming: Arc<StreamingServer>) -> Runtime {
         Runtime {
             guest_dir,
             manager,
+            streaming,
             stats: Stats::default(),
+        }
+    }
+
+    /// The full id of a running container (Exec/Attach need one).
+    fn running_container(&self, id: &str) -> std::result::Result<String, Status> {
+        let id = self
+            .manager
+            .resolve_container("container_id", id)
+            .map_err(to_status)?;
+        let record = self
+            .manager
+            .store()
+            .container(&id)
+            .map_err(|e| to_status(e.into()))?;
+        match record {
+            Some(c) if c.state == ContainerState::Running => Ok(id),
+            _ => Err(Status::failed_precondition(format!(
+                "container {id} is not running"
+            ))),
         }
     }
 
@@ -269,7 +292,7 @@ impl RuntimeService for Runtime {
             .ok_or_else(|| Status::invalid_argument("config: missing"))?;
         let id = self
             .manager
-            .create_container(&req.pod_sandbox_id, config, req.sandbox_config)
+            .create_container(&req.pod_sandbox_id, config)
             .instrument(span("CreateContainer", &req.pod_sandbox_id))
             .await
             .map_err(to_status)?;
@@ -407,25 +430,45 @@ impl RuntimeService for Runtime {
         })
     }
 
-    async fn exec(&self, _request: Request<ExecRequest>) -> Result<ExecResponse> {
-        Err(Status::unimplemented(
-            "exec: the streaming server is not implemented yet",
-        ))
+    async fn exec(&self, request: Request<ExecRequest>) -> Result<ExecResponse> {
+        let mut req = request.into_inner();
+        req.container_id = self.running_container(&req.container_id)?;
+        ok(ExecResponse {
+            url: self.streaming.exec_url(&req)?,
+        })
     }
 
-    async fn attach(&self, _request: Request<AttachRequest>) -> Result<AttachResponse> {
-        Err(Status::unimplemented(
-            "attach: the streaming server is not implemented yet",
-        ))
+    async fn attach(&self, request: Request<AttachRequest>) -> Result<AttachResponse> {
+        let mut req = request.into_inner();
+        req.container_id = self.running_container(&req.container_id)?;
+        ok(AttachResponse {
+            url: self.streaming.attach_url(&req)?,
+        })
     }
 
     async fn port_forward(
         &self,
-        _request: Request<PortForwardRequest>,
+        request: Request<PortForwardRequest>,
     ) -> Result<PortForwardResponse> {
-        Err(Status::unimplemented(
-            "port_forward: the streaming server is not implemented yet",
-        ))
+        let mut req = request.into_inner();
+        let id = self
+            .manager
+            .resolve_pod("pod_sandbox_id", &req.pod_sandbox_id)
+            .map_err(to_status)?;
+        let pod = self
+            .manager
+            .store()
+            .pod(&id)
+            .map_err(|e| to_status(e.into()))?;
+        if pod.is_none_or(|p| p.state != PodState::Ready) {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {id} is not ready"
+            )));
+        }
+        req.pod_sandbox_id = id;
+        ok(PortForwardResponse {
+            url: self.streaming.port_forward_url(&req)?,
+        })
     }
 
     async fn container_stats(

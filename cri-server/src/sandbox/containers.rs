@@ -66,7 +66,6 @@ impl Manager {
         &self,
         pod_id: &str,
         config: ContainerConfig,
-        pod_config: Option<PodSandboxConfig>,
     ) -> Result<String, SandboxError> {
         let pod_id = self.resolve_pod("pod_sandbox_id", pod_id)?;
         let image_ref = config
@@ -78,11 +77,8 @@ impl Manager {
         let lock = self.pod_lock(&pod_id);
         let _guard = lock.lock().await;
         let (mut pod, live) = self.ready_pod(&pod_id)?;
-        // The pod's stored config is authoritative; kubelet sends the same one.
-        let pod_config = PodSandboxConfig::decode(pod.config.as_slice())
-            .ok()
-            .or(pod_config)
-            .unwrap_or_default();
+        // The pod's stored config is authoritative (kubelet resends the same one with each request).
+        let pod_config = pod.cri_config();
         let name_key = container_name_key(&config, &pod_config)?;
         let images = &self.inner.images;
         let image = images.status(&image_ref)?.ok_or_else(|| {
@@ -231,7 +227,7 @@ impl Manager {
     }
 
     /// The record, live pod and live container of a container whose pod runs.
-    async fn running_parts(
+    pub(super) async fn running_parts(
         &self,
         field: &str,
         id: &str,
@@ -272,6 +268,16 @@ impl Manager {
         record.state = ContainerState::Running;
         record.started_at = now_ns();
         self.inner.store.put_container(&record)?;
+        if !record.cri_config().stdin {
+            // Without `stdin` the process reads EOF, as from /dev/null with other runtimes.
+            let _ = live
+                .agent()
+                .close_stdin(pb::ProcessRequest {
+                    container_id: record.id.clone(),
+                    exec_id: String::new(),
+                })
+                .await;
+        }
         self.emit(&record.id, &record.pod_id, EventKind::Started);
         self.watch_exit(record.id.clone(), live, lc);
         Ok(())
@@ -472,6 +478,13 @@ impl Manager {
             })
             .await
             .map_err(agent_err("ExecProcess"))?;
+        // ExecSync has no stdin: the command reads EOF.
+        let _ = agent
+            .close_stdin(pb::ProcessRequest {
+                container_id: record.id.clone(),
+                exec_id: exec_id.clone(),
+            })
+            .await;
         let read = |stream: pb::OutputStream| {
             let mut agent = live.agent();
             let req = pb::ReadOutputRequest {

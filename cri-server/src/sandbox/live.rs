@@ -18,6 +18,8 @@ use crate::logs::{LogWriter, Stream};
 /// A running pod VM.
 pub struct LivePod {
     vm: Mutex<Option<Vm>>,
+    /// The host end of the VM's vsock device (hybrid vsock).
+    pub vsock: std::path::PathBuf,
     /// The agent client (one HTTP/2 connection, cheap to clone).
     pub agent: AgentClient<Channel>,
     exit: ExitWatch,
@@ -70,6 +72,7 @@ impl LivePod {
         match agent {
             Ok(agent) => Ok(LivePod {
                 vm: Mutex::new(Some(vm)),
+                vsock: uds,
                 agent,
                 exit,
                 stopping: AtomicBool::new(false),
@@ -131,11 +134,15 @@ async fn wait_exit(exit: ExitWatch) -> ExitReason {
     }
 }
 
-/// A container known to the running daemon: its exit watch and its log.
+/// Output chunks of a container's main process kept for late attach subscribers.
+const OUTPUT_BACKLOG: usize = 256;
+
+/// A container known to the running daemon: its exit watch, its log and its output for attach.
 pub struct LiveContainer {
     exited: watch::Sender<bool>,
     /// The CRI log file, if kubelet asked for one.
     pub log: Option<LogWriter>,
+    output: tokio::sync::broadcast::Sender<(Stream, bytes::Bytes)>,
     copiers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -145,6 +152,7 @@ impl LiveContainer {
         LiveContainer {
             exited: watch::channel(false).0,
             log,
+            output: tokio::sync::broadcast::channel(OUTPUT_BACKLOG).0,
             copiers: Mutex::default(),
         }
     }
@@ -161,9 +169,19 @@ impl LiveContainer {
         waited.is_ok()
     }
 
-    /// Copies the init process's output streams from the agent into the log file until they end.
+    /// Whether the container has exited.
+    pub fn has_exited(&self) -> bool {
+        *self.exited.borrow()
+    }
+
+    /// A receiver of the main process's output from now on (CRI Attach).
+    pub fn subscribe_output(&self) -> tokio::sync::broadcast::Receiver<(Stream, bytes::Bytes)> {
+        self.output.subscribe()
+    }
+
+    /// Copies the main process's output streams from the agent into the log file (if any) and to
+    /// attached clients, until they end.
     pub fn start_log_copiers(&self, agent: &AgentClient<Channel>, container_id: &str, tty: bool) {
-        let Some(log) = &self.log else { return };
         let streams: &[(pb::OutputStream, Stream)] = if tty {
             &[(pb::OutputStream::Stdout, Stream::Stdout)]
         } else {
@@ -175,7 +193,8 @@ impl LiveContainer {
         let mut copiers = lock(&self.copiers);
         for &(which, stream) in streams {
             let mut agent = agent.clone();
-            let log = log.clone();
+            let log = self.log.clone();
+            let output = self.output.clone();
             let req = pb::ReadOutputRequest {
                 container_id: container_id.into(),
                 exec_id: String::new(),
@@ -189,9 +208,13 @@ impl LiveContainer {
                         loop {
                             match s.message().await {
                                 Ok(Some(chunk)) => {
-                                    if let Err(e) = log.write(stream, &chunk.data) {
+                                    let data = bytes::Bytes::from(chunk.data);
+                                    if let Some(Err(e)) =
+                                        log.as_ref().map(|l| l.write(stream, &data))
+                                    {
                                         tracing::warn!(container = %id, "log write: {e}");
                                     }
+                                    let _ = output.send((stream, data));
                                 }
                                 Ok(None) => break,
                                 Err(e) => {
@@ -203,7 +226,7 @@ impl LiveContainer {
                     }
                     Err(e) => tracing::warn!(container = %id, "read_output: {e}"),
                 }
-                if let Err(e) = log.finish(stream) {
+                if let Some(Err(e)) = log.as_ref().map(|l| l.finish(stream)) {
                     tracing::warn!(container = %id, "log finish: {e}");
                 }
             }));

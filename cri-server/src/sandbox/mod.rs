@@ -9,6 +9,7 @@
 mod containers;
 mod live;
 mod pods;
+mod stream;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use image_service::{ImageError, ImageService};
 use tokio::sync::broadcast;
 
 pub use live::{LiveContainer, LivePod};
+pub use stream::backend;
 
 use crate::state::{StateError, StateStore};
 

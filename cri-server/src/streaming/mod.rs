@@ -238,9 +238,6 @@ impl StreamingServer {
         self.url("portforward", CachedRequest::PortForward(req.clone()))
     }
 
-    /// Stops accepting connections (sessions already running finish on their own).
-    pub fn shutdown(self) {}
-
     fn url(&self, kind: &str, req: CachedRequest) -> Result<String, StreamingError> {
         let token = self.shared.cache.insert(req)?;
         Ok(format!("http://{}/{kind}/{token}", self.addr))

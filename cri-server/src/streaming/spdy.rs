@@ -13,8 +13,6 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub const VERSION: u16 = 3;
 /// `FLAG_FIN`: the sender will send nothing more on this stream.
 pub const FLAG_FIN: u8 = 0x01;
-/// `FLAG_UNIDIRECTIONAL` (SYN_STREAM): the receiver must not send on the stream.
-pub const FLAG_UNIDIRECTIONAL: u8 = 0x02;
 /// RST_STREAM status PROTOCOL_ERROR.
 pub const RST_PROTOCOL_ERROR: u32 = 1;
 /// RST_STREAM status CANCEL (what spdystream sends when a stream is rejected).

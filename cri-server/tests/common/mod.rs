@@ -122,9 +122,9 @@ pub fn pod_prerequisites(test: &str) -> Option<PathBuf> {
 }
 
 /// Busybox applets of the pod test image.
-const APPLETS: [&str; 16] = [
+const APPLETS: [&str; 17] = [
     "sh", "echo", "sleep", "cat", "dd", "hostname", "id", "ls", "true", "head", "wc", "ps", "env",
-    "kill", "mkdir", "date",
+    "kill", "mkdir", "date", "nc",
 ];
 
 /// Pushes a busybox image for pods (static busybox, applets, passwd, the usual mount points) to
