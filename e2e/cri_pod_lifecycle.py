@@ -128,6 +128,24 @@ def main():
     check(got == b"pong\n" and error is None, f"port-forward read {got!r}, error {error!r}")
     pf.close()
 
+    # Attach to a second container's main process: stdin in, stdout out.
+    echo_config = container("echoer", ["sh", "-c", "while read l; do echo echo-$l; done"])
+    echo_config.stdin = True
+    echoer = runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod, config=echo_config, sandbox_config=pod_config)).container_id
+    runtime.StartContainer(cri.StartContainerRequest(container_id=echoer))
+    url = runtime.Attach(cri.AttachRequest(container_id=echoer, stdin=True, stdout=True)).url
+    ws = WSClient(Configuration(), get_websocket_url(url), None, capture_all=True)
+    ws.write_stdin("attached\n")
+    out = ""
+    deadline = time.monotonic() + 60
+    while "echo-attached" not in out and time.monotonic() < deadline:
+        ws.update(timeout=1)
+        out += ws.read_channel(1)
+    ws.close()
+    check(out == "echo-attached\n", f"attach: {out!r}")
+    runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=echoer))
+
     log_path = os.path.join(LOG_DIR, "app.log")
     deadline = time.monotonic() + 60
     log = ""

@@ -1,7 +1,7 @@
 //! Pod benchmark through the real daemon over CRI: RunPodSandbox until the pod is ready, and
 //! CreateContainer + StartContainer, serially and for 5 pods in parallel. The peer in the same run is
 //! QEMU's microvm booting the same kernel and initramfs until the agent starts (the guest's share of a
-//! pod start). Prints one JSON line per metric:
+//! pod start), once alone and as many times at once as pods are started in parallel. Prints one JSON line per metric:
 //! `{"metric":..,"unit":..,"ours":..,"peer":..,"peer_value":..,"ratio":..}`.
 //!
 //! `cargo bench -p cri-server --bench pods`; PODVISOR_BENCH_PARALLEL (default 5) sets the parallel pods.
@@ -11,12 +11,13 @@ mod common;
 #[path = "../../vmm/tests/common/qemu.rs"]
 mod qemu;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
+
 use std::time::{Duration, Instant};
 
-use common::{connect, pod_prerequisites, push_pod_image, Daemon};
+use common::{
+    connect, container_config, pod_config, pod_prerequisites, podvisor_cmd, push_pod_image, Daemon,
+};
 use image_service::testing::{self, Registry};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -25,24 +26,9 @@ use tonic::transport::Channel;
 
 type Rt = RuntimeServiceClient<Channel>;
 
-fn pod_config(name: &str, logs: &Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "bench".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        log_directory: logs.display().to_string(),
-        labels: HashMap::new(),
-        ..Default::default()
-    }
-}
-
 /// (RunPodSandbox seconds, Create+Start seconds, pod id).
 async fn one_pod(mut rt: Rt, name: String, image: String, logs: PathBuf) -> (f64, f64, String) {
-    let config = pod_config(&name, &logs);
+    let config = pod_config(&name, &format!("uid-{name}"), &logs);
     let start = Instant::now();
     let pod = rt
         .run_pod_sandbox(RunPodSandboxRequest {
@@ -58,19 +44,7 @@ async fn one_pod(mut rt: Rt, name: String, image: String, logs: PathBuf) -> (f64
     let id = rt
         .create_container(CreateContainerRequest {
             pod_sandbox_id: pod.clone(),
-            config: Some(ContainerConfig {
-                metadata: Some(ContainerMetadata {
-                    name: "app".into(),
-                    attempt: 0,
-                }),
-                image: Some(ImageSpec {
-                    image: image.clone(),
-                    ..Default::default()
-                }),
-                command: vec!["sleep".into(), "100000".into()],
-                log_path: format!("{name}-app.log"),
-                ..Default::default()
-            }),
+            config: Some(container_config("app", &image, &["sleep", "100000"], 0)),
             sandbox_config: Some(config),
         })
         .await
@@ -126,14 +100,10 @@ async fn main() {
     let logs = d.join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let socket = d.join("podvisor.sock");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
-    cmd.arg("--state-dir")
-        .arg(d.join("state"))
-        .arg("--run-dir")
-        .arg(d.join("run"))
-        .arg("--certs-dir")
-        .arg(d.join("certs.d"))
-        .args(["--image-slots", "1", "--default-pod-memory-mib", "256"]);
+    let cmd = podvisor_cmd(
+        d,
+        &["--image-slots", "1", "--default-pod-memory-mib", "256"],
+    );
     let _daemon = Daemon::start_with(cmd, &socket, &guest, Some(&d.join("daemon.log"))).await;
     let chan = connect(socket).await;
     let mut rt = RuntimeServiceClient::new(chan.clone());
@@ -194,9 +164,37 @@ async fn main() {
     let creates: Vec<f64> = results.iter().map(|r| r.1).collect();
     eprintln!("{parallel} in parallel: RunPodSandbox {runs:.1?}, Create+Start {creates:.1?}, all in {wall:.1}s");
 
+    // The parallel peer: as many QEMU boots of the same guest at once.
+    let boots: Vec<_> = (0..parallel)
+        .map(|i| {
+            let (dir, guest) = (d.join(format!("qemu{i}")), guest.clone());
+            std::fs::create_dir_all(&dir).unwrap();
+            tokio::task::spawn_blocking(move || {
+                qemu::qemu_boot(
+                    &dir,
+                    &guest.join("vmlinux"),
+                    &guest.join("initramfs.cpio"),
+                    "starting: pid 1,",
+                    Duration::from_secs(900),
+                    Duration::ZERO,
+                )
+                .to_marker
+            })
+        })
+        .collect();
+    let mut qemu_parallel = Vec::new();
+    for b in boots {
+        qemu_parallel.push(b.await.unwrap());
+    }
+    eprintln!("{parallel} QEMU boots in parallel: {qemu_parallel:.1?}");
+
     let peer = Some(("qemu-microvm-boot-to-agent-start", q.to_marker));
     line("run_pod_sandbox_serial", "s", run, peer);
     line("create_start_container_serial", "s", create, None);
+    let peer = Some((
+        "qemu-microvm-boot-to-agent-start-parallel",
+        mean(&qemu_parallel),
+    ));
     line(
         &format!("run_pod_sandbox_parallel{parallel}_mean"),
         "s",

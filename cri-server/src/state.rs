@@ -188,6 +188,27 @@ impl StateStore {
         Ok(())
     }
 
+    /// Releases every name whose holder has no pod or container record (a crash between reserving
+    /// the name and writing the record, or between deleting the record and releasing the name).
+    /// Returns how many were released.
+    pub fn prune_names(&self) -> Result<usize, StateError> {
+        let mut pruned = 0;
+        for kv in self.names.iter() {
+            let (name, id) = kv?;
+            let orphan = !self.pods.contains_key(&id)? && !self.containers.contains_key(&id)?;
+            if orphan
+                && self
+                    .names
+                    .compare_and_swap(&name, Some(id), None as Option<&[u8]>)?
+                    .is_ok()
+            {
+                pruned += 1;
+            }
+        }
+        self.names.flush()?;
+        Ok(pruned)
+    }
+
     /// Writes a pod record and flushes it to disk.
     pub fn put_pod(&self, pod: &PodRecord) -> Result<(), StateError> {
         self.pods.insert(&pod.id, encode(pod))?;
@@ -343,6 +364,12 @@ mod tests {
         assert!(store.reserve_name("web_default_uid_0", "b").is_err());
         store.release_name("web_default_uid_0", "a").unwrap();
         store.reserve_name("web_default_uid_0", "b").unwrap();
+        // "b" has no record: a restart releases its name; names of existing records stay.
+        store.put_pod(&pod("c")).unwrap();
+        store.reserve_name("c_ns", "c").unwrap();
+        assert_eq!(store.prune_names().unwrap(), 1);
+        store.reserve_name("web_default_uid_0", "d").unwrap();
+        assert!(store.reserve_name("c_ns", "e").is_err());
     }
 
     #[test]

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{connect, pod_prerequisites, push_pod_image, Daemon};
+use common::{
+    connect, container_config, pod_config, pod_prerequisites, podvisor_cmd, push_pod_image, Daemon,
+};
 use image_service::testing::{self, Registry};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -21,59 +23,10 @@ use tonic::Code;
 type Rt = RuntimeServiceClient<Channel>;
 
 fn podvisor(dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
-    cmd.arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--run-dir")
-        .arg(dir.join("run"))
-        .arg("--certs-dir")
-        .arg(dir.join("certs.d"))
-        .args(["--image-slots", "2", "--default-pod-memory-mib", "384"]);
-    cmd
-}
-
-fn pod_config(name: &str, uid: &str, logs: &Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: uid.into(),
-            namespace: "e2e".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        log_directory: logs.display().to_string(),
-        dns_config: Some(DnsConfig {
-            servers: vec!["10.96.0.10".into()],
-            searches: vec!["e2e.svc.cluster.local".into()],
-            options: vec!["ndots:5".into()],
-        }),
-        labels: HashMap::from([("app".into(), name.into())]),
-        ..Default::default()
-    }
-}
-
-fn container(name: &str, image: &str, args: &[&str], memory: i64) -> ContainerConfig {
-    ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        }),
-        command: args.iter().map(|s| s.to_string()).collect(),
-        log_path: format!("{name}.log"),
-        labels: HashMap::from([("name".into(), name.into())]),
-        linux: Some(LinuxContainerConfig {
-            resources: Some(LinuxContainerResources {
-                memory_limit_in_bytes: memory,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    podvisor_cmd(
+        dir,
+        &["--image-slots", "2", "--default-pod-memory-mib", "384"],
+    )
 }
 
 async fn create(
@@ -255,7 +208,7 @@ async fn invalid_requests(rt: &mut Rt, image: &str, logs: &Path) {
     let (c, m) = code(
         rt.create_container(CreateContainerRequest {
             pod_sandbox_id: unknown.into(),
-            config: Some(container("x", image, &["true"], 0)),
+            config: Some(container_config("x", image, &["true"], 0)),
             sandbox_config: None,
         })
         .await,
@@ -352,7 +305,18 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
     invalid_requests(&mut rt, &image, &logs).await;
 
     // Pod A.
-    let config_a = pod_config("web", "uid-a", &logs);
+    // 1.5 CPUs of limits: a VM with 2 vCPUs (on PVM hosts this needs the VMM to hide KVM's
+    // hypercall-based PV features); 200 MiB of limits plus the guest overhead.
+    let mut config_a = pod_config("web", "uid-a", &logs);
+    config_a.linux = Some(LinuxPodSandboxConfig {
+        resources: Some(LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 150_000,
+            memory_limit_in_bytes: 200 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     let start = Instant::now();
     let pod = rt
         .run_pod_sandbox(RunPodSandboxRequest {
@@ -384,14 +348,18 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
         st.status.as_ref().unwrap().state,
         PodSandboxState::SandboxReady as i32
     );
-    assert!(st.info["info"].contains("\"vcpus\":1"), "{:?}", st.info);
+    let info = &st.info["info"];
+    assert!(
+        info.contains("\"vcpus\":2") && info.contains("\"memoryMiB\":328"),
+        "{info}"
+    );
 
-    let talker = create(&mut rt, &pod, container("talker", &image, &["sh", "-c",
+    let talker = create(&mut rt, &pod, container_config("talker", &image, &["sh", "-c",
         "echo hello; echo oops >&2; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"], 0), &config_a).await;
     let sleeper = create(
         &mut rt,
         &pod,
-        container(
+        container_config(
             "sleeper",
             &image,
             &[
@@ -407,13 +375,13 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
     let (c, m) = code(
         rt.create_container(CreateContainerRequest {
             pod_sandbox_id: pod.clone(),
-            config: Some(container("talker", &image, &["true"], 0)),
+            config: Some(container_config("talker", &image, &["true"], 0)),
             sandbox_config: Some(config_a.clone()),
         })
         .await,
     );
     assert_eq!(c, Code::AlreadyExists, "{m}");
-    let mut no_image = container("noimage", "example.invalid/none:v1", &["true"], 0);
+    let mut no_image = container_config("noimage", "example.invalid/none:v1", &["true"], 0);
     no_image.log_path.clear();
     let (c, m) = code(
         rt.create_container(CreateContainerRequest {
@@ -452,7 +420,8 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
             cmd: vec![
                 "sh".into(),
                 "-c".into(),
-                "echo out; echo err >&2; hostname; cat /etc/resolv.conf; exit 3".into(),
+                "echo out; echo err >&2; hostname; cat /etc/resolv.conf /proc/cpuinfo; exit 3"
+                    .into(),
             ],
             timeout: 120,
         })
@@ -468,6 +437,11 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
         "{stdout}"
     );
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    let cpus = stdout
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    assert_eq!(cpus, 2, "the guest sees the pod's vCPUs");
     let (c, m) = code(
         rt.exec_sync(ExecSyncRequest {
             container_id: sleeper.clone(),
@@ -569,7 +543,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
     let hog = create(
         &mut rt,
         &pod,
-        container(
+        container_config(
             "hog",
             &image,
             &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=4"],
@@ -749,7 +723,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
     let c = create(
         &mut rt,
         &pod_b,
-        container("once", &image, &["sh", "-c", "echo done-$((6*7))"], 0),
+        container_config("once", &image, &["sh", "-c", "echo done-$((6*7))"], 0),
         &config_b,
     )
     .await;

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{pod_prerequisites, push_pod_image, Daemon};
+use common::{pod_prerequisites, podvisor_cmd, push_pod_image, Daemon};
 use image_service::testing::{self, Registry};
 
 fn python() -> Result<PathBuf, String> {
@@ -55,14 +55,10 @@ async fn python_cri_client_drives_a_pod() {
     let daemon_log = d.join("daemon.log");
     let logs = d.join("logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
-    cmd.arg("--state-dir")
-        .arg(d.join("state"))
-        .arg("--run-dir")
-        .arg(d.join("run"))
-        .arg("--certs-dir")
-        .arg(d.join("certs.d"))
-        .args(["--image-slots", "1", "--default-pod-memory-mib", "256"]);
+    let cmd = podvisor_cmd(
+        d,
+        &["--image-slots", "1", "--default-pod-memory-mib", "256"],
+    );
     let _daemon = Daemon::start_with(cmd, &socket, &guest, Some(&daemon_log)).await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/cri_pod_lifecycle.py");
     let out = tokio::process::Command::new(&python)

@@ -15,6 +15,12 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::AgentClient;
 
+/// Interval of HTTP/2 keepalive pings to the agent.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long an unanswered keepalive ping may take before the connection is considered dead (generous:
+/// the guest kernel is emulated on PVM hosts).
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// How long the VMM may take to answer `CONNECT <port>`.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -154,7 +160,12 @@ pub async fn connect_hybrid_vsock(
         }
     });
     // The URI is only used for the HTTP/2 :authority; the connector ignores it.
+    // HTTP/2 keepalive: a guest that stopped answering (hung, or gone with the connection half-open)
+    // fails the calls waiting on it instead of leaving them pending forever.
     let channel = Endpoint::from_static("http://[::]:50051")
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await?;
     Ok(AgentClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES))

@@ -3,6 +3,7 @@
 //! `images`.
 
 mod convert;
+mod stats;
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -157,6 +158,19 @@ fn span(rpc: &'static str, id: &str) -> tracing::Span {
     tracing::info_span!("cri", rpc, id = %id)
 }
 
+/// Runs a state-changing operation to completion in its own task, even if the client goes away
+/// (tonic drops a handler's future when the call is cancelled or times out), so no operation stops
+/// half-way between its intent and its result.
+async fn detached<T: Send + 'static>(
+    span: tracing::Span,
+    operation: impl std::future::Future<Output = std::result::Result<T, SandboxError>> + Send + 'static,
+) -> std::result::Result<T, Status> {
+    tokio::spawn(operation.instrument(span))
+        .await
+        .map_err(|e| Status::internal(format!("operation task failed: {e}")))?
+        .map_err(to_status)
+}
+
 #[tonic::async_trait]
 impl RuntimeService for Runtime {
     type GetContainerEventsStream = EventStream;
@@ -213,12 +227,11 @@ impl RuntimeService for Runtime {
             .as_ref()
             .map(|m| m.name.clone())
             .unwrap_or_default();
-        let id = self
-            .manager
-            .run_pod(config)
-            .instrument(span("RunPodSandbox", &name))
-            .await
-            .map_err(to_status)?;
+        let m = self.manager.clone();
+        let id = detached(span("RunPodSandbox", &name), async move {
+            m.run_pod(config).await
+        })
+        .await?;
         ok(RunPodSandboxResponse { pod_sandbox_id: id })
     }
 
@@ -227,11 +240,12 @@ impl RuntimeService for Runtime {
         request: Request<StopPodSandboxRequest>,
     ) -> Result<StopPodSandboxResponse> {
         let id = request.into_inner().pod_sandbox_id;
-        self.manager
-            .stop_pod(&id)
-            .instrument(span("StopPodSandbox", &id))
-            .await
-            .map_err(to_status)?;
+        let m = self.manager.clone();
+        detached(
+            span("StopPodSandbox", &id),
+            async move { m.stop_pod(&id).await },
+        )
+        .await?;
         ok(StopPodSandboxResponse {})
     }
 
@@ -243,11 +257,11 @@ impl RuntimeService for Runtime {
         if id.is_empty() {
             return Err(Status::invalid_argument("pod_sandbox_id: empty"));
         }
-        self.manager
-            .remove_pod(&id)
-            .instrument(span("RemovePodSandbox", &id))
-            .await
-            .map_err(to_status)?;
+        let m = self.manager.clone();
+        detached(span("RemovePodSandbox", &id), async move {
+            m.remove_pod(&id).await
+        })
+        .await?;
         ok(RemovePodSandboxResponse {})
     }
 
@@ -290,12 +304,12 @@ impl RuntimeService for Runtime {
         let config = req
             .config
             .ok_or_else(|| Status::invalid_argument("config: missing"))?;
-        let id = self
-            .manager
-            .create_container(&req.pod_sandbox_id, config)
-            .instrument(span("CreateContainer", &req.pod_sandbox_id))
-            .await
-            .map_err(to_status)?;
+        let m = self.manager.clone();
+        let pod = req.pod_sandbox_id;
+        let id = detached(span("CreateContainer", &pod), async move {
+            m.create_container(&pod, config).await
+        })
+        .await?;
         ok(CreateContainerResponse { container_id: id })
     }
 
@@ -304,11 +318,11 @@ impl RuntimeService for Runtime {
         request: Request<StartContainerRequest>,
     ) -> Result<StartContainerResponse> {
         let id = request.into_inner().container_id;
-        self.manager
-            .start_container(&id)
-            .instrument(span("StartContainer", &id))
-            .await
-            .map_err(to_status)?;
+        let m = self.manager.clone();
+        detached(span("StartContainer", &id), async move {
+            m.start_container(&id).await
+        })
+        .await?;
         ok(StartContainerResponse {})
     }
 
@@ -317,11 +331,12 @@ impl RuntimeService for Runtime {
         request: Request<StopContainerRequest>,
     ) -> Result<StopContainerResponse> {
         let req = request.into_inner();
-        self.manager
-            .stop_container(&req.container_id, req.timeout)
-            .instrument(span("StopContainer", &req.container_id))
-            .await
-            .map_err(to_status)?;
+        let m = self.manager.clone();
+        let id = req.container_id;
+        detached(span("StopContainer", &id), async move {
+            m.stop_container(&id, req.timeout).await
+        })
+        .await?;
         ok(StopContainerResponse {})
     }
 
@@ -333,11 +348,11 @@ impl RuntimeService for Runtime {
         if id.is_empty() {
             return Err(Status::invalid_argument("container_id: empty"));
         }
-        self.manager
-            .remove_container(&id)
-            .instrument(span("RemoveContainer", &id))
-            .await
-            .map_err(to_status)?;
+        let m = self.manager.clone();
+        detached(span("RemoveContainer", &id), async move {
+            m.remove_container(&id).await
+        })
+        .await?;
         ok(RemoveContainerResponse {})
     }
 
@@ -398,11 +413,12 @@ impl RuntimeService for Runtime {
         let linux = req
             .linux
             .ok_or_else(|| Status::invalid_argument("linux: missing"))?;
-        self.manager
-            .update_resources(&req.container_id, linux)
-            .instrument(span("UpdateContainerResources", &req.container_id))
-            .await
-            .map_err(to_status)?;
+        let m = self.manager.clone();
+        let id = req.container_id;
+        detached(span("UpdateContainerResources", &id), async move {
+            m.update_resources(&id, linux).await
+        })
+        .await?;
         ok(UpdateContainerResourcesResponse {})
     }
 
@@ -487,35 +503,9 @@ impl RuntimeService for Runtime {
         request: Request<ListContainerStatsRequest>,
     ) -> Result<ListContainerStatsResponse> {
         let filter = request.into_inner().filter.unwrap_or_default();
-        let all = self
-            .manager
-            .store()
-            .containers()
-            .map_err(|e| to_status(e.into()))?;
-        let mut stats = Vec::new();
-        for c in all.iter().filter(|c| c.state == ContainerState::Running) {
-            if !(filter.id.is_empty() || c.id.starts_with(&filter.id))
-                || !(filter.pod_sandbox_id.is_empty()
-                    || c.pod_id.starts_with(&filter.pod_sandbox_id))
-            {
-                continue;
-            }
-            let (record, s) = match self.manager.container_stats(&c.id).await {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::info!(container = %c.id, "stats: {e}");
-                    continue;
-                }
-            };
-            let cri = self.stats.container(&record, s.as_ref());
-            if labels_match(
-                &cri.attributes.clone().unwrap_or_default().labels,
-                &filter.label_selector,
-            ) {
-                stats.push(cri);
-            }
-        }
-        ok(ListContainerStatsResponse { stats })
+        ok(ListContainerStatsResponse {
+            stats: self.list_container_stats(filter).await?,
+        })
     }
 
     async fn pod_sandbox_stats(
@@ -536,25 +526,9 @@ impl RuntimeService for Runtime {
         request: Request<ListPodSandboxStatsRequest>,
     ) -> Result<ListPodSandboxStatsResponse> {
         let filter = request.into_inner().filter.unwrap_or_default();
-        let pods = self
-            .manager
-            .store()
-            .pods()
-            .map_err(|e| to_status(e.into()))?;
-        let mut stats = Vec::new();
-        for p in pods.iter().filter(|p| p.state == PodState::Ready) {
-            if !(filter.id.is_empty() || p.id.starts_with(&filter.id)) {
-                continue;
-            }
-            let s = self.pod_stats(&p.id).await.map_err(to_status)?;
-            if labels_match(
-                &s.attributes.clone().unwrap_or_default().labels,
-                &filter.label_selector,
-            ) {
-                stats.push(s);
-            }
-        }
-        ok(ListPodSandboxStatsResponse { stats })
+        ok(ListPodSandboxStatsResponse {
+            stats: self.list_pod_stats(filter).await?,
+        })
     }
 
     async fn update_runtime_config(
@@ -619,37 +593,9 @@ impl RuntimeService for Runtime {
         &self,
         _request: Request<ListPodSandboxMetricsRequest>,
     ) -> Result<ListPodSandboxMetricsResponse> {
-        let pods = self
-            .manager
-            .store()
-            .pods()
-            .map_err(|e| to_status(e.into()))?;
-        let mut pod_metrics = Vec::new();
-        for p in pods.iter().filter(|p| p.state == PodState::Ready) {
-            let s = self.pod_stats(&p.id).await.map_err(to_status)?;
-            pod_metrics.push(convert::pod_metrics(&p.id, &s));
-        }
-        ok(ListPodSandboxMetricsResponse { pod_metrics })
-    }
-}
-
-impl Runtime {
-    async fn pod_stats(&self, id: &str) -> std::result::Result<PodSandboxStats, SandboxError> {
-        let store = self.manager.store();
-        let pod = store.pod(id)?.ok_or_else(|| {
-            SandboxError::NotFound(format!("pod_sandbox_id: pod sandbox {id} not found"))
-        })?;
-        let mut containers = Vec::new();
-        for c in store
-            .pod_containers(id)?
-            .iter()
-            .filter(|c| c.state == ContainerState::Running)
-        {
-            if let Ok((record, s)) = self.manager.container_stats(&c.id).await {
-                containers.push(self.stats.container(&record, s.as_ref()));
-            }
-        }
-        Ok(convert::pod_stats(&pod, containers))
+        ok(ListPodSandboxMetricsResponse {
+            pod_metrics: self.list_pod_metrics().await?,
+        })
     }
 }
 

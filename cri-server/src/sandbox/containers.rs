@@ -18,8 +18,6 @@ use crate::state::{ContainerRecord, ContainerState, PodRecord};
 const KILL_WAIT: Duration = Duration::from_secs(60);
 /// How long log copiers get to drain after an exit.
 const LOG_DRAIN: Duration = Duration::from_secs(10);
-/// Output ExecSync keeps per stream.
-pub const MAX_EXEC_OUTPUT: usize = 16 << 20;
 
 impl From<SpecError> for SandboxError {
     fn from(e: SpecError) -> SandboxError {
@@ -29,17 +27,6 @@ impl From<SpecError> for SandboxError {
             SpecError::Internal(m) => SandboxError::Vm(format!("building the OCI spec: {m}")),
         }
     }
-}
-
-/// Output of an ExecSync.
-#[derive(Debug, Default)]
-pub struct ExecOutput {
-    /// Standard output (capped at [`MAX_EXEC_OUTPUT`]).
-    pub stdout: Vec<u8>,
-    /// Standard error (capped likewise).
-    pub stderr: Vec<u8>,
-    /// Exit code (128 + signal for a signalled process).
-    pub exit_code: i32,
 }
 
 fn container_name_key(
@@ -57,6 +44,26 @@ fn container_name_key(
         "{}_{}_{}_{}_{}",
         name.0, p.name, p.namespace, p.uid, name.1
     ))
+}
+
+/// The container log file: `log_path` relative (no `..`) under the pod's absolute log directory.
+fn log_file(log_directory: &str, log_path: &str) -> Result<std::path::PathBuf, SandboxError> {
+    let dir = std::path::Path::new(log_directory);
+    if !dir.is_absolute() {
+        return Err(SandboxError::InvalidArgument(format!(
+            "config.log_path: the pod's log_directory {log_directory:?} is not an absolute path"
+        )));
+    }
+    let rel = std::path::Path::new(log_path);
+    let escapes = rel
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)));
+    if escapes {
+        return Err(SandboxError::InvalidArgument(format!(
+            "config.log_path: {log_path:?} must be relative to the pod's log directory, without '..'"
+        )));
+    }
+    Ok(dir.join(rel))
 }
 
 impl Manager {
@@ -93,6 +100,10 @@ impl Manager {
                 built.mounts[0].host_path.display()
             )));
         }
+        let log_path = match config.log_path.as_str() {
+            "" => None,
+            rel => Some(log_file(&pod_config.log_directory, rel)?),
+        };
         let store = &self.inner.store;
         store
             .reserve_name(&name_key, &id)
@@ -123,7 +134,14 @@ impl Manager {
         };
         store.put_container(&record)?;
         let result = self
-            .create_in_guest(&mut pod, &live, &mut record, &config, &built.user)
+            .create_in_guest(
+                &mut pod,
+                &live,
+                &mut record,
+                &config,
+                &built.user,
+                log_path.as_deref(),
+            )
             .await;
         match result {
             Ok(()) => {
@@ -141,6 +159,9 @@ impl Manager {
                 if let Err(e2) = self.forget_container(&record).await {
                     tracing::error!(container = %id, "rolling back: {e2}");
                 }
+                if let Err(e2) = self.prune_slots(&pod_id, &live).await {
+                    tracing::error!(container = %id, "rolling back the image slot: {e2}");
+                }
                 Err(e)
             }
         }
@@ -153,6 +174,7 @@ impl Manager {
         record: &mut ContainerRecord,
         config: &ContainerConfig,
         user: &str,
+        log_path: Option<&std::path::Path>,
     ) -> Result<(), SandboxError> {
         let images = &self.inner.images;
         let image = images.lease(&record.image_id, &record.id).await?;
@@ -190,19 +212,13 @@ impl Manager {
         };
         record.slot = slot;
         self.inner.store.put_container(record)?;
-        let log =
-            match config.log_path.as_str() {
-                "" => None,
-                rel => {
-                    let dir = PodSandboxConfig::decode(pod.config.as_slice())
-                        .map(|p| p.log_directory)
-                        .unwrap_or_default();
-                    let path = std::path::Path::new(&dir).join(rel);
-                    Some(LogWriter::open(&path).map_err(|e| {
-                        SandboxError::InvalidArgument(format!("config.log_path: {e}"))
-                    })?)
-                }
-            };
+        let log = match log_path {
+            None => None,
+            Some(path) => Some(
+                LogWriter::open(path)
+                    .map_err(|e| SandboxError::InvalidArgument(format!("config.log_path: {e}")))?,
+            ),
+        };
         let live_container = Arc::new(LiveContainer::new(log));
         lock(&self.inner.containers).insert(record.id.clone(), live_container.clone());
         live.agent()
@@ -244,6 +260,22 @@ impl Manager {
         Ok((record, live, lc))
     }
 
+    /// Like [`Manager::running_parts`], for a container whose main process runs (exec, attach, log
+    /// reopening); FailedPrecondition otherwise.
+    pub(super) async fn running_process(
+        &self,
+        id: &str,
+    ) -> Result<(ContainerRecord, Arc<LivePod>, Arc<LiveContainer>), SandboxError> {
+        let parts = self.running_parts("container_id", id).await?;
+        if parts.0.state != ContainerState::Running {
+            return Err(SandboxError::FailedPrecondition(format!(
+                "container {} is not running",
+                parts.0.id
+            )));
+        }
+        Ok(parts)
+    }
+
     /// StartContainer: starts the init process and watches for its exit.
     pub async fn start_container(&self, id: &str) -> Result<(), SandboxError> {
         let (record, live, lc) = self.running_parts("container_id", id).await?;
@@ -279,28 +311,40 @@ impl Manager {
                 .await;
         }
         self.emit(&record.id, &record.pod_id, EventKind::Started);
-        self.watch_exit(record.id.clone(), live, lc);
+        self.watch_exit(record.id.clone(), record.pod_id.clone(), live, lc);
         Ok(())
     }
 
     /// Waits for the init process's exit in the guest and records it.
-    fn watch_exit(&self, id: String, live: Arc<LivePod>, lc: Arc<LiveContainer>) {
+    fn watch_exit(&self, id: String, pod_id: String, live: Arc<LivePod>, lc: Arc<LiveContainer>) {
         let me = self.clone();
         tokio::spawn(async move {
-            let waited = live
-                .agent()
-                .wait_process(pb::ProcessRequest {
-                    container_id: id.clone(),
-                    exec_id: String::new(),
-                })
-                .await;
-            let Ok(exit) = waited.map(|r| r.into_inner()) else {
-                // The agent connection ended: the pod was stopped, which records the exit itself.
-                return;
+            let exit = loop {
+                let waited = live
+                    .agent()
+                    .wait_process(pb::ProcessRequest {
+                        container_id: id.clone(),
+                        exec_id: String::new(),
+                    })
+                    .await;
+                match waited {
+                    Ok(exit) => break exit.into_inner(),
+                    // The pod stopped: stopping records the exit itself.
+                    Err(_) if me.live_pod(&pod_id).is_none() => return,
+                    Err(e) => {
+                        tracing::warn!(container = %id, "waiting for the exit: {e}; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
             };
+            // Under the pod lock, so a concurrent pod stop or removal sees either the recorded exit
+            // or none; the logs are drained first so kubelet finds them complete with the exit.
+            let lock = me.pod_lock(&pod_id);
+            let _guard = lock.lock().await;
             lc.drain_logs(LOG_DRAIN).await;
             let store = &me.inner.store;
             let Ok(Some(mut record)) = store.container(&id) else {
+                lc.set_exited();
                 return;
             };
             if record.state == ContainerState::Running {
@@ -367,7 +411,7 @@ impl Manager {
                 return Ok(());
             }
         }
-        if let Err(e) = signal(libc_sigkill(), true).await {
+        if let Err(e) = signal(super::SIGKILL, true).await {
             tracing::info!(container = %id, "SIGKILL: {e}");
         }
         if lc.wait_exited(KILL_WAIT).await {
@@ -387,44 +431,68 @@ impl Manager {
             Err(SandboxError::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
-        self.stop_container(&id, 0).await?;
+        if let Err(e) = self.stop_container(&id, 0).await {
+            // The agent's RemoveContainer below kills whatever is left.
+            tracing::warn!(container = %id, "stopping before removal: {e}");
+        }
         let Some(record) = self.inner.store.container(&id)? else {
             return Ok(());
         };
         let lock = self.pod_lock(&record.pod_id);
         let _guard = lock.lock().await;
-        if let Ok((mut pod, live)) = self.ready_pod(&record.pod_id) {
+        let live = self.ready_pod(&record.pod_id).ok().map(|(_, live)| live);
+        if let Some(live) = &live {
             live.agent()
                 .remove_container(pb::ContainerRequest {
                     container_id: id.clone(),
                 })
                 .await
                 .map_err(agent_err("RemoveContainer"))?;
-            let others = self
-                .inner
-                .store
-                .pod_containers(&pod.id)?
-                .into_iter()
-                .any(|c| c.id != id && c.slot == record.slot);
-            if !others && pod.slots.contains_key(&record.slot) {
-                let storage = record
-                    .image_id
-                    .rsplit(':')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-                live.agent()
-                    .remove_storage(pb::RemoveStorageRequest { id: storage })
-                    .await
-                    .map_err(agent_err("RemoveStorage"))?;
-                let slot = record.slot as usize;
-                live.with_vm(move |vm| vm.detach_block(slot)).await?;
-                pod.slots.remove(&record.slot);
-                self.inner.store.put_pod(&pod)?;
-            }
         }
         self.forget_container(&record).await?;
+        if let Some(live) = &live {
+            self.prune_slots(&record.pod_id, live).await?;
+        }
         self.emit(&id, &record.pod_id, EventKind::Deleted);
+        Ok(())
+    }
+
+    /// Detaches the image slots of pod `pod_id` that no container uses any more (after a removal or a
+    /// failed create), unmounting them in the guest first. Steps that find nothing to undo (the
+    /// storage was never mounted, the slot never filled) are not errors. Call with the pod lock held.
+    async fn prune_slots(&self, pod_id: &str, live: &Arc<LivePod>) -> Result<(), SandboxError> {
+        let store = &self.inner.store;
+        let Some(mut pod) = store.pod(pod_id)? else {
+            return Ok(());
+        };
+        let used: Vec<u32> = store
+            .pod_containers(pod_id)?
+            .iter()
+            .map(|c| c.slot)
+            .collect();
+        let unused: Vec<(u32, String)> = pod
+            .slots
+            .iter()
+            .filter(|(slot, _)| !used.contains(slot))
+            .map(|(slot, image)| (*slot, image.clone()))
+            .collect();
+        for (slot, image) in unused {
+            let storage = image.rsplit(':').next().unwrap_or_default().to_string();
+            match live
+                .agent()
+                .remove_storage(pb::RemoveStorageRequest { id: storage })
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) => return Err(agent_err("RemoveStorage")(s)),
+            }
+            if let Err(e) = live.with_vm(move |vm| vm.detach_block(slot as usize)).await {
+                tracing::info!(pod = %pod_id, slot, "detach: {e}");
+            }
+            pod.slots.remove(&slot);
+            store.put_pod(&pod)?;
+        }
         Ok(())
     }
 
@@ -442,104 +510,6 @@ impl Manager {
         store.delete_container(&record.id)?;
         store.release_name(&record.name_key, &record.id)?;
         Ok(())
-    }
-
-    /// ExecSync: runs `cmd` in the container, collects its output, and kills it after `timeout`
-    /// seconds (0: no timeout) answering DeadlineExceeded.
-    pub async fn exec_sync(
-        &self,
-        id: &str,
-        cmd: &[String],
-        timeout: i64,
-    ) -> Result<ExecOutput, SandboxError> {
-        if cmd.is_empty() {
-            return Err(SandboxError::InvalidArgument("cmd: empty".into()));
-        }
-        if timeout < 0 {
-            return Err(SandboxError::InvalidArgument(format!(
-                "timeout: {timeout} is negative"
-            )));
-        }
-        let (record, live, _) = self.running_parts("container_id", id).await?;
-        if record.state != ContainerState::Running {
-            return Err(SandboxError::FailedPrecondition(format!(
-                "container {} is not running",
-                record.id
-            )));
-        }
-        let process = crate::spec::exec_process(&record.spec_json, cmd, false)?;
-        let exec_id = super::new_id()?[..16].to_string();
-        let mut agent = live.agent();
-        agent
-            .exec_process(pb::ExecProcessRequest {
-                container_id: record.id.clone(),
-                exec_id: exec_id.clone(),
-                process_json: process,
-            })
-            .await
-            .map_err(agent_err("ExecProcess"))?;
-        // ExecSync has no stdin: the command reads EOF.
-        let _ = agent
-            .close_stdin(pb::ProcessRequest {
-                container_id: record.id.clone(),
-                exec_id: exec_id.clone(),
-            })
-            .await;
-        let read = |stream: pb::OutputStream| {
-            let mut agent = live.agent();
-            let req = pb::ReadOutputRequest {
-                container_id: record.id.clone(),
-                exec_id: exec_id.clone(),
-                stream: stream.into(),
-            };
-            tokio::spawn(async move {
-                let mut out = Vec::new();
-                if let Ok(resp) = agent.read_output(req).await {
-                    let mut s = resp.into_inner();
-                    while let Ok(Some(chunk)) = s.message().await {
-                        let room = MAX_EXEC_OUTPUT.saturating_sub(out.len());
-                        out.extend_from_slice(&chunk.data[..chunk.data.len().min(room)]);
-                    }
-                }
-                out
-            })
-        };
-        let stdout = read(pb::OutputStream::Stdout);
-        let stderr = read(pb::OutputStream::Stderr);
-        let wait = agent.wait_process(pb::ProcessRequest {
-            container_id: record.id.clone(),
-            exec_id: exec_id.clone(),
-        });
-        let exit = if timeout > 0 {
-            match tokio::time::timeout(Duration::from_secs(timeout as u64), wait).await {
-                Ok(r) => r,
-                Err(_) => {
-                    let _ = live
-                        .agent()
-                        .signal_process(pb::SignalProcessRequest {
-                            container_id: record.id.clone(),
-                            exec_id,
-                            signal: libc_sigkill() as u32,
-                            all: false,
-                        })
-                        .await;
-                    stdout.abort();
-                    stderr.abort();
-                    return Err(SandboxError::DeadlineExceeded(format!(
-                        "command {cmd:?} timed out after {timeout}s"
-                    )));
-                }
-            }
-        } else {
-            wait.await
-        }
-        .map_err(agent_err("WaitProcess"))?
-        .into_inner();
-        Ok(ExecOutput {
-            stdout: stdout.await.unwrap_or_default(),
-            stderr: stderr.await.unwrap_or_default(),
-            exit_code: exit.exit_code,
-        })
     }
 
     /// Stats of a running container from its cgroup in the guest.
@@ -577,8 +547,10 @@ impl Manager {
         id: &str,
         resources: LinuxContainerResources,
     ) -> Result<(), SandboxError> {
-        let (mut record, live, _) = self.running_parts("container_id", id).await?;
+        let (record, live, _) = self.running_parts("container_id", id).await?;
         let oci = crate::spec::oci_resources(&resources)?;
+        let lock = self.pod_lock(&record.pod_id);
+        let _guard = lock.lock().await;
         live.agent()
             .update_container(pb::UpdateContainerRequest {
                 container_id: record.id.clone(),
@@ -591,20 +563,17 @@ impl Manager {
                 }
                 _ => agent_err("UpdateContainer")(status),
             })?;
-        record.resources = resources.encode_to_vec();
-        self.inner.store.put_container(&record)?;
+        // Re-read: the container may have exited (or been removed) meanwhile; only the resources change.
+        if let Some(mut current) = self.inner.store.container(&record.id)? {
+            current.resources = resources.encode_to_vec();
+            self.inner.store.put_container(&current)?;
+        }
         Ok(())
     }
 
     /// ReopenContainerLog: the log file was rotated; write to a new file at the same path.
     pub async fn reopen_log(&self, id: &str) -> Result<(), SandboxError> {
-        let (record, _, lc) = self.running_parts("container_id", id).await?;
-        if record.state != ContainerState::Running {
-            return Err(SandboxError::FailedPrecondition(format!(
-                "container {} is not running",
-                record.id
-            )));
-        }
+        let (_, _, lc) = self.running_process(id).await?;
         match &lc.log {
             Some(log) => log
                 .reopen()
@@ -614,6 +583,22 @@ impl Manager {
     }
 }
 
-fn libc_sigkill() -> i32 {
-    9
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_paths_stay_under_the_pod_log_directory() {
+        let ok = log_file("/var/log/pods/ns_web_uid", "app/0.log").unwrap();
+        assert_eq!(
+            ok,
+            std::path::Path::new("/var/log/pods/ns_web_uid/app/0.log")
+        );
+        for bad in ["../x.log", "/etc/passwd", "a/../../b", "./a"] {
+            let e = log_file("/var/log/pods/p", bad).unwrap_err().to_string();
+            assert!(e.starts_with("config.log_path"), "{bad}: {e}");
+        }
+        let e = log_file("relative/dir", "a.log").unwrap_err().to_string();
+        assert!(e.contains("log_directory"), "{e}");
+    }
 }

@@ -7,6 +7,7 @@
 //! Nothing here knows about gRPC status codes: errors are [`SandboxError`] and `runtime` maps them.
 
 mod containers;
+mod exec;
 mod live;
 mod pods;
 mod stream;
@@ -79,6 +80,9 @@ pub enum SandboxError {
 pub(crate) fn agent_err(call: &'static str) -> impl FnOnce(tonic::Status) -> SandboxError {
     move |status| SandboxError::Agent { call, status }
 }
+
+/// SIGKILL.
+const SIGKILL: i32 = 9;
 
 /// Settings of the manager.
 #[derive(Clone, Debug)]
@@ -212,6 +216,18 @@ impl Manager {
             .entry(id.into())
             .or_default()
             .clone()
+    }
+
+    /// Drops pod `id`'s lock from the map if only `held` (the caller's) and the map refer to it, so a
+    /// task still waiting on it never ends up with a different lock than a later caller.
+    fn forget_lock(&self, id: &str, held: &Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = lock(&self.inner.locks);
+        if locks
+            .get(id)
+            .is_some_and(|l| Arc::ptr_eq(l, held) && Arc::strong_count(l) == 2)
+        {
+            locks.remove(id);
+        }
     }
 
     fn live_pod(&self, id: &str) -> Option<Arc<LivePod>> {

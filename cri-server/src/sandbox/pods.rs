@@ -16,6 +16,8 @@ use crate::state::{ContainerState, PodRecord, PodState};
 const MIB: i64 = 1 << 20;
 /// Guest memory below which the guest kernel and agent do not fit.
 const MIN_MEM_MIB: u32 = 128;
+/// Guest memory a pod VM can have, MiB (1 TiB).
+const MAX_MEM_MIB: u32 = 1 << 20;
 /// vCPUs a pod VM can have (the guest kernel's NR_CPUS).
 const MAX_VCPUS: i64 = 32;
 
@@ -74,14 +76,27 @@ pub fn vm_size(
                 format!("{} is below the 4 MiB minimum", r.memory_limit_in_bytes),
             ));
         }
-        mem += r.memory_limit_in_bytes;
+        mem = mem.checked_add(r.memory_limit_in_bytes).ok_or_else(|| {
+            invalid(
+                &format!("{field}.memory_limit_in_bytes"),
+                "the limits overflow",
+            )
+        })?;
     }
     let vcpus = (cpus.ceil() as i64).clamp(1, MAX_VCPUS.min(i64::from(host_cpus.max(1))));
     let mem_mib = if mem == 0 {
         default_mem_mib
     } else {
-        u32::try_from((mem + MIB - 1) / MIB)
-            .unwrap_or(u32::MAX)
+        let mib = mem / MIB + i64::from(mem % MIB != 0);
+        u32::try_from(mib)
+            .ok()
+            .filter(|m| *m <= MAX_MEM_MIB)
+            .ok_or_else(|| {
+                invalid(
+                    "config.linux.resources.memory_limit_in_bytes",
+                    format!("{mib} MiB is more than a pod VM can have ({MAX_MEM_MIB} MiB)"),
+                )
+            })?
             .saturating_add(guest_overhead_mib)
     };
     Ok((vcpus as u8, mem_mib.max(MIN_MEM_MIB)))
@@ -180,7 +195,12 @@ impl Manager {
         match self.boot_pod(&id, &config, vcpus, mem_mib).await {
             Ok(live) => {
                 record.state = PodState::Ready;
-                self.inner.store.put_pod(&record)?;
+                if let Err(e) = self.inner.store.put_pod(&record) {
+                    live.stop().await;
+                    self.discard_pod(&record);
+                    self.forget_lock(&id, &lock);
+                    return Err(e.into());
+                }
                 lock_insert(self, &id, live);
                 tracing::info!(pod = %id, vcpus, mem_mib, "pod sandbox ready");
                 Ok(id)
@@ -188,6 +208,7 @@ impl Manager {
             Err(e) => {
                 tracing::warn!(pod = %id, "RunPodSandbox failed: {e}");
                 self.discard_pod(&record);
+                self.forget_lock(&id, &lock);
                 Err(e)
             }
         }
@@ -254,6 +275,8 @@ impl Manager {
                 return;
             };
             tracing::warn!(pod = %id, "pod VM ended: {reason}");
+            // Release the dead VM first: RPCs holding the pod lock then fail fast instead of waiting.
+            live.stop().await;
             let lock = me.pod_lock(&id);
             let _guard = lock.lock().await;
             if let Err(e) = me.stop_locked(&id, &format!("VM ended: {reason}")).await {
@@ -283,6 +306,11 @@ impl Manager {
     /// StopPodSandbox: kills the containers (with the VM) and releases the VM. Idempotent.
     pub async fn stop_pod(&self, id: &str) -> Result<(), SandboxError> {
         let id = self.resolve_pod("pod_sandbox_id", id)?;
+        // Stop the VM before waiting for the pod lock: an operation stuck on an unresponsive guest
+        // then fails and releases the lock.
+        if let Some(live) = self.live_pod(&id) {
+            live.stop().await;
+        }
         let lock = self.pod_lock(&id);
         let _guard = lock.lock().await;
         self.stop_locked(&id, "pod sandbox stopped").await
@@ -307,8 +335,15 @@ impl Manager {
             let was_running = c.state == ContainerState::Running;
             c.state = ContainerState::Exited;
             c.finished_at = now;
-            c.exit_code = if was_running { 137 } else { 0 };
-            c.reason = if was_running { "Error" } else { "NotStarted" }.into();
+            // A container that never started did not succeed either: kubelet must not count it as
+            // completed.
+            c.exit_code = if was_running { 137 } else { 128 };
+            c.reason = if was_running {
+                "Error"
+            } else {
+                "ContainerCannotRun"
+            }
+            .into();
             c.message = why.into();
             store.put_container(&c)?;
             if let Some(lc) = self.live_container(&c.id) {
@@ -366,7 +401,7 @@ impl Manager {
             store.delete_pod(&id)?;
             store.release_name(&record.name_key, &id)?;
         }
-        lock(&self.inner.locks).remove(&id);
+        self.forget_lock(&id, &pod_lock);
         tracing::info!(pod = %id, "pod sandbox removed");
         Ok(())
     }
@@ -432,6 +467,13 @@ impl Manager {
                 }
                 PodState::NotReady => {}
             }
+        }
+        let pruned = store.prune_names()?;
+        if pruned > 0 {
+            tracing::info!(
+                names = pruned,
+                "released names reserved by records that were never written"
+            );
         }
         Ok(touched)
     }

@@ -12,7 +12,6 @@ use tonic::transport::Channel;
 
 use super::{Manager, SandboxError};
 use crate::logs::Stream;
-use crate::state::ContainerState;
 use crate::streaming::{Backend, BackendError, ExitInfo, ProcessIo, TerminalSize};
 
 fn backend_err(e: SandboxError) -> BackendError {
@@ -105,15 +104,9 @@ impl Backend for Manager {
         io: ProcessIo,
     ) -> Result<ExitInfo, BackendError> {
         let (record, live, _) = self
-            .running_parts("container_id", container_id)
+            .running_process(container_id)
             .await
             .map_err(backend_err)?;
-        if record.state != ContainerState::Running {
-            return Err(BackendError(format!(
-                "container {} is not running",
-                record.id
-            )));
-        }
         let process = crate::spec::exec_process(&record.spec_json, cmd, io.tty)
             .map_err(|e| BackendError(e.to_string()))?;
         let exec_id = super::new_id().map_err(backend_err)?[..16].to_string();
@@ -162,25 +155,14 @@ impl Backend for Manager {
 
     async fn attach(&self, container_id: &str, io: ProcessIo) -> Result<(), BackendError> {
         let (record, live, lc) = self
-            .running_parts("container_id", container_id)
+            .running_process(container_id)
             .await
             .map_err(backend_err)?;
-        if record.state != ContainerState::Running {
-            return Err(BackendError(format!(
-                "container {} is not running",
-                record.id
-            )));
-        }
         let config = record.cri_config();
         let stdin = if config.stdin { io.stdin } else { None };
-        pump_input(
-            &live.agent(),
-            &record.id,
-            "",
-            stdin,
-            config.stdin_once,
-            io.resize,
-        );
+        // stdin_once: the container's stdin closes when the first session that wrote to it ends.
+        let close = config.stdin_once && stdin.is_some();
+        pump_input(&live.agent(), &record.id, "", stdin, close, io.resize);
         let mut output = lc.subscribe_output();
         loop {
             let chunk = tokio::select! {

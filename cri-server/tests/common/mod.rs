@@ -165,3 +165,71 @@ pub fn push_pod_image(reg: &image_service::testing::Registry, dir: &Path, repo: 
     reg.push(layout.path(), "v1", &reference, false).unwrap();
     format!("{}/{reference}", reg.host)
 }
+
+/// The `podvisor` daemon command line of the pod tests: state, run and registry config under `dir`,
+/// plus `extra` flags.
+pub fn podvisor_cmd(dir: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
+    cmd.arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .arg("--certs-dir")
+        .arg(dir.join("certs.d"))
+        .args(extra);
+    cmd
+}
+
+/// A pod config named `name` in namespace `e2e`, with cluster DNS settings and an `app` label.
+pub fn pod_config(name: &str, uid: &str, logs: &Path) -> k8s_cri::v1::PodSandboxConfig {
+    use k8s_cri::v1::{DnsConfig, PodSandboxConfig, PodSandboxMetadata};
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: uid.into(),
+            namespace: "e2e".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: logs.display().to_string(),
+        dns_config: Some(DnsConfig {
+            servers: vec!["10.96.0.10".into()],
+            searches: vec!["e2e.svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        }),
+        labels: std::collections::HashMap::from([("app".into(), name.into())]),
+        ..Default::default()
+    }
+}
+
+/// A container config running `args` from `image`, logging to `<name>.log`, labelled `name=<name>`,
+/// with a memory limit unless `memory` is 0.
+pub fn container_config(
+    name: &str,
+    image: &str,
+    args: &[&str],
+    memory: i64,
+) -> k8s_cri::v1::ContainerConfig {
+    use k8s_cri::v1::*;
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: args.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        labels: std::collections::HashMap::from([("name".into(), name.into())]),
+        linux: Some(LinuxContainerConfig {
+            resources: Some(LinuxContainerResources {
+                memory_limit_in_bytes: memory,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
