@@ -106,7 +106,16 @@ enum Reply {
 
 /// The agent's end of the engine channel. Requests are serialized.
 pub struct EngineClient {
-    sock: Mutex<AsyncFd<OwnedFd>>,
+    channel: Mutex<Channel>,
+}
+
+/// The socket and how many replies are owed to callers that went away.
+struct Channel {
+    sock: AsyncFd<OwnedFd>,
+    /// A caller cancelled (its gRPC handler was dropped) after sending its request and before reading
+    /// the reply: that reply must be read and discarded before the next exchange, or every later
+    /// caller would read its predecessor's reply.
+    unanswered: usize,
 }
 
 /// Forks the engine. Call before any thread exists (before the tokio runtime is built): the child runs
@@ -283,37 +292,60 @@ impl EngineClient {
         // SAFETY: the OwnedFd is moved in and stays open, the same descriptor, for the AsyncFd's lifetime.
         let sock = unsafe { AsyncFd::register(sock) }.map_err(|e| e.into_parts().1)?;
         Ok(Self {
-            sock: Mutex::new(sock),
+            channel: Mutex::new(Channel {
+                sock,
+                unanswered: 0,
+            }),
         })
     }
 
     /// Sends `request` with `fds` and waits for the reply; `Ok(Some(pid))` for Create and Exec.
+    /// Cancellation-safe: a reply the caller no longer waits for is discarded by the next call.
     pub async fn call(&self, request: &Request, fds: &[RawFd]) -> Result<Option<i32>, EngineError> {
-        let sock = self.sock.lock().await;
+        let mut channel = self.channel.lock().await;
+        while channel.unanswered > 0 {
+            let stale = read_reply(&channel.sock).await?;
+            channel.unanswered -= 1;
+            crate::log(&format!(
+                "engine: discarded the reply of a cancelled request: {stale:?}"
+            ));
+        }
         loop {
-            let mut guard = sock
+            let mut guard = channel
+                .sock
                 .writable()
                 .await
                 .map_err(|e| EngineError::Channel(e.to_string()))?;
-            match send(sock.get_ref().as_raw_fd(), request, fds) {
+            match send(channel.sock.get_ref().as_raw_fd(), request, fds) {
                 Err(ChannelError::WouldBlock) => guard.clear_ready(),
                 Err(err) => return Err(EngineError::Channel(err.to_string())),
                 Ok(()) => break,
             }
         }
-        loop {
-            let mut guard = sock
-                .readable()
-                .await
-                .map_err(|e| EngineError::Channel(e.to_string()))?;
-            match receive::<Reply>(sock.get_ref().as_raw_fd()) {
-                Err(ChannelError::WouldBlock) => guard.clear_ready(),
-                Err(err) => return Err(EngineError::Channel(err.to_string())),
-                Ok(None) => return Err(EngineError::Channel("the engine exited".into())),
-                Ok(Some((Reply::Done, _))) => return Ok(None),
-                Ok(Some((Reply::Pid(pid), _))) => return Ok(Some(pid)),
-                Ok(Some((Reply::Failed(msg), _))) => return Err(EngineError::Failed(msg)),
-            }
+        // Owed until read: if this future is dropped while waiting, the next call reads it.
+        channel.unanswered += 1;
+        let reply = read_reply(&channel.sock).await?;
+        channel.unanswered -= 1;
+        match reply {
+            Reply::Done => Ok(None),
+            Reply::Pid(pid) => Ok(Some(pid)),
+            Reply::Failed(msg) => Err(EngineError::Failed(msg)),
+        }
+    }
+}
+
+/// Reads one reply from the engine (its descriptors, if any, are closed).
+async fn read_reply(sock: &AsyncFd<OwnedFd>) -> Result<Reply, EngineError> {
+    loop {
+        let mut guard = sock
+            .readable()
+            .await
+            .map_err(|e| EngineError::Channel(e.to_string()))?;
+        match receive::<Reply>(sock.get_ref().as_raw_fd()) {
+            Err(ChannelError::WouldBlock) => guard.clear_ready(),
+            Err(err) => return Err(EngineError::Channel(err.to_string())),
+            Ok(None) => return Err(EngineError::Channel("the engine exited".into())),
+            Ok(Some((reply, _fds))) => return Ok(reply),
         }
     }
 }
@@ -461,6 +493,37 @@ mod tests {
         assert_eq!(&buf, b"hi");
         drop(a);
         assert!(receive::<Request>(b.as_raw_fd()).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_call_does_not_shift_replies_to_later_calls() {
+        let (agent, engine) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let client = EngineClient::new(agent).unwrap();
+        // A slow engine: answers each request with its own pid, one request at a time.
+        let fake = std::thread::spawn(move || {
+            for pid in [41, 42] {
+                let (_req, _fds) = receive::<Request>(engine.as_raw_fd()).unwrap().unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                send(engine.as_raw_fd(), &Reply::Pid(pid), &[]).unwrap();
+            }
+        });
+        let start = Request::Start { id: "c".into() };
+        let first = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            client.call(&start, &[]),
+        );
+        assert!(
+            first.await.is_err(),
+            "the first caller gives up before the reply"
+        );
+        assert_eq!(client.call(&start, &[]).await.unwrap(), Some(42));
+        fake.join().unwrap();
     }
 
     #[test]
