@@ -27,6 +27,11 @@ impl fmt::Display for HostKind {
     }
 }
 
+/// glibc tunable that keeps glibc's IFUNCs off AVX/AVX-512 in the guest on PVM hosts (see
+/// [`KvmHost::guest_cmdline_args`]).
+pub const PVM_GLIBC_TUNABLES: &str =
+    "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD";
+
 /// CPU features the PVM instruction emulator cannot execute in guest kernel mode, masked on the guest
 /// kernel command line because CPUID masking through `KVM_SET_CPUID2` is not reliably honoured there.
 ///
@@ -85,9 +90,15 @@ impl KvmHost {
             // - dhash_entries/ihash_entries: zeroing the dentry/inode hash tables in emulated early boot
             //   takes ~0.3 s at the 256 MiB defaults (32768/16384 buckets), ~0.18 s at 8192/4096, which
             //   still keeps hash chains short for tens of thousands of cached files.
+            // - GLIBC_TUNABLES (passed by the kernel to init's environment, so inherited by the agent
+            //   and every process it forks): with `noxsave` the guest kernel saves only x87/SSE state
+            //   across context switches while user space runs with the host's XCR0, so two processes
+            //   using AVX corrupt each other's registers. This keeps glibc's string functions in the
+            //   agent and its forks (the container engine's init processes) off AVX; containers get
+            //   the same tunable from the agent.
             HostKind::Pvm => format!(
                 "noxsave clearcpuid={PVM_CLEARCPUID} rodata=off retain_initrd \
-                 dhash_entries=8192 ihash_entries=4096"
+                 dhash_entries=8192 ihash_entries=4096 GLIBC_TUNABLES={PVM_GLIBC_TUNABLES}"
             ),
             _ => String::new(),
         }
