@@ -21,6 +21,10 @@ pub mod client;
 /// The vsock port the guest agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// Guest directory holding host content delivered by CopyFile (CRI mounts), shared by the pod's
+/// containers.
+pub const GUEST_MOUNTS_DIR: &str = "/run/podvisor/sandbox/mounts";
+
 /// vsock port of the agent's port forwarder: the host writes `PORT <tcp port>\n`, the agent connects to
 /// that port on the guest's loopback and answers `OK\n` (or `ERR <reason>\n` and closes); the
 /// connection then carries the TCP stream's bytes both ways (CRI PortForward).

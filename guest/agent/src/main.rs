@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 mod container;
+mod copy;
 mod engine;
 mod events;
 mod exits;

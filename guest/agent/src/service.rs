@@ -228,6 +228,15 @@ impl pb::Agent for AgentService {
         Ok(Response::new(pb::ReadFileResponse { data, eof }))
     }
 
+    async fn copy_file(
+        &self,
+        req: Request<pb::CopyFileRequest>,
+    ) -> Result<Response<pb::CopyFileResponse>, Status> {
+        let root = std::path::Path::new(pb::GUEST_MOUNTS_DIR);
+        crate::copy::copy_file(root, req.get_ref())?;
+        Ok(Response::new(pb::CopyFileResponse {}))
+    }
+
     async fn shutdown(
         &self,
         _: Request<pb::ShutdownRequest>,
