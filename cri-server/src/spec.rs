@@ -25,8 +25,7 @@ use linux::{
     container_resources, mounts, namespaces, non_empty_or, DEFAULT_MASKED, DEFAULT_READONLY,
 };
 
-/// Where the guest finds the content of CRI mount `<index>` of container `<id>`.
-pub const GUEST_MOUNTS_DIR: &str = "/run/podvisor/sandbox/mounts";
+pub use podvisor_proto::GUEST_MOUNTS_DIR;
 /// PATH for containers whose image sets none (containerd's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Signal number StopContainer sends when the image names none.
@@ -137,7 +136,6 @@ impl ImageDefaults {
 /// Builds the OCI runtime spec of container `container_id` of the pod configured by `pod`.
 /// `image_config` is the image's whole OCI config blob.
 pub fn container_spec(
-    container_id: &str,
     config: &ContainerConfig,
     pod: &PodSandboxConfig,
     image_config: &Value,
@@ -206,7 +204,7 @@ pub fn container_spec(
     }
     linux.set_resources(Some(resources));
 
-    let (mounts, host_mounts) = mounts(container_id, config, sc.privileged)?;
+    let (mounts, host_mounts) = mounts(config, sc.privileged)?;
     let mut root = Root::default();
     root.set_path(PathBuf::from("rootfs"))
         .set_readonly(Some(sc.readonly_rootfs));

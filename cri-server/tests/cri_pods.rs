@@ -354,21 +354,55 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
         "{info}"
     );
 
-    let talker = create(&mut rt, &pod, container_config("talker", &image, &["sh", "-c",
-        "echo hello; echo oops >&2; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"], 0), &config_a).await;
+    // Volumes as kubelet lays them out: a config map (files behind a `..data` symlink), mounted
+    // read-only, and an emptyDir both containers share.
+    let vol = d.join("volumes");
+    std::fs::create_dir_all(vol.join("config/..2026_11_25")).unwrap();
+    std::fs::write(
+        vol.join("config/..2026_11_25/greeting"),
+        "hi from a config map\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..2026_11_25", vol.join("config/..data")).unwrap();
+    std::os::unix::fs::symlink("..data/greeting", vol.join("config/greeting")).unwrap();
+    std::fs::create_dir_all(vol.join("shared")).unwrap();
+    let with_volumes = |mut c: ContainerConfig| {
+        let mount = |host: &str, path: &str, readonly| Mount {
+            host_path: vol.join(host).display().to_string(),
+            container_path: path.into(),
+            readonly,
+            ..Default::default()
+        };
+        c.mounts = vec![
+            mount("config", "/etc/config", true),
+            mount("shared", "/shared", false),
+        ];
+        c
+    };
+    let talker_cmd = "echo from-talker > /shared/t; echo hello; echo oops >&2; i=0; \
+                      while true; do echo tick $i; i=$((i+1)); sleep 1; done";
+    let talker = create(
+        &mut rt,
+        &pod,
+        with_volumes(container_config(
+            "talker",
+            &image,
+            &["sh", "-c", talker_cmd],
+            0,
+        )),
+        &config_a,
+    )
+    .await;
+    let sleeper_cmd = "trap 'echo bye; exit 0' TERM; sleep 100000 & wait";
     let sleeper = create(
         &mut rt,
         &pod,
-        container_config(
+        with_volumes(container_config(
             "sleeper",
             &image,
-            &[
-                "sh",
-                "-c",
-                "trap 'echo bye; exit 0' TERM; sleep 100000 & wait",
-            ],
+            &["sh", "-c", sleeper_cmd],
             64 << 20,
-        ),
+        )),
         &config_a,
     )
     .await;
@@ -420,7 +454,9 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
             cmd: vec![
                 "sh".into(),
                 "-c".into(),
-                "echo out; echo err >&2; hostname; cat /etc/resolv.conf /proc/cpuinfo; exit 3"
+                "echo out; echo err >&2; hostname; cat /etc/resolv.conf /proc/cpuinfo; \
+                 cat /etc/config/greeting /shared/t; \
+                 (echo x > /etc/config/x) 2>/dev/null || echo config-read-only; exit 3"
                     .into(),
             ],
             timeout: 120,
@@ -437,6 +473,14 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
         "{stdout}"
     );
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    // The config map arrived (through its symlinks), read-only; the emptyDir is shared with the talker.
+    for want in [
+        "hi from a config map\n",
+        "from-talker\n",
+        "config-read-only\n",
+    ] {
+        assert!(stdout.contains(want), "{want:?} in {stdout}");
+    }
     let cpus = stdout
         .lines()
         .filter(|l| l.starts_with("processor"))

@@ -93,13 +93,7 @@ impl Manager {
         })?;
         let image_config = images.config_json(&image)?;
         let id = super::new_id()?;
-        let built = crate::spec::container_spec(&id, &config, &pod_config, &image_config)?;
-        if !built.mounts.is_empty() {
-            return Err(SandboxError::Unimplemented(format!(
-                "config.mounts: host paths ({}) cannot be shared into a pod VM yet",
-                built.mounts[0].host_path.display()
-            )));
-        }
+        let built = crate::spec::container_spec(&config, &pod_config, &image_config)?;
         let log_path = match config.log_path.as_str() {
             "" => None,
             rel => Some(log_file(&pod_config.log_directory, rel)?),
@@ -139,7 +133,7 @@ impl Manager {
                 &live,
                 &mut record,
                 &config,
-                &built.user,
+                &built,
                 log_path.as_deref(),
             )
             .await;
@@ -173,7 +167,7 @@ impl Manager {
         live: &Arc<LivePod>,
         record: &mut ContainerRecord,
         config: &ContainerConfig,
-        user: &str,
+        built: &crate::spec::BuiltSpec,
         log_path: Option<&std::path::Path>,
     ) -> Result<(), SandboxError> {
         let images = &self.inner.images;
@@ -219,6 +213,7 @@ impl Manager {
                     .map_err(|e| SandboxError::InvalidArgument(format!("config.log_path: {e}")))?,
             ),
         };
+        super::mounts::copy_mounts(&live.agent(), &built.mounts).await?;
         let live_container = Arc::new(LiveContainer::new(log));
         lock(&self.inner.containers).insert(record.id.clone(), live_container.clone());
         live.agent()
@@ -227,7 +222,7 @@ impl Manager {
                 oci_spec_json: record.spec_json.clone(),
                 image_storage_id: storage_id,
                 writable_layer_bytes: self.inner.config.writable_layer_bytes,
-                user: user.into(),
+                user: built.user.clone(),
             })
             .await
             .map_err(|status| match status.code() {

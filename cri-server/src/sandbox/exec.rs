@@ -42,22 +42,6 @@ impl Manager {
         let (record, live, _) = self.running_process(id).await?;
         let process = crate::spec::exec_process(&record.spec_json, cmd, false)?;
         let exec_id = super::new_id()?[..16].to_string();
-        let mut agent = live.agent();
-        agent
-            .exec_process(pb::ExecProcessRequest {
-                container_id: record.id.clone(),
-                exec_id: exec_id.clone(),
-                process_json: process,
-            })
-            .await
-            .map_err(agent_err("ExecProcess"))?;
-        // ExecSync has no stdin: the command reads EOF.
-        let _ = agent
-            .close_stdin(pb::ProcessRequest {
-                container_id: record.id.clone(),
-                exec_id: exec_id.clone(),
-            })
-            .await;
         let read = |stream: pb::OutputStream| {
             let mut agent = live.agent();
             let req = pb::ReadOutputRequest {
@@ -77,40 +61,69 @@ impl Manager {
                 out
             })
         };
-        let stdout = read(pb::OutputStream::Stdout);
-        let stderr = read(pb::OutputStream::Stderr);
-        let wait = agent.wait_process(pb::ProcessRequest {
+        let ids = || pb::ProcessRequest {
             container_id: record.id.clone(),
             exec_id: exec_id.clone(),
+        };
+        // The deadline covers starting the process too, so a guest slow to start it still answers in
+        // time. Starting is never cancelled (it runs in its own task): a process started after the
+        // deadline is killed as soon as it exists.
+        let mut started = tokio::spawn({
+            let mut agent = live.agent();
+            let req = pb::ExecProcessRequest {
+                container_id: record.id.clone(),
+                exec_id: exec_id.clone(),
+                process_json: process,
+            };
+            async move { agent.exec_process(req).await }
         });
-        let exit = if timeout > 0 {
-            match tokio::time::timeout(Duration::from_secs(timeout as u64), wait).await {
-                Ok(r) => r,
+        let run = async {
+            let mut agent = live.agent();
+            (&mut started)
+                .await
+                .map_err(|e| SandboxError::Vm(format!("exec task: {e}")))?
+                .map_err(agent_err("ExecProcess"))?;
+            // ExecSync has no stdin: the command reads EOF.
+            let _ = agent.close_stdin(ids()).await;
+            let readers = [
+                read(pb::OutputStream::Stdout),
+                read(pb::OutputStream::Stderr),
+            ];
+            let exit = agent
+                .wait_process(ids())
+                .await
+                .map_err(agent_err("WaitProcess"))?
+                .into_inner();
+            Ok::<_, SandboxError>((exit, readers))
+        };
+        let (exit, readers) = if timeout > 0 {
+            match tokio::time::timeout(Duration::from_secs(timeout as u64), run).await {
+                Ok(done) => done?,
                 Err(_) => {
-                    let _ = live
-                        .agent()
-                        .signal_process(pb::SignalProcessRequest {
-                            container_id: record.id.clone(),
-                            exec_id,
-                            signal: super::SIGKILL as u32,
-                            all: false,
-                        })
-                        .await;
-                    stdout.abort();
-                    stderr.abort();
+                    // Killing the process ends its output streams, and with them the readers.
+                    let mut agent = live.agent();
+                    let kill = pb::SignalProcessRequest {
+                        container_id: record.id.clone(),
+                        exec_id: exec_id.clone(),
+                        signal: super::SIGKILL as u32,
+                        all: false,
+                    };
+                    tokio::spawn(async move {
+                        if let Ok(Ok(_)) = started.await {
+                            let _ = agent.signal_process(kill).await;
+                        }
+                    });
                     return Err(SandboxError::DeadlineExceeded(format!(
                         "command {cmd:?} timed out after {timeout}s"
                     )));
                 }
             }
         } else {
-            wait.await
-        }
-        .map_err(agent_err("WaitProcess"))?
-        .into_inner();
+            run.await?
+        };
         // A background child may keep the output open after the command exited: do not wait for it.
         let mut output = Vec::new();
-        for mut reader in [stdout, stderr] {
+        for mut reader in readers {
             match tokio::time::timeout(OUTPUT_AFTER_EXIT, &mut reader).await {
                 Ok(out) => output.push(out.unwrap_or_default()),
                 Err(_) => {

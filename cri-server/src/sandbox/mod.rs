@@ -9,6 +9,7 @@
 mod containers;
 mod exec;
 mod live;
+mod mounts;
 mod pods;
 mod stream;
 

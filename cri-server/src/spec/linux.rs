@@ -78,6 +78,14 @@ fn cpu_list(name: &str, v: &str) -> Result<Option<String>, SpecError> {
     }
 }
 
+/// Where the guest keeps the content of host path `host_path`: one copy per pod and host path, so
+/// containers mounting the same volume (an emptyDir) share it.
+pub(super) fn guest_mount_source(host_path: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(host_path.as_bytes());
+    format!("{GUEST_MOUNTS_DIR}/{}", hex::encode(&digest[..16]))
+}
+
 /// CRI container resources → OCI (cgroup v2 inside the guest).
 pub(super) fn container_resources(
     r: &LinuxContainerResources,
@@ -209,7 +217,6 @@ fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Mount {
 
 /// `runc spec`'s mounts (sysfs and cgroup2 writable when privileged) followed by the CRI mounts.
 pub(super) fn mounts(
-    container_id: &str,
     config: &ContainerConfig,
     privileged: bool,
 ) -> Result<(Vec<Mount>, Vec<HostMount>), SpecError> {
@@ -303,7 +310,7 @@ pub(super) fn mounts(
         }
         // Normalise "//a/./b/" to "/a/b" so duplicates and ordering compare paths.
         let clean: PathBuf = dest.components().collect();
-        let guest_source = format!("{GUEST_MOUNTS_DIR}/{container_id}/{i}");
+        let guest_source = guest_mount_source(&m.host_path);
         let mode = if m.readonly { "ro" } else { "rw" };
         let mut spec_mount = mount("", "bind", &guest_source, &["rbind", "rprivate", mode]);
         spec_mount.set_destination(clean.clone());

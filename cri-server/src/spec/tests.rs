@@ -51,7 +51,7 @@ fn with_res(r: LinuxContainerResources) -> ContainerConfig {
 }
 
 fn build(c: &ContainerConfig) -> (Spec, BuiltSpec) {
-    let built = container_spec("c1", c, &pod(), &image()).expect("spec builds");
+    let built = container_spec(c, &pod(), &image()).expect("spec builds");
     let spec: Spec = serde_json::from_slice(&built.oci_spec_json).expect("valid OCI JSON");
     (spec, built)
 }
@@ -66,21 +66,21 @@ fn linux(c: &ContainerConfig) -> oci_spec::runtime::Linux {
 
 /// Asserts the config is refused as InvalidArgument with a message starting with `field`.
 fn invalid_field(c: &ContainerConfig, field: &str) {
-    match container_spec("c1", c, &pod(), &image()) {
+    match container_spec(c, &pod(), &image()) {
         Err(SpecError::InvalidArgument(m)) => assert!(m.starts_with(field), "{m}"),
         other => panic!("expected InvalidArgument({field}), got {other:?}"),
     }
 }
 
 fn unimplemented_field(c: &ContainerConfig, field: &str) {
-    match container_spec("c1", c, &pod(), &image()) {
+    match container_spec(c, &pod(), &image()) {
         Err(SpecError::Unimplemented(m)) => assert!(m.starts_with(field), "{m}"),
         other => panic!("expected Unimplemented({field}), got {other:?}"),
     }
 }
 
 fn args(c: &ContainerConfig, img: &Value) -> Result<Vec<String>, SpecError> {
-    let built = container_spec("c1", c, &pod(), img)?;
+    let built = container_spec(c, &pod(), img)?;
     let spec: Spec = serde_json::from_slice(&built.oci_spec_json).unwrap();
     Ok(spec.process().as_ref().unwrap().args().clone().unwrap())
 }
@@ -145,7 +145,6 @@ fn env_merges_image_hostname_and_cri() {
         strings(&["PATH=/img/bin", "FOO=cri", "HOSTNAME=web-0", "NEW=1=2"])
     );
     let env = container_spec(
-        "c1",
         &ContainerConfig::default(),
         &pod(),
         &json!({"config":{"Cmd":["x"]}}),
@@ -193,7 +192,6 @@ fn working_dir_sources_and_validation() {
     };
     assert_eq!(process(&c).cwd(), Path::new("/srv"));
     let built = container_spec(
-        "c1",
         &ContainerConfig::default(),
         &pod(),
         &json!({"config":{"Cmd":["x"]}}),
@@ -210,7 +208,7 @@ fn working_dir_sources_and_validation() {
 
 fn user_of(sc: LinuxContainerSecurityContext, img_user: &str) -> (User, String) {
     let img = json!({"config": {"Cmd": ["x"], "User": img_user}});
-    let built = container_spec("c1", &with_sc(sc), &pod(), &img).unwrap();
+    let built = container_spec(&with_sc(sc), &pod(), &img).unwrap();
     let spec: Spec = serde_json::from_slice(&built.oci_spec_json).unwrap();
     (spec.process().as_ref().unwrap().user().clone(), built.user)
 }
@@ -287,7 +285,7 @@ fn tty_and_stop_signal() {
         assert!(stop_signal(s).is_err(), "{s}");
     }
     let img = json!({"config": {"Cmd": ["x"], "StopSignal": "SIGUSR1"}});
-    let built = container_spec("c1", &ContainerConfig::default(), &pod(), &img).unwrap();
+    let built = container_spec(&ContainerConfig::default(), &pod(), &img).unwrap();
     assert_eq!(built.stop_signal, 10);
 }
 

@@ -226,7 +226,9 @@ fn standard_and_cri_mounts() {
     assert_eq!(data.typ().as_deref(), Some("bind"));
     assert_eq!(
         data.source().clone().unwrap(),
-        PathBuf::from(format!("{GUEST_MOUNTS_DIR}/c1/2"))
+        PathBuf::from(super::super::linux::guest_mount_source(
+            "/var/lib/kubelet/pods/x/volumes/b"
+        ))
     );
     assert_eq!(
         data.options().clone().unwrap(),
@@ -244,12 +246,17 @@ fn standard_and_cri_mounts() {
         built.mounts[0],
         HostMount {
             host_path: "/var/lib/kubelet/pods/x/volumes/a".into(),
-            guest_source: format!("{GUEST_MOUNTS_DIR}/c1/0"),
+            guest_source: super::super::linux::guest_mount_source(
+                "/var/lib/kubelet/pods/x/volumes/a"
+            ),
             container_path: "/data/sub".into(),
             readonly: false,
         }
     );
     assert_eq!(built.mounts[3].container_path, "/dev/shm");
+    // One guest copy per host path: distinct paths, distinct copies below the mounts directory.
+    assert!(built.mounts[0].guest_source.starts_with(GUEST_MOUNTS_DIR));
+    assert_ne!(built.mounts[0].guest_source, built.mounts[1].guest_source);
 }
 
 #[test]
