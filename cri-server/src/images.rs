@@ -188,13 +188,6 @@ fn to_cri(r: &ImageRecord) -> Image {
     }
 }
 
-fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
-
 #[tonic::async_trait]
 impl CriImageService for Images {
     async fn list_images(
@@ -294,7 +287,7 @@ impl CriImageService for Images {
         let usage = self.service.usage().await.map_err(|e| status_of(&e))?;
         Ok(Response::new(ImageFsInfoResponse {
             image_filesystems: vec![FilesystemUsage {
-                timestamp: now_ns(),
+                timestamp: crate::sandbox::now_ns(),
                 fs_id: Some(FilesystemIdentifier {
                     mountpoint: usage.mountpoint.display().to_string(),
                 }),
