@@ -68,7 +68,9 @@ async fn cri_image_service_and_podvisor_pull() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(&cli_id));
 
     let socket = dir.path().join("podvisor.sock");
-    let _daemon = Daemon::start(podvisor(dir.path(), &[]), &socket, dir.path()).await;
+    let mut daemon_cmd = podvisor(dir.path(), &[]);
+    daemon_cmd.arg("--run-dir").arg(dir.path().join("run"));
+    let _daemon = Daemon::start(daemon_cmd, &socket, dir.path()).await;
     let mut client = ImageServiceClient::new(connect(socket.clone()).await);
 
     let pulled = client

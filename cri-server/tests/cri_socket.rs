@@ -6,14 +6,20 @@ use std::process::Command;
 
 use common::{connect, Daemon};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::{ListPodSandboxRequest, StatusRequest, VersionRequest};
+use k8s_cri::v1::{
+    CheckpointContainerRequest, ListPodSandboxRequest, RuntimeConfigRequest, StatusRequest,
+    VersionRequest,
+};
 
 #[tokio::test]
 async fn version_status_and_clear_unimplemented_errors() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("run/podvisor.sock");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
-    cmd.arg("--state-dir").arg(dir.path().join("state"));
+    cmd.arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"));
     let daemon = Daemon::start(cmd, &socket, dir.path()).await;
     let mut client = RuntimeServiceClient::new(connect(socket.clone()).await);
     let version = client
@@ -41,11 +47,27 @@ async fn version_status_and_clear_unimplemented_errors() {
         .iter()
         .any(|c| c.r#type == "NetworkReady" && !c.status));
 
-    let err = client
+    let pods = client
         .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(pods.items.is_empty());
+    let config = client
+        .runtime_config(RuntimeConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        config.linux.unwrap().cgroup_driver,
+        k8s_cri::v1::CgroupDriver::Cgroupfs as i32
+    );
+    // The one RPC podvisor does not implement says so by name.
+    let err = client
+        .checkpoint_container(CheckpointContainerRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented);
-    assert!(err.message().contains("list_pod_sandbox"));
+    assert!(err.message().contains("checkpoint_container"));
     drop(daemon);
 }
