@@ -16,7 +16,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{
-    connect, container_config, pod_config, pod_prerequisites, podvisor_cmd, push_pod_image, Daemon,
+    connect, container_config, create_container, pod_config, pod_prerequisites, podvisor_cmd,
+    push_pod_image, run_pod, Daemon,
 };
 use image_service::testing::{self, Registry};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
@@ -30,27 +31,11 @@ type Rt = RuntimeServiceClient<Channel>;
 async fn one_pod(mut rt: Rt, name: String, image: String, logs: PathBuf) -> (f64, f64, String) {
     let config = pod_config(&name, &format!("uid-{name}"), &logs);
     let start = Instant::now();
-    let pod = rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = run_pod(&mut rt, &config).await;
     let run = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    let id = rt
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(container_config("app", &image, &["sleep", "100000"], 0)),
-            sandbox_config: Some(config),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
+    let app = container_config("app", &image, &["sleep", "100000"], 0);
+    let id = create_container(&mut rt, &pod, app, &config).await;
     rt.start_container(StartContainerRequest { container_id: id })
         .await
         .expect("StartContainer");

@@ -11,7 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    connect, container_config, pod_config, pod_prerequisites, podvisor_cmd, push_pod_image, Daemon,
+    connect, container_config, create_container, pod_config, pod_prerequisites, podvisor_cmd,
+    push_pod_image, run_pod, Daemon,
 };
 use image_service::testing::{self, Registry};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
@@ -27,27 +28,6 @@ fn podvisor(dir: &Path) -> Command {
         dir,
         &["--image-slots", "2", "--default-pod-memory-mib", "384"],
     )
-}
-
-async fn create(
-    rt: &mut Rt,
-    pod: &str,
-    config: ContainerConfig,
-    pod_config: &PodSandboxConfig,
-) -> String {
-    let start = Instant::now();
-    let id = rt
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(config),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    eprintln!("CreateContainer took {:?}", start.elapsed());
-    id
 }
 
 async fn status(rt: &mut Rt, id: &str) -> ContainerStatus {
@@ -318,15 +298,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
         ..Default::default()
     });
     let start = Instant::now();
-    let pod = rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config_a.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = run_pod(&mut rt, &config_a).await;
     eprintln!("RunPodSandbox took {:?}", start.elapsed());
     let (c, m) = code(
         rt.run_pod_sandbox(RunPodSandboxRequest {
@@ -381,7 +353,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
     };
     let talker_cmd = "echo from-talker > /shared/t; echo hello; echo oops >&2; i=0; \
                       while true; do echo tick $i; i=$((i+1)); sleep 1; done";
-    let talker = create(
+    let talker = create_container(
         &mut rt,
         &pod,
         with_volumes(container_config(
@@ -394,7 +366,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
     )
     .await;
     let sleeper_cmd = "trap 'echo bye; exit 0' TERM; sleep 100000 & wait";
-    let sleeper = create(
+    let sleeper = create_container(
         &mut rt,
         &pod,
         with_volumes(container_config(
@@ -584,7 +556,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
     assert_eq!(c, Code::InvalidArgument, "{m}");
 
     // OOM: 64 MiB buffers under a 16 MiB limit.
-    let hog = create(
+    let hog = create_container(
         &mut rt,
         &pod,
         container_config(
@@ -755,16 +727,8 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
 
     // The name of the interrupted pod B is free again and the restarted daemon runs pods.
     let config_b = pod_config("db", "uid-b", &logs);
-    let pod_b = rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config_b.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("RunPodSandbox after restart")
-        .into_inner()
-        .pod_sandbox_id;
-    let c = create(
+    let pod_b = run_pod(&mut rt, &config_b).await;
+    let c = create_container(
         &mut rt,
         &pod_b,
         container_config("once", &image, &["sh", "-c", "echo done-$((6*7))"], 0),

@@ -233,3 +233,39 @@ pub fn container_config(
         ..Default::default()
     }
 }
+
+type Runtime = k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>;
+
+/// RunPodSandbox that must succeed; returns the pod id.
+pub async fn run_pod(rt: &mut Runtime, config: &k8s_cri::v1::PodSandboxConfig) -> String {
+    rt.run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: String::new(),
+    })
+    .await
+    .expect("RunPodSandbox")
+    .into_inner()
+    .pod_sandbox_id
+}
+
+/// CreateContainer that must succeed; prints how long it took and returns the container id.
+pub async fn create_container(
+    rt: &mut Runtime,
+    pod: &str,
+    config: k8s_cri::v1::ContainerConfig,
+    pod_config: &k8s_cri::v1::PodSandboxConfig,
+) -> String {
+    let start = Instant::now();
+    let id = rt
+        .create_container(k8s_cri::v1::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    eprintln!("CreateContainer took {:?}", start.elapsed());
+    id
+}
