@@ -32,6 +32,7 @@ fn main() {
         vsock_uds: "vsock.sock".into(),
         guest_cid: 3,
         block_slots: vec![vmm::BlockSlotConfig { read_only: true }],
+        net: None,
     };
     let start = Instant::now();
     let vm = vmm::Vm::boot(config).unwrap_or_else(|e| {

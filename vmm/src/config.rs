@@ -1,6 +1,9 @@
 //! VM configuration and its validation.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::devices::virtio::net::Tap;
 
 /// Largest number of vCPUs a VM may have (MP table and APIC ids are sized for it).
 pub const MAX_VCPUS: u8 = 32;
@@ -11,10 +14,13 @@ pub const MAX_MEM_MIB: u32 = 64 * 1024;
 /// Largest number of virtio-blk slots (each takes one virtio-mmio window and one IRQ).
 pub const MAX_BLOCK_SLOTS: usize = 16;
 
-// The vsock device and every slot need an IOAPIC pin.
+/// Smallest MTU accepted (the IPv4 minimum).
+pub const MIN_MTU: u16 = 68;
+
+// virtio device i (vsock, every slot, then net) uses IOAPIC pin VIRTIO_IRQ_BASE + i.
+const MAX_VIRTIO_DEVICES: u32 = 1 + MAX_BLOCK_SLOTS as u32 + 1;
 const _: () = assert!(
-    crate::arch::layout::VIRTIO_IRQ_BASE + 1 + MAX_BLOCK_SLOTS as u32
-        <= crate::arch::layout::IRQ_MAX
+    crate::arch::layout::VIRTIO_IRQ_BASE + MAX_VIRTIO_DEVICES - 1 <= crate::arch::layout::IRQ_MAX
 );
 
 /// One virtio-blk slot of the pool a VM boots with. Slots start empty (capacity 0) and are filled at
@@ -23,6 +29,17 @@ const _: () = assert!(
 pub struct BlockSlotConfig {
     /// The guest sees the disk as read-only and every write request fails.
     pub read_only: bool,
+}
+
+/// The VM's virtio-net device and its host side.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// The tap the device exchanges frames with (see [`Tap::open`]); it lives as long as its last clone.
+    pub tap: Arc<Tap>,
+    /// The guest's MAC address (unicast, not all-zero).
+    pub mac: [u8; 6],
+    /// The MTU the device advertises ([`MIN_MTU`]..=65535).
+    pub mtu: u16,
 }
 
 /// Everything needed to boot a VM.
@@ -46,6 +63,8 @@ pub struct VmConfig {
     pub guest_cid: u64,
     /// The pool of block slots, slot `i` being `/dev/vd<a+i>` in the guest with serial `slot<i>`.
     pub block_slots: Vec<BlockSlotConfig>,
+    /// A virtio-net device (the last virtio-mmio device, after the block slots), or none.
+    pub net: Option<NetConfig>,
 }
 
 /// A [`VmConfig`] field that is out of range; the message names the field.
@@ -127,6 +146,20 @@ impl VmConfig {
                 format!("{} already exists", self.vsock_uds.display()),
             ));
         }
+        if let Some(net) = &self.net {
+            if net.mac == [0; 6] {
+                return Err(invalid("net.mac", "all-zero MAC address"));
+            }
+            if net.mac[0] & 1 != 0 {
+                return Err(invalid("net.mac", "multicast MAC address"));
+            }
+            if net.mtu < MIN_MTU {
+                return Err(invalid(
+                    "net.mtu",
+                    format!("{} not in {MIN_MTU}..=65535", net.mtu),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -148,7 +181,17 @@ mod tests {
             vsock_uds: dir.join("vsock.sock"),
             guest_cid: 3,
             block_slots: vec![BlockSlotConfig { read_only: true }],
+            net: Some(NetConfig {
+                tap: Arc::new(Tap::stand_in("tap0")),
+                mac: [0x02, 0, 0, 0, 0, 1],
+                mtu: 1500,
+            }),
         }
+    }
+
+    fn set_net(c: &mut VmConfig, mac: [u8; 6], mtu: u16) {
+        let net = c.net.as_mut().unwrap();
+        (net.mac, net.mtu) = (mac, mtu);
     }
 
     #[test]
@@ -173,6 +216,12 @@ mod tests {
                 Box::new(|c| c.block_slots = vec![BlockSlotConfig { read_only: false }; 17]),
             ),
             ("vsock_uds", Box::new(|c| c.vsock_uds = c.kernel.clone())),
+            ("net.mac", Box::new(|c| set_net(c, [0; 6], 1500))),
+            (
+                "net.mac",
+                Box::new(|c| set_net(c, [1, 0, 0x5e, 0, 0, 1], 1500)),
+            ),
+            ("net.mtu", Box::new(|c| set_net(c, [2, 0, 0, 0, 0, 1], 67))),
         ];
         for (field, mutate) in cases {
             let mut c = good.clone();
@@ -180,5 +229,11 @@ mod tests {
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(&format!("`{field}`")), "{field}: {err}");
         }
+        let mut no_net = good.clone();
+        no_net.net = None;
+        assert_eq!(no_net.validate(), Ok(()));
+        let mut jumbo = good.clone();
+        set_net(&mut jumbo, [0x52, 0x54, 0, 0x12, 0x34, 0x56], u16::MAX);
+        assert_eq!(jumbo.validate(), Ok(()));
     }
 }

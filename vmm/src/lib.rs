@@ -5,7 +5,8 @@
 //! an 8250 serial port captured to a console log, a virtio-vsock device whose host side is a unix socket
 //! speaking the hybrid-vsock convention (`CONNECT <port>\n` → `OK <port>\n`), and a fixed pool of
 //! virtio-blk *slots* that start empty and are filled or emptied while the guest runs
-//! ([`Vm::attach_block`], [`Vm::detach_block`]) with a config-change interrupt.
+//! ([`Vm::attach_block`], [`Vm::detach_block`]) with a config-change interrupt, and optionally a
+//! virtio-net device backed by a [`Tap`] ([`NetConfig`], [`Vm::net_stats`]).
 //!
 //! Every failure of a VM — guest crash, KVM internal error, triple fault, a panic in one of its threads —
 //! ends as an [`ExitReason`], never as a panic of the embedding process. Dropping a [`Vm`] stops it and
@@ -20,7 +21,8 @@ pub mod host;
 mod vcpu;
 mod vm;
 
-pub use config::{BlockSlotConfig, ConfigError, VmConfig};
+pub use config::{BlockSlotConfig, ConfigError, NetConfig, VmConfig};
+pub use devices::virtio::net::{NetStats, Tap, TapError};
 pub use host::{HostKind, KvmHost};
 pub use vm::{Error, ExitReason, ExitWatch, Vm, VmState};
 

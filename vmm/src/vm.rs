@@ -1,4 +1,4 @@
-//! [`Vm`]: boot, block-slot hot-plug, exit reporting and teardown of one microVM.
+//! [`Vm`]: boot, block-slot hot-plug, network counters, exit reporting and teardown of one microVM.
 
 use std::fmt;
 use std::fs::File;
@@ -25,6 +25,7 @@ use crate::config::{ConfigError, VmConfig};
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio::block::{BlockDevice, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::net::{NetDevice, NetError, NetStats};
 use crate::devices::virtio::vsock::{VsockDevice, VsockError};
 use crate::devices::virtio::worker::{self, lock, WorkerError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -64,6 +65,9 @@ pub enum Error {
     /// The vsock device could not be created.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// The net device could not be created.
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// A device worker could not be started.
     #[error(transparent)]
     Worker(#[from] WorkerError),
@@ -188,6 +192,7 @@ pub struct Vm {
     vcpus: Vec<JoinHandle<()>>,
     workers: Vec<Worker>,
     blocks: Vec<Arc<Mutex<MmioTransport<BlockDevice>>>>,
+    net: Option<Arc<Mutex<MmioTransport<NetDevice>>>>,
     io: Option<Arc<IoBus>>,
     // Dropped last: the VM fd and guest memory.
     vm_fd: Option<VmFd>,
@@ -243,6 +248,7 @@ impl Vm {
             vcpus: Vec::new(),
             workers: Vec::new(),
             blocks: Vec::new(),
+            net: None,
             io: None,
             vm_fd: None,
             mem: None,
@@ -264,6 +270,15 @@ impl Vm {
             let transport =
                 vm.add_device(dev, &format!("blk{slot}"), &mem, interrupt, queue_evts)?;
             vm.blocks.push(transport.clone());
+            mmio.push(transport);
+        }
+        // Last, so that adding a net device does not move the block slots.
+        if let Some(net) = vm.config.net.clone() {
+            let index = mmio.len();
+            let (interrupt, queue_evts) = vm.device_fds(&vm_fd, index, 2)?;
+            let dev = NetDevice::new(net.tap, net.mac, net.mtu, interrupt.clone())?;
+            let transport = vm.add_device(dev, "net", &mem, interrupt, queue_evts)?;
+            vm.net = Some(transport.clone());
             mmio.push(transport);
         }
         for index in 0..mmio.len() {
@@ -430,6 +445,11 @@ impl Vm {
         &self.config
     }
 
+    /// The traffic counters of the net device, if the VM has one (still readable once the guest stopped).
+    pub fn net_stats(&self) -> Option<NetStats> {
+        self.net.as_ref().map(|t| lock(t).device().stats())
+    }
+
     fn slot(&self, slot: usize) -> Result<&Arc<Mutex<MmioTransport<BlockDevice>>>, Error> {
         if let Some(reason) = self.shared.exit_reason() {
             return Err(Error::NotRunning(reason));
@@ -492,6 +512,7 @@ impl Vm {
             lock(&io.serial).flush();
         }
         self.blocks.clear();
+        self.net.take();
         self.vm_fd.take();
         if stuck {
             // A vCPU may still enter the guest: never unmap memory under it.

@@ -51,5 +51,6 @@ fn device_irqs_match_the_layout() {
     assert_eq!(table[0][2], layout::SERIAL_IRQ.to_string());
     assert_eq!(table[1][2], layout::VIRTIO_IRQ_BASE.to_string());
     assert_eq!(table[2][2], format!("{}+*i*", layout::VIRTIO_IRQ_BASE + 1));
+    assert_eq!(table[3][2], format!("{}+*n*", layout::VIRTIO_IRQ_BASE + 1));
     assert_eq!(layout::mmio_addr(1) - layout::mmio_addr(0), 0x1000);
 }

@@ -1,17 +1,26 @@
 //! End to end on a real KVM VM: boot the project's kernel + initramfs, reach the agent over vsock,
+//! configure the virtio-net interface and reach the guest kernel's TCP stack through the tap,
 //! hot-attach a block image, read a file from it through the agent, detach it, shut the VM down, and
-//! check that no thread, fd or file is left behind. One test, one boot: boots are slow under PVM.
+//! check that no thread, fd, file or interface is left behind. One test, one boot: boots are slow
+//! under PVM.
 
 mod common;
 
+use std::io::ErrorKind;
+use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::netns::TestNetns;
 use podvisor_proto::{
-    AddStorageRequest, ReadFileRequest, RemoveStorageRequest, ShutdownRequest, VersionRequest,
+    AddStorageRequest, Interface, ReadFileRequest, RemoveStorageRequest, ShutdownRequest,
+    UpdateInterfaceRequest, VersionRequest,
 };
-use vmm::{BlockSlotConfig, Error, ExitReason, Vm, VmState};
+use vmm::{BlockSlotConfig, Error, ExitReason, NetConfig, Tap, Vm, VmState};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const TAP: &str = "pvtap0";
+const GUEST_MAC: [u8; 6] = [0x02, 0x50, 0x56, 0x00, 0x00, 0x02];
 
 #[test]
 fn boot_agent_block_hotplug_and_clean_teardown() {
@@ -49,7 +58,19 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
         BlockSlotConfig { read_only: true },
         BlockSlotConfig { read_only: false },
     ];
-    let config = common::vm_config(dir.path(), &kernel, &initramfs, slots);
+    let mut config = common::vm_config(dir.path(), &kernel, &initramfs, slots);
+    // The host end of the guest's network: a tap with 10.77.0.1/24 in a throwaway namespace.
+    let netns = TestNetns::new("boot_agent_block_hotplug_and_clean_teardown", "agent");
+    config.net = netns.as_ref().map(|ns| {
+        let tap = Tap::open(TAP, Some(&ns.path())).expect("tap");
+        ns.ip(&format!("addr add 10.77.0.1/24 dev {TAP}"));
+        ns.ip(&format!("link set {TAP} up"));
+        NetConfig {
+            tap: Arc::new(tap),
+            mac: GUEST_MAC,
+            mtu: 1500,
+        }
+    });
     let vsock_uds = config.vsock_uds.clone();
     let start = Instant::now();
     let vm = Vm::boot(config).expect("boot");
@@ -74,6 +95,10 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
         console.contains("podvisor-agent"),
         "console log lacks the agent banner:\n{console}"
     );
+
+    if let Some(ns) = &netns {
+        check_network(&vm, &rt, &mut agent, ns);
+    }
 
     // Hot-attach: the slot had capacity 0 at boot; after attach the guest sees the image.
     let capacity = vm.attach_block(0, &image, true).expect("attach");
@@ -155,6 +180,13 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
     assert_eq!(vm.stop(), reason);
     drop(agent);
     drop(rt);
+    if let Some(ns) = &netns {
+        // The VM held the last fd of the (non-persistent) tap.
+        assert!(
+            ns.ip("-br link").lines().all(|l| !l.starts_with(TAP)),
+            "tap left behind"
+        );
+    }
 
     assert!(!vsock_uds.exists(), "vsock socket file left behind");
     let mut left: Vec<String> = std::fs::read_dir(dir.path())
@@ -169,4 +201,39 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
         "threads left behind"
     );
     assert_eq!(common::fd_targets(), fds_before, "fds left behind");
+}
+
+/// The agent gives eth0 10.77.0.2/24; a host connection to a closed guest port is refused, which
+/// takes ARP and TCP frames both ways through the tap, the device and the guest kernel.
+fn check_network(
+    vm: &Vm,
+    rt: &tokio::runtime::Runtime,
+    agent: &mut podvisor_proto::AgentClient<tonic::transport::Channel>,
+    ns: &TestNetns,
+) {
+    let t = Instant::now();
+    let mac: Vec<String> = GUEST_MAC.iter().map(|b| format!("{b:02x}")).collect();
+    let iface = rt
+        .block_on(agent.update_interface(UpdateInterfaceRequest {
+            interface: Some(Interface {
+                hw_addr: mac.join(":"),
+                name: "eth0".into(),
+                ip_addresses: vec!["10.77.0.2/24".into()],
+                mtu: 0,
+            }),
+        }))
+        .expect("UpdateInterface")
+        .into_inner();
+    assert_eq!(iface.name, "eth0");
+    let connect = ns.run(|| {
+        let guest = "10.77.0.2:1".parse().unwrap();
+        TcpStream::connect_timeout(&guest, Duration::from_secs(60))
+    });
+    let err = connect.expect_err("nothing listens on guest port 1");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    let stats = vm.net_stats().expect("the VM has a net device");
+    // At least ARP request + SYN in, ARP reply + RST out.
+    assert!(stats.rx_packets >= 2 && stats.tx_packets >= 2, "{stats:?}");
+    assert_eq!(stats.bad_chains, 0, "{stats:?}");
+    eprintln!("network checks took {:?} ({stats:?})", t.elapsed());
 }

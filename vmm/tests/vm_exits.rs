@@ -58,6 +58,7 @@ fn config(dir: &Path, kernel: PathBuf) -> VmConfig {
         vsock_uds: dir.join("vsock.sock"),
         guest_cid: 3,
         block_slots: vec![vmm::BlockSlotConfig { read_only: true }],
+        net: None,
     }
 }
 

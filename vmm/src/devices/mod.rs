@@ -1,4 +1,4 @@
-//! Emulated devices: the 8250 serial console and virtio-mmio devices (block slots, vsock).
+//! Emulated devices: the 8250 serial console and virtio-mmio devices (block slots, vsock, net).
 
 pub mod serial;
 pub mod virtio;

@@ -1,6 +1,7 @@
 //! Helpers shared by the VM integration tests and the boot benchmark.
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod oci;
 pub mod qemu;
 
@@ -66,6 +67,7 @@ pub fn vm_config(
         vsock_uds: dir.join("vsock.sock"),
         guest_cid: 3,
         block_slots: slots,
+        net: None,
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 pub mod worker;
 
@@ -15,6 +16,8 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+/// virtio device id of a network device.
+pub const TYPE_NET: u32 = 1;
 /// virtio device id of a block device.
 pub const TYPE_BLOCK: u32 = 2;
 /// virtio device id of a socket (vsock) device.
@@ -93,6 +96,9 @@ pub enum ActivateError {
         /// What the driver set up.
         got: usize,
     },
+    /// The device's host backend refused the negotiated configuration.
+    #[error("device backend: {0}")]
+    Backend(#[source] std::io::Error),
 }
 
 /// A virtio device model behind a transport.

@@ -1,0 +1,74 @@
+//! A throwaway network namespace for VM network tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A network namespace (`ip netns add`), deleted on drop.
+pub struct TestNetns {
+    name: String,
+}
+
+impl TestNetns {
+    /// A namespace named after `tag` and this process, or None (after a SKIPPED line) when this process
+    /// cannot create namespaces and taps.
+    pub fn new(test: &str, tag: &str) -> Option<TestNetns> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root || !Path::new("/dev/net/tun").exists() {
+            eprintln!("SKIPPED {test}: needs root and /dev/net/tun");
+            return None;
+        }
+        let ns = TestNetns {
+            name: format!("pv{tag}-{}", std::process::id()),
+        };
+        let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
+        ns.ip_argv(&["netns", "add", &ns.name]);
+        Some(ns)
+    }
+
+    /// The namespace file, for `Tap::open`.
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n <ns> <args>`, which must succeed.
+    pub fn ip(&self, args: &str) -> String {
+        let mut argv = vec!["-n", &self.name];
+        argv.extend(args.split_whitespace());
+        self.ip_argv(&argv)
+    }
+
+    fn ip_argv(&self, argv: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(argv)
+            .output()
+            .expect("ip (iproute2)");
+        assert!(
+            out.status.success(),
+            "ip {argv:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `f` on a thread inside the namespace.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let ns = std::fs::File::open(self.path()).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
