@@ -1,0 +1,191 @@
+//! Named network namespaces as bind-mounted files (the `ip netns` convention), and netlink handles
+//! inside them.
+//!
+//! A namespace is created on a dedicated thread that unshares its network namespace and bind-mounts
+//! `/proc/thread-self/ns/net` onto the file; the thread then exits and the mount keeps the namespace
+//! alive until [`remove`]. Netlink work inside a namespace uses a socket created on a thread that has
+//! `setns`'d into it: a netlink socket stays bound to the namespace it was created in, so the handle can
+//! then be used from any task.
+//!
+//! Mount propagation: like `ip netns add`, the directory is made a shared mount (bind-mounted onto
+//! itself first if it is not a mount point), so namespace mounts and unmounts propagate to mount
+//! namespaces cloned later (`ip netns exec`, containers of other runtimes) and an unmount here frees the
+//! namespace everywhere. With the default directory `/run/netns`, `ip netns list` and `ip -n` see the
+//! pods' namespaces.
+
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+use futures_util::TryStreamExt;
+use nix::errno::Errno;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+use nix::sys::statfs::{statfs, NSFS_MAGIC};
+use rtnetlink::{Handle, LinkUnspec};
+use tokio::sync::oneshot;
+
+use super::NetworkError;
+
+/// Serializes making directories shared mounts, so two creations never stack two bind mounts.
+static SHARED_DIRS: Mutex<()> = Mutex::new(());
+
+fn host_err(what: impl std::fmt::Display) -> impl FnOnce(Errno) -> NetworkError {
+    move |e| NetworkError::Host(format!("{what}: {e}"))
+}
+
+/// Creates the directory if needed and makes it a shared mount point, as `ip netns add` does.
+fn ensure_shared_dir(dir: &Path) -> Result<(), NetworkError> {
+    let _guard = SHARED_DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    std::fs::create_dir_all(dir)
+        .map_err(|e| NetworkError::Host(format!("creating {}: {e}", dir.display())))?;
+    let shared = MsFlags::MS_SHARED | MsFlags::MS_REC;
+    let make_shared = || mount(None::<&str>, dir, None::<&str>, shared, None::<&str>);
+    match make_shared() {
+        Err(Errno::EINVAL) => {
+            // Not a mount point yet: bind it onto itself, then share it.
+            let bind = MsFlags::MS_BIND | MsFlags::MS_REC;
+            mount(Some(dir), dir, None::<&str>, bind, None::<&str>).map_err(host_err(
+                format_args!("bind-mounting {} onto itself", dir.display()),
+            ))?;
+            make_shared().map_err(host_err(format_args!(
+                "making {} a shared mount",
+                dir.display()
+            )))
+        }
+        other => other.map_err(host_err(format_args!(
+            "making {} a shared mount",
+            dir.display()
+        ))),
+    }
+}
+
+/// Runs `f` on a new thread whose network namespace is set by `enter` (which runs first, on that
+/// thread), inside the current tokio runtime's context; the thread exits afterwards.
+async fn on_ns_thread<T, E, F>(enter: E, f: F) -> Result<T, NetworkError>
+where
+    T: Send + 'static,
+    E: FnOnce() -> Result<(), NetworkError> + Send + 'static,
+    F: FnOnce() -> Result<T, NetworkError> + Send + 'static,
+{
+    let runtime = tokio::runtime::Handle::current();
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("podvisor-netns".into())
+        .spawn(move || {
+            let _ = tx.send(enter().and_then(|()| {
+                let _context = runtime.enter();
+                f()
+            }));
+        })
+        .map_err(|e| NetworkError::Host(format!("spawning a namespace thread: {e}")))?;
+    rx.await
+        .map_err(|_| NetworkError::Host("the namespace thread panicked".into()))?
+}
+
+/// A netlink connection created on the current (namespace) thread; spawned by the caller.
+fn new_connection() -> Result<Connection, NetworkError> {
+    let (connection, handle, _) = rtnetlink::new_connection()
+        .map_err(|e| NetworkError::Host(format!("opening a netlink socket: {e}")))?;
+    Ok((connection, handle))
+}
+
+type Connection = (
+    rtnetlink::proto::Connection<rtnetlink::packet_route::RouteNetlinkMessage>,
+    Handle,
+);
+
+/// Creates the network namespace file `path` (its directory is created and made a shared mount), with
+/// `lo` up. Fails if `path` exists. On failure nothing is left behind.
+pub async fn create(path: &Path) -> Result<(), NetworkError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    ensure_shared_dir(dir)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o444)
+        .open(path)
+        .map_err(|e| NetworkError::Host(format!("creating {}: {e}", path.display())))?;
+    let target = path.to_owned();
+    let enter = || unshare(CloneFlags::CLONE_NEWNET).map_err(host_err("unsharing a netns"));
+    let created = on_ns_thread(enter, move || {
+        let source = Path::new("/proc/thread-self/ns/net");
+        mount(
+            Some(source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(host_err(format_args!(
+            "bind-mounting a netns on {}",
+            target.display()
+        )))?;
+        new_connection()
+    })
+    .await;
+    let result = match created {
+        Ok((connection, handle)) => {
+            tokio::spawn(connection);
+            loopback_up(&handle).await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        let _ = remove(path);
+        return Err(e);
+    }
+    Ok(())
+}
+
+async fn loopback_up(handle: &Handle) -> Result<(), NetworkError> {
+    let netlink = |what: &'static str| move |e| NetworkError::Host(format!("{what}: {e}"));
+    let mut links = handle.link().get().match_name("lo").execute();
+    let lo = links.try_next().await.map_err(netlink("finding lo"))?;
+    let lo = lo.ok_or_else(|| NetworkError::Host("the new netns has no lo".into()))?;
+    let up = LinkUnspec::new_with_index(lo.header.index).up().build();
+    handle
+        .link()
+        .set(up)
+        .execute()
+        .await
+        .map_err(netlink("setting lo up"))
+}
+
+/// Unmounts (lazily) and deletes the namespace file `path`; a missing or unmounted file is fine.
+pub fn remove(path: &Path) -> Result<(), NetworkError> {
+    match umount2(path, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+        Err(e) => {
+            return Err(NetworkError::Host(format!(
+                "unmounting {}: {e}",
+                path.display()
+            )))
+        }
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(NetworkError::Host(format!(
+            "removing {}: {e}",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `path` is a live network namespace (an nsfs mount), not a missing or plain file.
+pub fn is_netns(path: &Path) -> bool {
+    statfs(path).is_ok_and(|s| s.filesystem_type() == NSFS_MAGIC)
+}
+
+/// A netlink handle whose socket lives in the namespace `path`; its connection runs on the current
+/// runtime until the handle is dropped.
+pub async fn handle_in(path: &Path) -> Result<Handle, NetworkError> {
+    let file = File::open(path)
+        .map_err(|e| NetworkError::Host(format!("opening netns {}: {e}", path.display())))?;
+    let what = format!("entering netns {}", path.display());
+    let enter = move || setns(&file, CloneFlags::CLONE_NEWNET).map_err(host_err(what));
+    let (connection, handle) = on_ns_thread(enter, new_connection).await?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
