@@ -67,9 +67,9 @@ pub fn checks(guest_dir: &Path) -> Vec<Check> {
     out
 }
 
-/// Prints the report; the exit code is non-zero if any check failed.
-pub fn run(guest_dir: &Path) -> ExitCode {
-    let results = checks(guest_dir);
+/// Prints the report for the daemon settings `args`; the exit code is non-zero if any check failed.
+pub fn run(args: &crate::daemon::DaemonArgs) -> ExitCode {
+    let results = checks(&args.guest_dir);
     for c in &results {
         println!(
             "{} {:<16} {}",

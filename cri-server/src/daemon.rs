@@ -20,6 +20,9 @@ use std::sync::Arc;
 /// Daemon flags.
 #[derive(clap::Args, Clone, Debug)]
 pub struct DaemonArgs {
+    /// Configuration file (TOML; every key is a flag of this list, flags win). Read if it exists.
+    #[arg(long, default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
     /// CRI unix socket.
     #[arg(long, default_value = defaults::SOCKET)]
     pub socket: PathBuf,
@@ -41,6 +44,24 @@ pub struct DaemonArgs {
     /// Pod VM settings.
     #[command(flatten)]
     pub pods: PodArgs,
+    /// Pod network settings.
+    #[command(flatten)]
+    pub network: NetworkArgs,
+}
+
+/// Pod network flags (CNI).
+#[derive(clap::Args, Clone, Debug)]
+pub struct NetworkArgs {
+    /// CNI network configuration directory; its lexically first `.conflist`, `.conf` or `.json` file
+    /// is the pod network.
+    #[arg(long, default_value = defaults::CNI_CONF_DIR)]
+    pub cni_conf_dir: PathBuf,
+    /// Directories searched for CNI plugin binaries, in order (repeat the flag to give several).
+    #[arg(long = "cni-bin-dir", default_values = defaults::CNI_BIN_DIRS)]
+    pub cni_bin_dirs: Vec<PathBuf>,
+    /// Where pod network namespaces are bind-mounted (`ip netns` lists `/run/netns`).
+    #[arg(long, default_value = defaults::NETNS_DIR)]
+    pub netns_dir: PathBuf,
 }
 
 /// Pod VM flags.
@@ -134,6 +155,12 @@ fn manager_config(args: &DaemonArgs) -> ManagerConfig {
         default_mem_mib: p.default_pod_memory_mib,
         guest_overhead_mib: p.guest_overhead_mib,
         writable_layer_bytes: p.writable_layer_mib << 20,
+        network: crate::network::NetworkConfig {
+            conf_dir: args.network.cni_conf_dir.clone(),
+            bin_dirs: args.network.cni_bin_dirs.clone(),
+            netns_dir: args.network.netns_dir.clone(),
+            ..Default::default()
+        },
     }
 }
 

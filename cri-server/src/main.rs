@@ -1,14 +1,15 @@
 //! `podvisor`: the node daemon (CRI v1 over a unix socket), its host check and `podvisor pull`.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod check;
+mod config;
 mod daemon;
 mod images;
 mod logs;
+mod network;
 mod pull;
 mod runtime;
 mod sandbox;
@@ -26,13 +27,21 @@ pub mod defaults {
     pub const STATE_DIR: &str = "/var/lib/podvisor";
     /// Where the guest kernel (`vmlinux`) and initramfs (`initramfs.cpio`) are installed.
     pub const GUEST_DIR: &str = "/usr/share/podvisor";
+    /// CNI network configuration directory.
+    pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
+    /// CNI plugin directories, searched in order (upstream's, then Debian's package).
+    pub const CNI_BIN_DIRS: [&str; 2] = ["/opt/cni/bin", "/usr/lib/cni"];
+    /// Pod network namespaces (where `ip netns` looks).
+    pub const NETNS_DIR: &str = "/run/netns";
 }
 
+/// The command line (the configuration file's values are inserted into it, see [`config`]).
 #[derive(Parser)]
 #[command(
     name = "podvisor",
     version,
-    about = "Kubernetes CRI runtime: every pod in its own microVM"
+    about = "Kubernetes CRI runtime: every pod in its own microVM",
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -44,19 +53,24 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve CRI on the socket (the default).
+    #[command(args_override_self = true)]
     Daemon(daemon::DaemonArgs),
     /// Report whether this host can run podvisor pods; exits non-zero if a check fails.
-    Check {
-        /// Directory holding vmlinux and initramfs.cpio.
-        #[arg(long, default_value = defaults::GUEST_DIR)]
-        guest_dir: PathBuf,
-    },
+    #[command(args_override_self = true)]
+    Check(daemon::DaemonArgs),
     /// Pull an image into the local image store (through the daemon when it is running).
     Pull(pull::PullArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match config::argv_with_config(std::env::args_os().collect(), &Cli::command()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("podvisor: configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -71,7 +85,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Some(Command::Check { guest_dir }) => check::run(&guest_dir),
+        Some(Command::Check(args)) => check::run(&args),
         Some(Command::Daemon(args)) => daemon::run(args),
         Some(Command::Pull(args)) => pull::run(args),
         None => daemon::run(cli.daemon),

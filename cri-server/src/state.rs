@@ -78,8 +78,12 @@ pub struct PodRecord {
     pub slots: BTreeMap<u32, String>,
     /// Why the pod is not ready, if it is not.
     pub reason: String,
-    /// Host resources (pod directory, sockets) have been released.
+    /// Host resources (VM socket, pod network) have been released.
     pub released: bool,
+    /// The pod network: written before CNI ADD (intent) and with its result after; what teardown
+    /// needs, also after a crash.
+    #[serde(default)]
+    pub network: Option<crate::network::NetworkRecord>,
 }
 
 /// A container.
@@ -323,6 +327,7 @@ mod tests {
             slots: BTreeMap::from([(0, "sha256:x".into())]),
             reason: String::new(),
             released: false,
+            network: None,
         }
     }
 

@@ -52,8 +52,7 @@ pub fn pod_status(pod: &PodRecord) -> PodSandboxStatus {
         metadata: config.metadata,
         state: pod_state(pod),
         created_at: pod.created_at,
-        // Pod networking (CNI + virtio-net) gives the pod its IP; until then it has none.
-        network: Some(PodSandboxNetworkStatus::default()),
+        network: Some(pod_network_status(pod)),
         linux: Some(LinuxPodSandboxStatus {
             namespaces: Some(Namespace { options }),
         }),
@@ -63,9 +62,36 @@ pub fn pod_status(pod: &PodRecord) -> PodSandboxStatus {
     }
 }
 
-/// Verbose pod information (PodSandboxStatus verbose=true).
-pub fn pod_info(pod: &PodRecord) -> HashMap<String, String> {
+/// A ready pod's addresses from its CNI result (a stopped pod has none, as in containerd).
+fn pod_network_status(pod: &PodRecord) -> PodSandboxNetworkStatus {
+    let ips = match (&pod.network, pod.state) {
+        (Some(net), crate::state::PodState::Ready) => net.pod_ips(),
+        _ => Vec::new(),
+    };
+    let mut ips = ips.into_iter().map(|ip| ip.to_string());
+    PodSandboxNetworkStatus {
+        ip: ips.next().unwrap_or_default(),
+        additional_ips: ips.map(|ip| PodIp { ip }).collect(),
+    }
+}
+
+/// Verbose pod information (PodSandboxStatus verbose=true), with the outcome of a CNI CHECK of a
+/// ready pod's network.
+pub fn pod_info(pod: &PodRecord, cni_check: Option<Result<(), String>>) -> HashMap<String, String> {
+    let network = pod.network.as_ref().map(|n| {
+        serde_json::json!({
+            "netns": n.netns,
+            "ips": n.pod_ips(),
+            "cniResult": n.result.as_deref().and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok()),
+            "cniCheck": match &cni_check {
+                None => "not run (the pod is not ready)".to_string(),
+                Some(Ok(())) => "ok".to_string(),
+                Some(Err(e)) => e.clone(),
+            },
+        })
+    });
     let info = serde_json::json!({
+        "network": network,
         "vcpus": pod.vcpus,
         "memoryMiB": pod.mem_mib,
         "imageSlots": pod.slots,

@@ -54,9 +54,10 @@ pub fn to_status(e: SandboxError) -> Status {
             };
             Status::new(code, format!("guest agent {call}: {}", status.message()))
         }
-        e @ (SandboxError::State(_) | SandboxError::Vm(_) | SandboxError::Io { .. }) => {
-            Status::internal(e.to_string())
-        }
+        e @ (SandboxError::State(_)
+        | SandboxError::Vm(_)
+        | SandboxError::Io { .. }
+        | SandboxError::Network(_)) => Status::internal(e.to_string()),
     }
 }
 
@@ -138,7 +139,8 @@ impl Runtime {
         Ok(PodSandboxStatusResponse {
             status: Some(pod_status(&pod)),
             info: if verbose {
-                convert::pod_info(&pod)
+                let check = self.manager.check_network(&pod).await;
+                convert::pod_info(&pod, check)
             } else {
                 Default::default()
             },
@@ -185,11 +187,19 @@ impl RuntimeService for Runtime {
     }
 
     async fn status(&self, request: Request<StatusRequest>) -> Result<StatusResponse> {
-        let network = RuntimeCondition {
-            r#type: "NetworkReady".into(),
-            status: false,
-            reason: "NetworkPluginNotReady".into(),
-            message: "pod networking (CNI, virtio-net) is not implemented yet".into(),
+        let network = match self.manager.network_status() {
+            Ok(_) => RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: true,
+                reason: String::new(),
+                message: String::new(),
+            },
+            Err(e) => RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: false,
+                reason: "NetworkPluginNotReady".into(),
+                message: format!("CNI: {e}"),
+            },
         };
         let mut info = std::collections::HashMap::new();
         if request.into_inner().verbose {

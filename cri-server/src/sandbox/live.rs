@@ -36,14 +36,15 @@ fn console_tail(path: &Path) -> String {
 }
 
 impl LivePod {
-    /// Boots a VM with its console log in `dir` and its vsock socket at `vsock`, and waits for its
-    /// agent.
+    /// Boots a VM with its console log in `dir`, its vsock socket at `vsock` and the network device
+    /// `net`, and waits for its agent.
     pub async fn boot(
         config: &ManagerConfig,
         dir: &Path,
         vsock: &Path,
         vcpus: u8,
         mem_mib: u32,
+        net: Option<vmm::NetConfig>,
     ) -> Result<LivePod, SandboxError> {
         let vm_config = VmConfig {
             vcpus,
@@ -57,6 +58,7 @@ impl LivePod {
             block_slots: (0..config.image_slots)
                 .map(|_| BlockSlotConfig { read_only: true })
                 .collect(),
+            net,
         };
         let uds = vm_config.vsock_uds.clone();
         let console = vm_config.console_log.clone();

@@ -10,7 +10,9 @@ mod containers;
 mod exec;
 mod live;
 mod mounts;
+mod network;
 mod pods;
+mod size;
 mod stream;
 
 use std::collections::HashMap;
@@ -24,6 +26,7 @@ use tokio::sync::broadcast;
 pub use live::{LiveContainer, LivePod};
 pub use stream::backend;
 
+use crate::network::{Network, NetworkConfig, NetworkError};
 use crate::state::{StateError, StateStore};
 
 /// Errors of the sandbox manager, by the class the CRI layer reports them as.
@@ -59,6 +62,9 @@ pub enum SandboxError {
     /// The VM could not be booted or driven.
     #[error("pod VM: {0}")]
     Vm(String),
+    /// Pod networking failed: a CNI plugin, the namespace, the tap or tc.
+    #[error("pod network: {0}")]
+    Network(String),
     /// The guest agent answered an error or could not be reached.
     #[error("guest agent {call}: {status}")]
     Agent {
@@ -75,6 +81,20 @@ pub enum SandboxError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+impl From<NetworkError> for SandboxError {
+    fn from(e: NetworkError) -> Self {
+        match e {
+            NetworkError::InvalidArgument(m) => SandboxError::InvalidArgument(m),
+            NetworkError::NotConfigured(m) => {
+                SandboxError::FailedPrecondition(format!("pod network is not ready: {m}"))
+            }
+            e @ (NetworkError::Plugin { .. } | NetworkError::Host(_)) => {
+                SandboxError::Network(e.to_string())
+            }
+        }
+    }
 }
 
 /// Maps an agent error to a [`SandboxError`] tagged with the call.
@@ -109,6 +129,8 @@ pub struct ManagerConfig {
     pub guest_overhead_mib: u32,
     /// Size cap of each container's writable layer (tmpfs in the guest), bytes.
     pub writable_layer_bytes: u64,
+    /// Pod networking (CNI configuration, plugins, namespaces).
+    pub network: NetworkConfig,
 }
 
 /// What a CRI container event reports.
@@ -147,6 +169,7 @@ struct Inner {
     config: ManagerConfig,
     store: StateStore,
     images: ImageService,
+    network: Network,
     pods: Mutex<HashMap<String, Arc<LivePod>>>,
     containers: Mutex<HashMap<String, Arc<LiveContainer>>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -181,6 +204,7 @@ impl Manager {
         let (events, _) = broadcast::channel(1024);
         Manager {
             inner: Arc::new(Inner {
+                network: Network::new(config.network.clone()),
                 config,
                 store,
                 images,
@@ -195,6 +219,11 @@ impl Manager {
     /// The state store.
     pub fn store(&self) -> &StateStore {
         &self.inner.store
+    }
+
+    /// The pod network's name when its CNI configuration and plugins are usable (CRI NetworkReady).
+    pub fn network_status(&self) -> Result<String, NetworkError> {
+        self.inner.network.status()
     }
 
     /// Subscribes to container lifecycle events.

@@ -4,102 +4,17 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_cri::v1::{LinuxContainerResources, NamespaceMode, PodSandboxConfig};
+use k8s_cri::v1::{NamespaceMode, PodSandboxConfig};
 use podvisor_proto as pb;
 use prost::Message;
 
 use super::live::LivePod;
+use super::size::vm_size;
 use super::{agent_err, lock, now_ns, Manager, SandboxError};
 use crate::state::{ContainerState, PodRecord, PodState};
 
-/// MiB.
-const MIB: i64 = 1 << 20;
-/// Guest memory below which the guest kernel and agent do not fit.
-const MIN_MEM_MIB: u32 = 128;
-/// Guest memory a pod VM can have, MiB (1 TiB).
-const MAX_MEM_MIB: u32 = 1 << 20;
-/// vCPUs a pod VM can have (the guest kernel's NR_CPUS).
-const MAX_VCPUS: i64 = 32;
-
 fn invalid(field: &str, msg: impl std::fmt::Display) -> SandboxError {
     SandboxError::InvalidArgument(format!("{field}: {msg}"))
-}
-
-/// vCPUs and MiB for a pod: its resources plus overhead (CPU quota rounded up; memory limits plus the
-/// guest's own overhead), or the defaults when the pod has no limits.
-pub fn vm_size(
-    config: &PodSandboxConfig,
-    default_mem_mib: u32,
-    guest_overhead_mib: u32,
-    host_cpus: u32,
-) -> Result<(u8, u32), SandboxError> {
-    let linux = config.linux.as_ref();
-    let parts: [(&str, Option<&LinuxContainerResources>); 2] = [
-        (
-            "config.linux.resources",
-            linux.and_then(|l| l.resources.as_ref()),
-        ),
-        (
-            "config.linux.overhead",
-            linux.and_then(|l| l.overhead.as_ref()),
-        ),
-    ];
-    let mut cpus = 0f64;
-    let mut mem = 0i64;
-    for (field, r) in parts {
-        let Some(r) = r else { continue };
-        for (name, v) in [
-            ("cpu_period", r.cpu_period),
-            ("cpu_quota", r.cpu_quota),
-            ("cpu_shares", r.cpu_shares),
-            ("memory_limit_in_bytes", r.memory_limit_in_bytes),
-        ] {
-            if v < 0 {
-                return Err(invalid(
-                    &format!("{field}.{name}"),
-                    format!("{v} is negative"),
-                ));
-            }
-        }
-        if r.cpu_quota > 0 {
-            if r.cpu_period == 0 {
-                return Err(invalid(
-                    &format!("{field}.cpu_period"),
-                    "must be set with cpu_quota",
-                ));
-            }
-            cpus += r.cpu_quota as f64 / r.cpu_period as f64;
-        }
-        if r.memory_limit_in_bytes > 0 && r.memory_limit_in_bytes < 4 * MIB {
-            return Err(invalid(
-                &format!("{field}.memory_limit_in_bytes"),
-                format!("{} is below the 4 MiB minimum", r.memory_limit_in_bytes),
-            ));
-        }
-        mem = mem.checked_add(r.memory_limit_in_bytes).ok_or_else(|| {
-            invalid(
-                &format!("{field}.memory_limit_in_bytes"),
-                "the limits overflow",
-            )
-        })?;
-    }
-    let vcpus = (cpus.ceil() as i64).clamp(1, MAX_VCPUS.min(i64::from(host_cpus.max(1))));
-    let mem_mib = if mem == 0 {
-        default_mem_mib
-    } else {
-        let mib = mem / MIB + i64::from(mem % MIB != 0);
-        u32::try_from(mib)
-            .ok()
-            .filter(|m| *m <= MAX_MEM_MIB)
-            .ok_or_else(|| {
-                invalid(
-                    "config.linux.resources.memory_limit_in_bytes",
-                    format!("{mib} MiB is more than a pod VM can have ({MAX_MEM_MIB} MiB)"),
-                )
-            })?
-            .saturating_add(guest_overhead_mib)
-    };
-    Ok((vcpus as u8, mem_mib.max(MIN_MEM_MIB)))
 }
 
 /// The name reservation of a pod: `<name>_<namespace>_<uid>_<attempt>` (as containerd does).
@@ -173,6 +88,11 @@ impl Manager {
         let (vcpus, mem_mib) =
             vm_size(&config, c.default_mem_mib, c.guest_overhead_mib, host_cpus)?;
         let id = super::new_id()?;
+        // Validates the port mappings and loads the CNI configuration before anything is reserved.
+        let network = self
+            .inner
+            .network
+            .prepare(&super::network::pod_network(&id, &config))?;
         self.inner
             .store
             .reserve_name(&name_key, &id)
@@ -190,14 +110,15 @@ impl Manager {
             slots: BTreeMap::new(),
             reason: String::new(),
             released: false,
+            network: Some(network),
         };
         self.inner.store.put_pod(&record)?;
-        match self.boot_pod(&id, &config, vcpus, mem_mib).await {
+        match self.boot_pod(&config, &mut record).await {
             Ok(live) => {
                 record.state = PodState::Ready;
                 if let Err(e) = self.inner.store.put_pod(&record) {
                     live.stop().await;
-                    self.discard_pod(&record);
+                    self.discard_pod(&record).await;
                     self.forget_lock(&id, &lock);
                     return Err(e.into());
                 }
@@ -207,30 +128,41 @@ impl Manager {
             }
             Err(e) => {
                 tracing::warn!(pod = %id, "RunPodSandbox failed: {e}");
-                self.discard_pod(&record);
+                self.discard_pod(&record).await;
                 self.forget_lock(&id, &lock);
                 Err(e)
             }
         }
     }
 
+    /// Attaches the pod network, boots the VM with it and sets up the guest (sandbox, interface).
     async fn boot_pod(
         &self,
-        id: &str,
         config: &PodSandboxConfig,
-        vcpus: u8,
-        mem_mib: u32,
+        record: &mut PodRecord,
     ) -> Result<Arc<LivePod>, SandboxError> {
-        let dir = self.pod_dir(id);
-        let vsock = self.vsock_path(id);
+        let id = record.id.clone();
+        let dir = self.pod_dir(&id);
+        let vsock = self.vsock_path(&id);
         for d in [&dir, &self.inner.config.run_dir.join("vm")] {
             std::fs::create_dir_all(d).map_err(|source| SandboxError::Io {
                 path: d.to_path_buf(),
                 source,
             })?;
         }
-        let live = Arc::new(LivePod::boot(&self.inner.config, &dir, &vsock, vcpus, mem_mib).await?);
-        let dns = config.dns_config.clone().unwrap_or_default();
+        let (attachment, net) = self.attach_network(record).await?;
+        let c = &self.inner.config;
+        let (vcpus, mem_mib) = (record.vcpus, record.mem_mib);
+        let live = Arc::new(LivePod::boot(c, &dir, &vsock, vcpus, mem_mib, Some(net)).await?);
+        // kubelet always sends the pod's DNS config; without one, the CNI result's applies.
+        let dns = config
+            .dns_config
+            .clone()
+            .unwrap_or_else(|| k8s_cri::v1::DnsConfig {
+                servers: attachment.dns.nameservers.clone(),
+                searches: attachment.dns.search.clone(),
+                options: attachment.dns.options.clone(),
+            });
         let linux = config.linux.clone().unwrap_or_default();
         let share_pid = linux
             .security_context
@@ -262,7 +194,11 @@ impl Manager {
                 _ => agent_err("CreateSandbox")(status),
             });
         }
-        self.watch_vm(id, live.clone());
+        if let Err(e) = self.configure_guest_network(&live, &attachment).await {
+            live.stop().await;
+            return Err(e);
+        }
+        self.watch_vm(&id, live.clone());
         Ok(live)
     }
 
@@ -285,9 +221,21 @@ impl Manager {
         });
     }
 
-    /// Removes every trace of a pod whose RunPodSandbox did not complete.
-    fn discard_pod(&self, record: &PodRecord) {
-        self.release_pod_resources(record);
+    /// Removes every trace of a pod whose RunPodSandbox did not complete. If its network cannot be
+    /// released, the pod is kept NOTREADY (unreleased) for Stop, Remove or the next start to retry.
+    async fn discard_pod(&self, record: &PodRecord) {
+        if let Err(e) = self.release_pod_resources(record).await {
+            let kept = PodRecord {
+                state: PodState::NotReady,
+                reason: format!("RunPodSandbox failed and its resources were not released: {e}"),
+                released: false,
+                ..record.clone()
+            };
+            if let Err(e) = self.inner.store.put_pod(&kept) {
+                tracing::error!(pod = %record.id, "recording the failed pod: {e}");
+            }
+            return;
+        }
         let dir = self.pod_dir(&record.id);
         if dir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -358,22 +306,27 @@ impl Manager {
                 record.reason = why.into();
             }
             record.slots.clear();
-            self.release_pod_resources(&record);
-            record.released = true;
+            let released = self.release_pod_resources(&record).await;
+            record.released = released.is_ok();
             store.put_pod(&record)?;
+            released?;
         }
         Ok(())
     }
 
-    /// Host resources a stopped pod gives back: the VM's socket (the VM itself is gone by now).
-    /// Network namespaces, taps and cgroups join this list with pod networking and cgroups.
-    fn release_pod_resources(&self, record: &PodRecord) {
+    /// Host resources a stopped pod gives back (the VM itself, and with it the tap, is gone by
+    /// now): the VM's socket, and the pod network (CNI DEL with the recorded result, namespace).
+    async fn release_pod_resources(&self, record: &PodRecord) -> Result<(), SandboxError> {
         let sock = self.vsock_path(&record.id);
         match std::fs::remove_file(&sock) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!(pod = %record.id, "removing {}: {e}", sock.display()),
         }
+        if let Some(network) = &record.network {
+            self.release_network(&record.id, network).await?;
+        }
+        Ok(())
     }
 
     /// RemovePodSandbox: stops the pod if needed, removes its containers, files and record.
@@ -453,7 +406,7 @@ impl Manager {
                     for c in store.pod_containers(&pod.id)? {
                         self.forget_container(&c).await?;
                     }
-                    self.discard_pod(&pod);
+                    self.discard_pod(&pod).await;
                     touched += 1;
                 }
                 PodState::Ready => {
@@ -487,69 +440,6 @@ fn lock_insert(m: &Manager, id: &str, live: Arc<LivePod>) {
 mod tests {
     use super::*;
     use k8s_cri::v1::LinuxPodSandboxConfig;
-
-    fn pod(
-        resources: Option<LinuxContainerResources>,
-        overhead: Option<LinuxContainerResources>,
-    ) -> PodSandboxConfig {
-        PodSandboxConfig {
-            linux: Some(LinuxPodSandboxConfig {
-                resources,
-                overhead,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn vm_size_follows_limits_plus_overhead() {
-        let r = LinuxContainerResources {
-            cpu_period: 100_000,
-            cpu_quota: 150_000,
-            memory_limit_in_bytes: 300 * MIB,
-            ..Default::default()
-        };
-        let o = LinuxContainerResources {
-            memory_limit_in_bytes: 20 * MIB,
-            ..Default::default()
-        };
-        assert_eq!(
-            vm_size(&pod(Some(r.clone()), Some(o)), 512, 64, 8).unwrap(),
-            (2, 384)
-        );
-        // No limits: the default memory and one vCPU; CPUs are capped by the host.
-        assert_eq!(vm_size(&pod(None, None), 512, 64, 8).unwrap(), (1, 512));
-        let big = LinuxContainerResources {
-            cpu_period: 100_000,
-            cpu_quota: 1_000_000,
-            ..Default::default()
-        };
-        assert_eq!(vm_size(&pod(Some(big), None), 512, 64, 2).unwrap().0, 2);
-    }
-
-    #[test]
-    fn bad_resources_name_the_field() {
-        let r = LinuxContainerResources {
-            memory_limit_in_bytes: -1,
-            ..Default::default()
-        };
-        let e = vm_size(&pod(Some(r), None), 512, 64, 2)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("config.linux.resources.memory_limit_in_bytes"),
-            "{e}"
-        );
-        let r = LinuxContainerResources {
-            cpu_quota: 5,
-            ..Default::default()
-        };
-        let e = vm_size(&pod(None, Some(r)), 512, 64, 2)
-            .unwrap_err()
-            .to_string();
-        assert!(e.starts_with("config.linux.overhead.cpu_period"), "{e}");
-    }
 
     #[test]
     fn names_and_host_namespaces_are_checked() {

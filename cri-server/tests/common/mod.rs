@@ -1,6 +1,8 @@
 //! Shared by the daemon tests: start the real `podvisor` binary and connect to its CRI socket.
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -166,8 +168,8 @@ pub fn push_pod_image(reg: &image_service::testing::Registry, dir: &Path, repo: 
     format!("{}/{reference}", reg.host)
 }
 
-/// The `podvisor` daemon command line of the pod tests: state, run and registry config under `dir`,
-/// plus `extra` flags.
+/// The `podvisor` daemon command line of the pod tests: state, run, registry and CNI config under
+/// `dir` (a [`net::TestNetwork`] writes the conflist there), plus `extra` flags.
 pub fn podvisor_cmd(dir: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
     cmd.arg("--state-dir")
@@ -176,6 +178,10 @@ pub fn podvisor_cmd(dir: &Path, extra: &[&str]) -> Command {
         .arg(dir.join("run"))
         .arg("--certs-dir")
         .arg(dir.join("certs.d"))
+        .arg("--cni-conf-dir")
+        .arg(dir.join("cni"))
+        .arg("--cni-bin-dir")
+        .arg(net::CNI_BIN_DIR)
         .args(extra);
     cmd
 }

@@ -1,0 +1,163 @@
+//! How big a pod's VM is: vCPUs and memory from the pod's resources plus overhead.
+
+use k8s_cri::v1::{LinuxContainerResources, PodSandboxConfig};
+
+use super::SandboxError;
+
+fn invalid(field: &str, msg: impl std::fmt::Display) -> SandboxError {
+    SandboxError::InvalidArgument(format!("{field}: {msg}"))
+}
+
+/// MiB.
+const MIB: i64 = 1 << 20;
+/// Guest memory below which the guest kernel and agent do not fit.
+const MIN_MEM_MIB: u32 = 128;
+/// Guest memory a pod VM can have, MiB (1 TiB).
+const MAX_MEM_MIB: u32 = 1 << 20;
+/// vCPUs a pod VM can have (the guest kernel's NR_CPUS).
+const MAX_VCPUS: i64 = 32;
+
+/// vCPUs and MiB for a pod: its resources plus overhead (CPU quota rounded up; memory limits plus the
+/// guest's own overhead), or the defaults when the pod has no limits.
+pub fn vm_size(
+    config: &PodSandboxConfig,
+    default_mem_mib: u32,
+    guest_overhead_mib: u32,
+    host_cpus: u32,
+) -> Result<(u8, u32), SandboxError> {
+    let linux = config.linux.as_ref();
+    let parts: [(&str, Option<&LinuxContainerResources>); 2] = [
+        (
+            "config.linux.resources",
+            linux.and_then(|l| l.resources.as_ref()),
+        ),
+        (
+            "config.linux.overhead",
+            linux.and_then(|l| l.overhead.as_ref()),
+        ),
+    ];
+    let mut cpus = 0f64;
+    let mut mem = 0i64;
+    for (field, r) in parts {
+        let Some(r) = r else { continue };
+        for (name, v) in [
+            ("cpu_period", r.cpu_period),
+            ("cpu_quota", r.cpu_quota),
+            ("cpu_shares", r.cpu_shares),
+            ("memory_limit_in_bytes", r.memory_limit_in_bytes),
+        ] {
+            if v < 0 {
+                return Err(invalid(
+                    &format!("{field}.{name}"),
+                    format!("{v} is negative"),
+                ));
+            }
+        }
+        if r.cpu_quota > 0 {
+            if r.cpu_period == 0 {
+                return Err(invalid(
+                    &format!("{field}.cpu_period"),
+                    "must be set with cpu_quota",
+                ));
+            }
+            cpus += r.cpu_quota as f64 / r.cpu_period as f64;
+        }
+        if r.memory_limit_in_bytes > 0 && r.memory_limit_in_bytes < 4 * MIB {
+            return Err(invalid(
+                &format!("{field}.memory_limit_in_bytes"),
+                format!("{} is below the 4 MiB minimum", r.memory_limit_in_bytes),
+            ));
+        }
+        mem = mem.checked_add(r.memory_limit_in_bytes).ok_or_else(|| {
+            invalid(
+                &format!("{field}.memory_limit_in_bytes"),
+                "the limits overflow",
+            )
+        })?;
+    }
+    let vcpus = (cpus.ceil() as i64).clamp(1, MAX_VCPUS.min(i64::from(host_cpus.max(1))));
+    let mem_mib = if mem == 0 {
+        default_mem_mib
+    } else {
+        let mib = mem / MIB + i64::from(mem % MIB != 0);
+        u32::try_from(mib)
+            .ok()
+            .filter(|m| *m <= MAX_MEM_MIB)
+            .ok_or_else(|| {
+                invalid(
+                    "config.linux.resources.memory_limit_in_bytes",
+                    format!("{mib} MiB is more than a pod VM can have ({MAX_MEM_MIB} MiB)"),
+                )
+            })?
+            .saturating_add(guest_overhead_mib)
+    };
+    Ok((vcpus as u8, mem_mib.max(MIN_MEM_MIB)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_cri::v1::LinuxPodSandboxConfig;
+
+    fn pod(
+        resources: Option<LinuxContainerResources>,
+        overhead: Option<LinuxContainerResources>,
+    ) -> PodSandboxConfig {
+        PodSandboxConfig {
+            linux: Some(LinuxPodSandboxConfig {
+                resources,
+                overhead,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+    #[test]
+    fn vm_size_follows_limits_plus_overhead() {
+        let r = LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 150_000,
+            memory_limit_in_bytes: 300 * MIB,
+            ..Default::default()
+        };
+        let o = LinuxContainerResources {
+            memory_limit_in_bytes: 20 * MIB,
+            ..Default::default()
+        };
+        assert_eq!(
+            vm_size(&pod(Some(r.clone()), Some(o)), 512, 64, 8).unwrap(),
+            (2, 384)
+        );
+        // No limits: the default memory and one vCPU; CPUs are capped by the host.
+        assert_eq!(vm_size(&pod(None, None), 512, 64, 8).unwrap(), (1, 512));
+        let big = LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 1_000_000,
+            ..Default::default()
+        };
+        assert_eq!(vm_size(&pod(Some(big), None), 512, 64, 2).unwrap().0, 2);
+    }
+
+    #[test]
+    fn bad_resources_name_the_field() {
+        let r = LinuxContainerResources {
+            memory_limit_in_bytes: -1,
+            ..Default::default()
+        };
+        let e = vm_size(&pod(Some(r), None), 512, 64, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config.linux.resources.memory_limit_in_bytes"),
+            "{e}"
+        );
+        let r = LinuxContainerResources {
+            cpu_quota: 5,
+            ..Default::default()
+        };
+        let e = vm_size(&pod(None, Some(r)), 512, 64, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("config.linux.overhead.cpu_period"), "{e}");
+    }
+}

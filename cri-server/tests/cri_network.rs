@@ -1,0 +1,360 @@
+//! Pod networking end to end on real VMs and the real CNI plugins (Debian containernetworking-plugins
+//! bridge + host-local + portmap): two pods get addresses on a test bridge; the host reaches a server
+//! in a container by pod IP and by host port; the pods reach each other; the DNS config is in the
+//! guest. After RemovePodSandbox, and after a SIGKILL of the daemon and its restart, no netns, veth,
+//! tap, IP allocation or port-mapping rule of the pods is left.
+
+mod common;
+
+use std::io::BufRead;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::net::{nat_rules_of, netns_of, TestNetwork};
+use common::{
+    connect, container_config, create_container, pod_config, pod_prerequisites, podvisor_cmd,
+    push_pod_image, run_pod, Daemon,
+};
+use image_service::testing::{self, Registry};
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::transport::Channel;
+
+type Rt = RuntimeServiceClient<Channel>;
+
+/// The port the server in pod A listens on.
+const SERVER_PORT: u16 = 8080;
+
+/// A free TCP port on the host (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Connects to `addr` and reads the server's greeting; retries (bounded) while it is not up yet.
+fn greeting(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(s) => {
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut buf = String::new();
+                match std::io::BufReader::new(s).read_line(&mut buf) {
+                    Ok(_) if buf.contains("hello") => return Ok(buf),
+                    Ok(_) => last = format!("empty greeting {buf:?}"),
+                    Err(e) => last = format!("read: {e}"),
+                }
+            }
+            Err(e) => last = format!("connect: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Err(format!("{addr}: {last}"))
+}
+
+async fn exec(rt: &mut Rt, id: &str, cmd: &[&str]) -> ExecSyncResponse {
+    rt.exec_sync(ExecSyncRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        timeout: 120,
+    })
+    .await
+    .expect("ExecSync")
+    .into_inner()
+}
+
+async fn pod_ip(rt: &mut Rt, id: &str) -> String {
+    rt.pod_sandbox_status(PodSandboxStatusRequest {
+        pod_sandbox_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .expect("PodSandboxStatus")
+    .into_inner()
+    .status
+    .unwrap()
+    .network
+    .map(|n| n.ip)
+    .unwrap_or_default()
+}
+
+async fn start(rt: &mut Rt, id: &str) {
+    rt.start_container(StartContainerRequest {
+        container_id: id.into(),
+    })
+    .await
+    .expect("StartContainer");
+}
+
+/// Asserts that nothing of pod `id` is left on the host: netns, veth on the bridge, IP allocation,
+/// portmap rules.
+fn assert_released(net: &TestNetwork, id: &str, ip: &str, what: &str) {
+    assert!(
+        netns_of(id).is_empty(),
+        "{what}: netns left: {:?}",
+        netns_of(id)
+    );
+    assert!(
+        !net.allocations().contains(&ip.to_string()),
+        "{what}: {ip} still allocated: {:?}",
+        net.allocations()
+    );
+    assert!(
+        nat_rules_of(id).is_empty(),
+        "{what}: NAT rules left: {:?}",
+        nat_rules_of(id)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_reach_the_host_and_each_other_and_clean_up() {
+    let test = "pods_reach_the_host_and_each_other_and_clean_up";
+    let Some(guest) = pod_prerequisites(test) else {
+        return;
+    };
+    let dir = testing::tempdir();
+    let d = dir.path().to_path_buf();
+    let Some(net) = TestNetwork::new(&d, test) else {
+        return;
+    };
+    let reg = Registry::start(None).unwrap();
+    let image = push_pod_image(&reg, &d, "e2e/net");
+    testing::write_hosts(&d.join("certs.d"), &reg.host, &reg.host).unwrap();
+    let daemon_log = d.join("daemon.log");
+    let result = tokio::spawn(scenario(guest, d.clone(), image, net)).await;
+    if let Err(e) = result {
+        let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
+        eprintln!(
+            "daemon log (tail):\n{}",
+            &log[log.len().saturating_sub(20_000)..]
+        );
+        for pod in std::fs::read_dir(d.join("state/pods"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let console =
+                std::fs::read_to_string(pod.path().join("console.log")).unwrap_or_default();
+            eprintln!(
+                "console of {}:\n{}",
+                pod.path().display(),
+                &console[console.len().saturating_sub(6000)..]
+            );
+        }
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork) {
+    let socket = d.join("podvisor.sock");
+    let log = d.join("daemon.log");
+    let podvisor = || {
+        podvisor_cmd(
+            &d,
+            &["--image-slots", "1", "--default-pod-memory-mib", "256"],
+        )
+    };
+    let mut daemon = Daemon::start_with(podvisor(), &socket, &guest, Some(&log)).await;
+    let chan = connect(socket.clone()).await;
+    let mut rt = RuntimeServiceClient::new(chan.clone());
+    let mut img = ImageServiceClient::new(chan);
+    let status = rt
+        .status(StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    let network = status
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .expect("NetworkReady condition");
+    assert!(network.status, "NetworkReady: {network:?}");
+    img.pull_image(PullImageRequest {
+        image: Some(ImageSpec {
+            image: image.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("PullImage");
+    let logs = d.join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+
+    // Pod A serves a greeting on SERVER_PORT, published on a host port; pod B is a client.
+    let host_port = free_port();
+    let mut config_a = pod_config("server", "uid-net-a", &logs);
+    config_a.port_mappings = vec![PortMapping {
+        protocol: Protocol::Tcp as i32,
+        container_port: i32::from(SERVER_PORT),
+        host_port: i32::from(host_port),
+        host_ip: String::new(),
+    }];
+    let config_b = pod_config("client", "uid-net-b", &logs);
+    let started = Instant::now();
+    let (mut rt_a, mut rt_b) = (rt.clone(), rt.clone());
+    let (a, b) = tokio::join!(run_pod(&mut rt_a, &config_a), run_pod(&mut rt_b, &config_b));
+    eprintln!("two pods ready in {:?}", started.elapsed());
+    let (ip_a, ip_b) = (pod_ip(&mut rt, &a).await, pod_ip(&mut rt, &b).await);
+    for ip in [&ip_a, &ip_b] {
+        assert!(
+            ip.starts_with(&format!("{}.", net.prefix)),
+            "pod IP {ip} not in {}.0/24",
+            net.prefix
+        );
+        assert!(
+            net.allocations().contains(ip),
+            "{ip} not in host-local's allocations"
+        );
+    }
+    assert_ne!(ip_a, ip_b);
+    assert_eq!(netns_of(&a).len(), 1, "pod A's netns");
+    assert_eq!(
+        net.bridge_ports().len(),
+        2,
+        "one veth per pod on {}",
+        net.bridge
+    );
+
+    let server = container_config(
+        "server",
+        &image,
+        &[
+            "sh",
+            "-c",
+            &format!("while true; do echo hello-from-$(hostname) | nc -l -p {SERVER_PORT}; done"),
+        ],
+        0,
+    );
+    let client = container_config("client", &image, &["sleep", "3600"], 0);
+    let (mut rt_a, mut rt_b) = (rt.clone(), rt.clone());
+    let (ca, cb) = tokio::join!(
+        create_container(&mut rt_a, &a, server, &config_a),
+        create_container(&mut rt_b, &b, client, &config_b)
+    );
+    start(&mut rt, &ca).await;
+    start(&mut rt, &cb).await;
+
+    // The host reaches the server by pod IP...
+    let by_ip: SocketAddr = format!("{ip_a}:{SERVER_PORT}").parse().unwrap();
+    let got = tokio::task::spawn_blocking(move || greeting(by_ip, Duration::from_secs(180)))
+        .await
+        .unwrap()
+        .expect("host -> pod A by pod IP");
+    assert!(got.contains("hello-from-server"), "{got:?}");
+    // ...and by host port (portmap's DNAT of locally generated traffic to a local address).
+    let by_port: SocketAddr = format!("{}:{host_port}", net.gateway()).parse().unwrap();
+    let got = tokio::task::spawn_blocking(move || greeting(by_port, Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .expect("host -> pod A by host port");
+    assert!(got.contains("hello-from-server"), "{got:?}");
+
+    // Pod B reaches pod A over the bridge.
+    let r = exec(&mut rt, &cb, &["nc", &ip_a, &SERVER_PORT.to_string()]).await;
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        out.contains("hello-from-server"),
+        "pod B -> pod A: exit {} stdout {out:?} stderr {:?}",
+        r.exit_code,
+        String::from_utf8_lossy(&r.stderr)
+    );
+    // The guest has the pod's address, default route and DNS config.
+    let r = exec(
+        &mut rt,
+        &cb,
+        &[
+            "cat",
+            "/proc/net/fib_trie",
+            "/proc/net/route",
+            "/etc/resolv.conf",
+        ],
+    )
+    .await;
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(out.contains(&ip_b), "guest addresses: {out}");
+    let gw_hex = {
+        let o: Vec<u8> = net
+            .gateway()
+            .split('.')
+            .map(|p| p.parse().unwrap())
+            .collect();
+        format!("{:02X}{:02X}{:02X}{:02X}", o[3], o[2], o[1], o[0])
+    };
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("eth0\t00000000\t") && l.contains(&gw_hex)),
+        "no default route via {} in the guest: {out}",
+        net.gateway()
+    );
+    assert!(out.contains("nameserver 10.96.0.10"), "{out}");
+    assert!(out.contains("search e2e.svc.cluster.local"), "{out}");
+
+    // RemovePodSandbox releases everything of pod B; pod A is untouched.
+    rt.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: b.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: b.clone(),
+    })
+    .await
+    .unwrap();
+    assert_released(&net, &b, &ip_b, "after RemovePodSandbox");
+    assert_eq!(
+        net.bridge_ports().len(),
+        1,
+        "pod B's veth is gone, pod A's stays"
+    );
+
+    // SIGKILL with pod A running: the restarted daemon releases its network.
+    daemon.kill9();
+    drop(rt);
+    assert_eq!(
+        netns_of(&a).len(),
+        1,
+        "a crash leaves the netns for the restart to clean"
+    );
+    let _daemon = Daemon::start_with(podvisor(), &socket, &guest, Some(&log)).await;
+    let mut rt = RuntimeServiceClient::new(connect(socket.clone()).await);
+    let status = rt
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: a.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.state, PodSandboxState::SandboxNotready as i32);
+    assert_released(&net, &a, &ip_a, "after kill -9 and restart");
+    assert!(
+        net.bridge_ports().is_empty(),
+        "veths left: {:?}",
+        net.bridge_ports()
+    );
+    // Stop and Remove of the dead pod still succeed, twice.
+    for _ in 0..2 {
+        rt.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: a.clone(),
+        })
+        .await
+        .unwrap();
+        rt.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: a.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    assert!(!Path::new(&d.join("state/pods").join(&a)).exists());
+}
