@@ -1,6 +1,7 @@
 #!/bin/bash
 # The whole podvisor test suite, from a fresh clone: host set-up, guest build (kernel cached under
-# ~/.cache/podvisor), format and lint checks, then every unit, integration and VM test.
+# ~/.cache/podvisor), format and lint checks, the offline checks of deploy/ (e2e/validate-deploy.sh), then every
+# unit, integration and VM test.
 # VM tests need /dev/kvm: when it exists they are required to run (PODVISOR_REQUIRE_KVM=1);
 # when it does not, they print "SKIPPED <test>: <reason>".
 set -euo pipefail
@@ -17,6 +18,7 @@ else
 fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
+e2e/validate-deploy.sh
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 set +e

@@ -3,10 +3,11 @@
 # protoc for the gRPC code generators, the guest kernel toolchain, mkfs tools for block images,
 # qemu-system-x86 (the peer VMM of the boot benchmark), docker-registry + skopeo + apache2-utils (htpasswd)
 # for the image-service registry tests, containerd (the peer of the image pull benchmark; only a private
-# instance the bench starts itself is used) and the Rust components the checks use.
+# instance the bench starts itself is used), shellcheck (e2e/validate-deploy.sh lints deploy/*.sh) and the Rust
+# components the checks use.
 set -euo pipefail
 PKGS=(protobuf-compiler libseccomp-dev linux-source-6.1 flex bison libelf-dev bc e2fsprogs erofs-utils busybox-static cpio
-      qemu-system-x86 ca-certificates docker-registry skopeo apache2-utils containerd)
+      qemu-system-x86 ca-certificates docker-registry skopeo apache2-utils containerd shellcheck)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,11 +23,14 @@ if command -v rustup >/dev/null; then
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >&2
   done
 fi
-# Clients we did not write, for the e2e tests, in a venv: PyPI container-runtime-interface-api (CRI v1)
-# and the Kubernetes Python client (its WebSocket exec/port-forward client for the streaming server).
+# Clients we did not write, for the e2e tests, in a venv: PyPI container-runtime-interface-api (CRI v1),
+# the Kubernetes Python client (its WebSocket exec/port-forward client for the streaming server) and
+# kubernetes-validate (the upstream JSON schemas of Kubernetes 1.25-1.37, bundled: e2e/validate-deploy.sh
+# checks deploy/ offline).
 VENV="${HOME}/.cache/podvisor/venv"
-PY_PKGS=(container-runtime-interface-api==2.0.1 kubernetes==37.0.2 websocket-client)
-if ! "$VENV/bin/python" -c "import cri_api.v1.api_pb2_grpc, kubernetes.stream.ws_client, websocket" 2>/dev/null; then
+PY_PKGS=(container-runtime-interface-api==2.0.1 kubernetes==37.0.2 websocket-client kubernetes-validate==1.37.0)
+if ! "$VENV/bin/python" -c "import cri_api.v1.api_pb2_grpc, kubernetes.stream.ws_client, websocket, kubernetes_validate" \
+  2>/dev/null; then
   echo "setup-host: installing ${PY_PKGS[*]} into $VENV" >&2
   python3 -m venv "$VENV" >&2
   "$VENV/bin/pip" install -q "${PY_PKGS[@]}" >&2
