@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use vmm::{HostKind, KvmHost};
 
+use crate::daemon::DaemonArgs;
+
 /// The outcome of one check.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Check {
@@ -16,10 +18,33 @@ pub struct Check {
     pub detail: String,
 }
 
-/// Runs every check against this host.
-pub fn checks(guest_dir: &Path) -> Vec<Check> {
+/// Runs every check against this host, with the daemon settings `args`.
+pub fn checks(args: &DaemonArgs) -> Vec<Check> {
+    let mut out = vec![config(&args.config), kvm()];
+    out.extend(guest_files(&args.guest_dir));
+    out.push(cgroups());
+    out.push(tun());
+    out.push(cni(args));
+    out.push(socket(&args.socket));
+    out
+}
+
+/// The configuration file was read before the checks ran (an invalid one stops `podvisor` earlier).
+fn config(path: &Path) -> Check {
+    Check {
+        name: "config",
+        ok: true,
+        detail: if path.exists() {
+            format!("{} is valid", path.display())
+        } else {
+            format!("no {}: embedded defaults", path.display())
+        },
+    }
+}
+
+fn kvm() -> Check {
     let host = KvmHost::detect();
-    let mut out = vec![Check {
+    Check {
         name: "kvm",
         ok: host.dev_kvm,
         detail: if host.dev_kvm {
@@ -33,43 +58,190 @@ pub fn checks(guest_dir: &Path) -> Vec<Check> {
         } else {
             "/dev/kvm is missing (load kvm_intel, kvm_amd or kvm_pvm)".into()
         },
-    }];
-    for file in ["vmlinux", "initramfs.cpio"] {
-        let path = guest_dir.join(file);
-        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        out.push(Check {
-            name: if file == "vmlinux" {
-                "guest kernel"
-            } else {
-                "guest initramfs"
-            },
-            ok: size > 0,
-            detail: if size > 0 {
-                format!("{} ({size} bytes)", path.display())
-            } else {
-                format!(
-                    "{} missing (run guest/build.sh and install it)",
-                    path.display()
-                )
-            },
-        });
     }
+}
+
+/// The guest kernel must be an x86-64 ELF (the VMM boots `vmlinux`, not a bzImage); the initramfs an
+/// uncompressed newc archive whose agent serves every RPC of this daemon's protocol.
+fn guest_files(guest_dir: &Path) -> Vec<Check> {
+    let kernel = guest_dir.join("vmlinux");
+    let kernel_check = match std::fs::File::open(&kernel).and_then(|mut f| {
+        let mut head = [0u8; 20];
+        std::io::Read::read_exact(&mut f, &mut head).map(|_| head)
+    }) {
+        Err(e) => Err(format!(
+            "{}: {e} (run guest/build.sh and install it)",
+            kernel.display()
+        )),
+        Ok(h) if &h[..4] != b"\x7fELF" || h[4] != 2 || u16::from_le_bytes([h[18], h[19]]) != 62 => {
+            Err(format!("{} is not an x86-64 ELF vmlinux", kernel.display()))
+        }
+        Ok(_) => Ok(kernel.display().to_string()),
+    };
+    let initramfs = guest_dir.join("initramfs.cpio");
+    let initramfs_check = std::fs::read(&initramfs)
+        .map_err(|e| {
+            format!(
+                "{}: {e} (run guest/build.sh and install it)",
+                initramfs.display()
+            )
+        })
+        .and_then(|bytes| agent_matches(&initramfs, &bytes));
+    [
+        ("guest kernel", kernel_check),
+        ("guest initramfs", initramfs_check),
+    ]
+    .into_iter()
+    .map(|(name, r)| Check {
+        name,
+        ok: r.is_ok(),
+        detail: r.unwrap_or_else(|e| e),
+    })
+    .collect()
+}
+
+fn agent_matches(path: &Path, bytes: &[u8]) -> Result<String, String> {
+    if !bytes.starts_with(b"070701") {
+        return Err(format!(
+            "{} is not an uncompressed newc cpio archive",
+            path.display()
+        ));
+    }
+    let missing: Vec<String> = podvisor_proto::agent_method_paths()
+        .into_iter()
+        .filter(|m| !bytes.windows(m.len()).any(|w| w == m.as_bytes()))
+        .collect();
+    if !missing.is_empty() {
+        let names: Vec<&str> = missing
+            .iter()
+            .map(|m| m.rsplit('/').next().unwrap_or(m))
+            .collect();
+        return Err(format!(
+            "{}: its agent lacks RPCs this daemon uses ({}): rebuild it with guest/build.sh",
+            path.display(),
+            names.join(", ")
+        ));
+    }
+    Ok(format!(
+        "{} ({} bytes, agent speaks every RPC of this daemon)",
+        path.display(),
+        bytes.len()
+    ))
+}
+
+fn cgroups() -> Check {
     let cgroup2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    out.push(Check {
+    let v1 =
+        Path::new("/sys/fs/cgroup/cpu").exists() && Path::new("/sys/fs/cgroup/memory").exists();
+    Check {
         name: "cgroups",
-        ok: cgroup2 || Path::new("/sys/fs/cgroup/cpu").exists(),
-        detail: if cgroup2 {
-            "v2 (unified)".into()
-        } else {
-            "v1 / hybrid".into()
+        ok: cgroup2 || v1,
+        detail: match (cgroup2, v1) {
+            (true, _) => "v2 (unified)".into(),
+            (false, true) => "v1 / hybrid (cpu and memory controllers mounted)".into(),
+            (false, false) => {
+                "no cgroup v2 and no v1 cpu/memory controllers under /sys/fs/cgroup".into()
+            }
         },
+    }
+}
+
+fn tun() -> Check {
+    let r = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun");
+    Check {
+        name: "tun",
+        ok: r.is_ok(),
+        detail: match r {
+            Ok(_) => "/dev/net/tun opens (pod VMs get taps)".into(),
+            Err(e) => format!("/dev/net/tun: {e} (load the tun module)"),
+        },
+    }
+}
+
+fn cni(args: &DaemonArgs) -> Check {
+    let n = &args.network;
+    let network = crate::network::Network::new(crate::network::NetworkConfig {
+        conf_dir: n.cni_conf_dir.clone(),
+        bin_dirs: n.cni_bin_dirs.clone(),
+        netns_dir: n.netns_dir.clone(),
+        ..Default::default()
     });
-    out
+    match network.status() {
+        Ok(name) => Check {
+            name: "cni",
+            ok: true,
+            detail: format!(
+                "network {name:?} from {}, plugins found",
+                n.cni_conf_dir.display()
+            ),
+        },
+        Err(e) => Check {
+            name: "cni",
+            ok: false,
+            detail: format!("{e} (deploy/cni/10-podvisor.conflist is a single-node default)"),
+        },
+    }
+}
+
+/// The socket's directory must not be writable by others (anyone could replace the socket); an
+/// existing socket must not be accessible to others.
+fn socket(socket: &Path) -> Check {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    let mut problems = Vec::new();
+    if let Ok(m) = std::fs::metadata(dir) {
+        if m.mode() & 0o002 != 0 {
+            problems.push(format!("{} is world-writable", dir.display()));
+        }
+    }
+    let detail = match std::fs::symlink_metadata(socket) {
+        Err(_) => format!(
+            "{} does not exist yet (the daemon creates it with mode 0660)",
+            socket.display()
+        ),
+        Ok(m) if !m.file_type().is_socket() => {
+            problems.push(format!("{} exists and is not a socket", socket.display()));
+            String::new()
+        }
+        Ok(m) => {
+            if m.mode() & 0o007 != 0 {
+                problems.push(format!(
+                    "{} has mode {:o}: others may use it",
+                    socket.display(),
+                    m.mode() & 0o777
+                ));
+            }
+            let serving = std::os::unix::net::UnixStream::connect(socket).is_ok();
+            format!(
+                "{} mode {:o}, owner uid {}, {}",
+                socket.display(),
+                m.mode() & 0o777,
+                m.uid(),
+                if serving {
+                    "a daemon serves it"
+                } else {
+                    "stale (no daemon)"
+                }
+            )
+        }
+    };
+    Check {
+        name: "socket",
+        ok: problems.is_empty(),
+        detail: if problems.is_empty() {
+            detail
+        } else {
+            problems.join("; ")
+        },
+    }
 }
 
 /// Prints the report for the daemon settings `args`; the exit code is non-zero if any check failed.
-pub fn run(args: &crate::daemon::DaemonArgs) -> ExitCode {
-    let results = checks(&args.guest_dir);
+pub fn run(args: &DaemonArgs) -> ExitCode {
+    let results = checks(args);
     for c in &results {
         println!(
             "{} {:<16} {}",
@@ -88,34 +260,112 @@ pub fn run(args: &crate::daemon::DaemonArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> DaemonArgs {
+        let mut argv = vec!["podvisor"];
+        argv.extend_from_slice(extra);
+        crate::Cli::try_parse_from(argv).unwrap().daemon
+    }
+
+    fn find<'a>(results: &'a [Check], name: &str) -> &'a Check {
+        results.iter().find(|c| c.name == name).unwrap()
+    }
 
     #[test]
-    fn missing_guest_files_fail_with_their_path() {
+    fn guest_files_are_checked_for_kind_and_protocol() {
         let dir = tempfile::tempdir().unwrap();
-        let results = checks(dir.path());
-        let kernel = results.iter().find(|c| c.name == "guest kernel").unwrap();
-        assert!(!kernel.ok);
-        assert!(kernel.detail.contains("vmlinux missing"));
-        std::fs::write(dir.path().join("vmlinux"), b"x").unwrap();
-        assert!(
-            checks(dir.path())
-                .iter()
-                .find(|c| c.name == "guest kernel")
-                .unwrap()
-                .ok
-        );
+        let d = dir.path().to_str().unwrap();
+        let results = checks(&args(&["--guest-dir", d]));
+        assert!(!find(&results, "guest kernel").ok);
+        assert!(find(&results, "guest kernel").detail.contains("vmlinux"));
+        std::fs::write(dir.path().join("vmlinux"), b"MZ not an elf at all").unwrap();
+        let k = checks(&args(&["--guest-dir", d]));
+        assert!(find(&k, "guest kernel")
+            .detail
+            .contains("not an x86-64 ELF"));
+        // An archive whose agent lacks a method is refused, naming the method.
+        let mut cpio = b"070701".to_vec();
+        for m in podvisor_proto::agent_method_paths() {
+            if !m.ends_with("/CopyFile") {
+                cpio.extend_from_slice(m.as_bytes());
+            }
+        }
+        std::fs::write(dir.path().join("initramfs.cpio"), &cpio).unwrap();
+        let r = checks(&args(&["--guest-dir", d]));
+        let i = find(&r, "guest initramfs");
+        assert!(!i.ok && i.detail.contains("CopyFile"), "{}", i.detail);
+        cpio.extend_from_slice(b"/podvisor.agent.v1.Agent/CopyFile");
+        std::fs::write(dir.path().join("initramfs.cpio"), &cpio).unwrap();
+        assert!(find(&checks(&args(&["--guest-dir", d])), "guest initramfs").ok);
+        // The real guest build, when there is one, passes.
+        let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
+        if built.join("vmlinux").exists() {
+            let r = checks(&args(&["--guest-dir", built.to_str().unwrap()]));
+            assert!(
+                find(&r, "guest kernel").ok,
+                "{:?}",
+                find(&r, "guest kernel")
+            );
+            assert!(
+                find(&r, "guest initramfs").ok,
+                "{:?}",
+                find(&r, "guest initramfs")
+            );
+        }
     }
 
     #[test]
     fn kvm_check_reports_the_host_kind() {
         let host = KvmHost::detect();
-        let kvm = checks(Path::new("/nonexistent"))
-            .into_iter()
-            .next()
-            .unwrap();
+        let kvm = kvm();
         assert_eq!(kvm.ok, host.dev_kvm);
         if host.kind == HostKind::Pvm && host.dev_kvm {
             assert!(kvm.detail.contains("PVM"), "{}", kvm.detail);
         }
+    }
+
+    #[test]
+    fn cni_and_socket_problems_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("net.d");
+        std::fs::create_dir(&conf).unwrap();
+        let sock = dir.path().join("run/podvisor.sock");
+        let a = args(&[
+            "--cni-conf-dir",
+            conf.to_str().unwrap(),
+            "--socket",
+            sock.to_str().unwrap(),
+        ]);
+        let r = checks(&a);
+        assert!(!find(&r, "cni").ok);
+        assert!(
+            find(&r, "cni").detail.contains("net.d"),
+            "{}",
+            find(&r, "cni").detail
+        );
+        assert!(find(&r, "socket").ok, "{:?}", find(&r, "socket"));
+        std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
+        std::fs::write(&sock, b"").unwrap();
+        let s = socket(&sock);
+        assert!(!s.ok && s.detail.contains("not a socket"), "{}", s.detail);
+        std::fs::remove_file(&sock).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let s = socket(&sock);
+        assert!(
+            !s.ok && s.detail.contains("others may use it"),
+            "{}",
+            s.detail
+        );
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o660)).unwrap();
+        let s = socket(&sock);
+        assert!(
+            s.ok && s.detail.contains("a daemon serves it"),
+            "{}",
+            s.detail
+        );
+        drop(listener);
     }
 }

@@ -18,6 +18,17 @@ pub use v1::*;
 #[cfg(feature = "client")]
 pub mod client;
 
+/// The gRPC paths (`/podvisor.agent.v1.Agent/<Method>`) of every RPC in `agent.proto`: what an agent
+/// built from this protocol serves (`podvisor check` looks for them in the installed initramfs).
+pub fn agent_method_paths() -> Vec<String> {
+    include_str!("../agent.proto")
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("rpc "))
+        .filter_map(|l| l.split('(').next())
+        .map(|m| format!("/podvisor.agent.v1.Agent/{}", m.trim()))
+        .collect()
+}
+
 /// The vsock port the guest agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
@@ -42,3 +53,15 @@ pub const DEFAULT_STORAGE_TIMEOUT_MS: u32 = 30_000;
 
 /// The largest `AddStorageRequest::timeout_ms` the agent accepts.
 pub const MAX_STORAGE_TIMEOUT_MS: u32 = 300_000;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn method_paths_come_from_the_proto() {
+        let paths = super::agent_method_paths();
+        assert!(paths.contains(&"/podvisor.agent.v1.Agent/CopyFile".to_string()));
+        let rpcs = include_str!("../agent.proto").matches("\n  rpc ").count();
+        assert_eq!(paths.len(), rpcs);
+        assert!(paths.iter().all(|p| !p.contains(' ')), "{paths:?}");
+    }
+}
