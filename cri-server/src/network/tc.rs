@@ -7,7 +7,7 @@ use futures_util::TryStreamExt;
 use nix::errno::Errno;
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::tc::{TcHandle, TcMessage};
-use rtnetlink::Handle;
+use rtnetlink::{Handle, LinkUnspec};
 
 use super::NetworkError;
 
@@ -122,7 +122,8 @@ async fn add_redirect(
 }
 
 /// Redirects all traffic between `veth` and `tap` both ways, replacing earlier ingress qdiscs (and
-/// their filters) of both; returns the veth's link information.
+/// their filters) of both, and sets the tap up with the veth's MTU; returns the veth's link
+/// information.
 pub async fn connect(handle: &Handle, veth: &str, tap: &str) -> Result<LinkInfo, NetworkError> {
     let veth_link = link(handle, veth).await?;
     let tap_link = link(handle, tap).await?;
@@ -130,5 +131,16 @@ pub async fn connect(handle: &Handle, veth: &str, tap: &str) -> Result<LinkInfo,
     del_ingress(handle, tap_link.index, tap).await?;
     add_redirect(handle, (veth_link.index, veth), (tap_link.index, tap)).await?;
     add_redirect(handle, (tap_link.index, tap), (veth_link.index, veth)).await?;
+    // The tap carries the veth's frames: same MTU, and up (a down tap drops what is redirected to it).
+    let up = LinkUnspec::new_with_index(tap_link.index)
+        .mtu(veth_link.mtu)
+        .up()
+        .build();
+    handle
+        .link()
+        .set(up)
+        .execute()
+        .await
+        .map_err(netlink(format_args!("setting {tap} up")))?;
     Ok(veth_link)
 }

@@ -259,6 +259,10 @@ async fn setup_connect_tap_and_teardown_with_real_plugins() {
     for _ in 0..2 {
         t.net.connect_tap(&attachment, "tap0").await.unwrap();
     }
+    // The tap is up (a down tap drops redirected frames) with the veth's MTU.
+    let tap = sh(&["ip", "-n", &ns, "-o", "link", "show", "tap0"], true);
+    assert!(tap.contains(",UP") || tap.contains("<UP"), "{tap}");
+    assert!(tap.contains(&format!("mtu {} ", attachment.mtu)), "{tap}");
     for (dev, peer) in [("eth0", "tap0"), ("tap0", "eth0")] {
         let filters = sh(
             &["tc", "-n", &ns, "filter", "show", "dev", dev, "ingress"],
