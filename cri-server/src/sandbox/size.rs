@@ -17,8 +17,10 @@ const MAX_MEM_MIB: u32 = 1 << 20;
 /// vCPUs a pod VM can have (the guest kernel's NR_CPUS).
 const MAX_VCPUS: i64 = 32;
 
-/// vCPUs and MiB for a pod: its resources plus overhead (CPU quota rounded up; memory limits plus the
-/// guest's own overhead), or the defaults when the pod has no limits.
+/// vCPUs and MiB for a pod: its resources plus overhead (CPU quota rounded up). Memory: the pod's
+/// memory limits plus its declared overhead (a RuntimeClass's `overhead.podFixed`, which stands for the
+/// guest kernel and agent), or plus `guest_overhead_mib` when it declares none; `default_mem_mib` when
+/// the pod has no memory limits.
 pub fn vm_size(
     config: &PodSandboxConfig,
     default_mem_mib: u32,
@@ -38,6 +40,8 @@ pub fn vm_size(
     ];
     let mut cpus = 0f64;
     let mut mem = 0i64;
+    let mut limits = 0i64;
+    let mut declared_overhead = false;
     for (field, r) in parts {
         let Some(r) = r else { continue };
         for (name, v) in [
@@ -68,6 +72,11 @@ pub fn vm_size(
                 format!("{} is below the 4 MiB minimum", r.memory_limit_in_bytes),
             ));
         }
+        if field.ends_with("resources") {
+            limits = r.memory_limit_in_bytes;
+        } else {
+            declared_overhead = r.memory_limit_in_bytes > 0;
+        }
         mem = mem.checked_add(r.memory_limit_in_bytes).ok_or_else(|| {
             invalid(
                 &format!("{field}.memory_limit_in_bytes"),
@@ -76,7 +85,7 @@ pub fn vm_size(
         })?;
     }
     let vcpus = (cpus.ceil() as i64).clamp(1, MAX_VCPUS.min(i64::from(host_cpus.max(1))));
-    let mem_mib = if mem == 0 {
+    let mem_mib = if limits == 0 {
         default_mem_mib
     } else {
         let mib = mem / MIB + i64::from(mem % MIB != 0);
@@ -89,7 +98,11 @@ pub fn vm_size(
                     format!("{mib} MiB is more than a pod VM can have ({MAX_MEM_MIB} MiB)"),
                 )
             })?
-            .saturating_add(guest_overhead_mib)
+            .saturating_add(if declared_overhead {
+                0
+            } else {
+                guest_overhead_mib
+            })
     };
     Ok((vcpus as u8, mem_mib.max(MIN_MEM_MIB)))
 }
@@ -124,10 +137,17 @@ mod tests {
             memory_limit_in_bytes: 20 * MIB,
             ..Default::default()
         };
+        // A declared overhead (RuntimeClass podFixed) replaces the guest overhead setting.
         assert_eq!(
-            vm_size(&pod(Some(r.clone()), Some(o)), 512, 64, 8).unwrap(),
-            (2, 384)
+            vm_size(&pod(Some(r.clone()), Some(o.clone())), 512, 64, 8).unwrap(),
+            (2, 320)
         );
+        assert_eq!(
+            vm_size(&pod(Some(r.clone()), None), 512, 64, 8).unwrap(),
+            (2, 364)
+        );
+        // An overhead without memory limits: the default memory.
+        assert_eq!(vm_size(&pod(None, Some(o)), 512, 64, 8).unwrap(), (1, 512));
         // No limits: the default memory and one vCPU; CPUs are capped by the host.
         assert_eq!(vm_size(&pod(None, None), 512, 64, 8).unwrap(), (1, 512));
         let big = LinuxContainerResources {
