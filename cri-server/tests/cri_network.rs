@@ -343,13 +343,16 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork) {
         "veths left: {:?}",
         net.bridge_ports()
     );
-    // Stop and Remove of the dead pod still succeed, twice.
+    // Stop and Remove of the dead pod still succeed, twice each (after removal the pod is unknown:
+    // Stop answers NotFound, Remove succeeds).
     for _ in 0..2 {
         rt.stop_pod_sandbox(StopPodSandboxRequest {
             pod_sandbox_id: a.clone(),
         })
         .await
         .unwrap();
+    }
+    for _ in 0..2 {
         rt.remove_pod_sandbox(RemovePodSandboxRequest {
             pod_sandbox_id: a.clone(),
         })
