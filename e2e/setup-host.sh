@@ -3,11 +3,13 @@
 # protoc for the gRPC code generators, the guest kernel toolchain, mkfs tools for block images,
 # qemu-system-x86 (the peer VMM of the boot benchmark), docker-registry + skopeo + apache2-utils (htpasswd)
 # for the image-service registry tests, containerd (the peer of the image pull benchmark; only a private
-# instance the bench starts itself is used), shellcheck (e2e/validate-deploy.sh lints deploy/*.sh) and the Rust
-# components the checks use.
+# instance the bench starts itself is used), containernetworking-plugins + iptables + iproute2 (pod
+# networking: bridge, host-local, portmap in /usr/lib/cni), shellcheck (e2e/validate-deploy.sh lints
+# deploy/*.sh) and the Rust components the checks use.
 set -euo pipefail
 PKGS=(protobuf-compiler libseccomp-dev linux-source-6.1 flex bison libelf-dev bc e2fsprogs erofs-utils busybox-static cpio
-      qemu-system-x86 ca-certificates docker-registry skopeo apache2-utils containerd shellcheck)
+      qemu-system-x86 ca-certificates docker-registry skopeo apache2-utils containerd shellcheck
+      containernetworking-plugins iptables iproute2)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
