@@ -18,12 +18,14 @@ pub mod arch;
 mod config;
 pub mod devices;
 pub mod host;
+mod thread;
 mod vcpu;
 mod vm;
 
 pub use config::{BlockSlotConfig, ConfigError, NetConfig, VmConfig};
 pub use devices::virtio::net::{NetStats, Tap, TapError};
 pub use host::{HostKind, KvmHost};
+pub use thread::{ThreadKind, VmThread};
 pub use vm::{Error, ExitReason, ExitWatch, Vm, VmState};
 
 /// The kernel command line podvisor boots guests with on `host` (serial console, reboot ends the VM,

@@ -31,6 +31,7 @@ use crate::devices::virtio::worker::{self, lock, WorkerError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::BusDevice;
 use crate::host::{HostKind, KvmHost};
+use crate::thread::{self, ThreadKind, VmThread};
 use crate::vcpu::{install_kick_handler, run_vcpu, IoBus, Shared};
 
 /// How long [`Vm::stop`] keeps kicking vCPUs before giving up on joining them.
@@ -191,6 +192,7 @@ pub struct Vm {
     shared: Arc<Shared>,
     vcpus: Vec<JoinHandle<()>>,
     workers: Vec<Worker>,
+    threads: Vec<VmThread>,
     blocks: Vec<Arc<Mutex<MmioTransport<BlockDevice>>>>,
     net: Option<Arc<Mutex<MmioTransport<NetDevice>>>>,
     io: Option<Arc<IoBus>>,
@@ -247,6 +249,7 @@ impl Vm {
             shared: Arc::new(Shared::new()),
             vcpus: Vec::new(),
             workers: Vec::new(),
+            threads: Vec::new(),
             blocks: Vec::new(),
             net: None,
             io: None,
@@ -337,11 +340,13 @@ impl Vm {
         vm.booted_at = Instant::now();
         for (id, vcpu) in vcpu_fds.into_iter().enumerate() {
             let (shared, io) = (vm.shared.clone(), io.clone());
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || run_vcpu(id as u8, vcpu, shared, io))
+            let (handle, thread) =
+                thread::spawn(format!("vcpu{id}"), ThreadKind::Vcpu, move || {
+                    run_vcpu(id as u8, vcpu, shared, io)
+                })
                 .map_err(io_err("spawn vCPU thread"))?;
-            vm.vcpus.push(thread);
+            vm.vcpus.push(handle);
+            vm.threads.push(thread);
         }
         vm.shared
             .set_vcpu_threads(vm.vcpus.iter().map(|t| t.as_pthread_t()).collect());
@@ -396,7 +401,7 @@ impl Vm {
         )));
         let stop = EventFd::new(EFD_NONBLOCK).map_err(io_err("create stop eventfd"))?;
         let shared = self.shared.clone();
-        let thread = worker::spawn(
+        let (thread, info) = worker::spawn(
             format!("virtio-{name}"),
             transport.clone(),
             worker_evts,
@@ -404,6 +409,7 @@ impl Vm {
             Box::new(move |msg| shared.finish(ExitReason::VmmPanic(msg))),
         )?;
         self.workers.push(Worker { stop, thread });
+        self.threads.push(info);
         Ok(transport)
     }
 
@@ -423,6 +429,12 @@ impl Vm {
     /// A handle that observes this VM's exit without owning the VM (for watcher threads).
     pub fn exit_watch(&self) -> ExitWatch {
         ExitWatch(self.shared.clone())
+    }
+
+    /// The VM's threads (vCPUs and device workers) with their kernel thread ids, so the embedder
+    /// can place them in host cgroups. They live until the VM is stopped.
+    pub fn threads(&self) -> &[VmThread] {
+        &self.threads
     }
 
     /// Time since the vCPUs were started.

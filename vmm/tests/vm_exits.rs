@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vmm::{Error, ExitReason, KvmHost, Vm, VmConfig, VmState};
+use vmm::{Error, ExitReason, KvmHost, ThreadKind, Vm, VmConfig, VmState};
 
 /// Physical load and entry address of the test "kernels" (where vmlinux is loaded too).
 const LOAD_ADDR: u64 = 0x100_0000;
@@ -104,6 +104,24 @@ fn exits_stops_and_failed_boots() {
     .unwrap();
     assert_eq!(vm.wait_timeout(Duration::from_millis(300)), None);
     assert_eq!(vm.state(), VmState::Running);
+    // Every VM thread is reported with its kernel thread id (what cgroup placement writes).
+    let kinds: Vec<(&str, ThreadKind)> = vm
+        .threads()
+        .iter()
+        .map(|t| (t.name.as_str(), t.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("virtio-vsock", ThreadKind::Device),
+            ("virtio-blk0", ThreadKind::Device),
+            ("vcpu0", ThreadKind::Vcpu)
+        ]
+    );
+    for t in vm.threads() {
+        let comm = std::fs::read_to_string(format!("/proc/self/task/{}/comm", t.tid)).unwrap();
+        assert_eq!(comm.trim_end(), t.name);
+    }
     let t = Instant::now();
     assert_eq!(vm.stop(), ExitReason::Stopped);
     assert!(

@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::MmioTransport;
 use super::VirtioDevice;
+use crate::thread::{self, ThreadKind, VmThread};
 
 const TOKEN_STOP: u64 = u64::MAX;
 const TOKEN_EXTRA: u64 = u64::MAX - 1;
@@ -26,14 +27,15 @@ pub enum WorkerError {
 /// Called once if the worker dies of a panic, with the panic message.
 pub type FailureHook = Box<dyn FnOnce(String) + Send>;
 
-/// Starts the worker thread of `transport`. It returns when `stop` is signalled.
+/// Starts the worker thread of `transport` (returned with its thread id). It returns when `stop`
+/// is signalled.
 pub fn spawn<D: VirtioDevice + 'static>(
     name: String,
     transport: Arc<Mutex<MmioTransport<D>>>,
     queue_evts: Vec<EventFd>,
     stop: EventFd,
     on_failure: FailureHook,
-) -> Result<JoinHandle<()>, WorkerError> {
+) -> Result<(JoinHandle<()>, VmThread), WorkerError> {
     let epoll = Epoll::new()?;
     for (i, evt) in queue_evts.iter().enumerate() {
         epoll.ctl(
@@ -55,7 +57,7 @@ pub fn spawn<D: VirtioDevice + 'static>(
             EpollEvent::new(EventSet::IN, TOKEN_EXTRA),
         )?;
     }
-    let handle = std::thread::Builder::new().name(name).spawn(move || {
+    let spawned = thread::spawn(name, ThreadKind::Device, move || {
         let result = catch_unwind(AssertUnwindSafe(|| run(&epoll, &transport, &queue_evts)));
         drop(stop);
         if let Err(panic) = result {
@@ -64,7 +66,7 @@ pub fn spawn<D: VirtioDevice + 'static>(
             on_failure(msg);
         }
     })?;
-    Ok(handle)
+    Ok(spawned)
 }
 
 /// Locks a transport, recovering from poisoning (a panicked worker already reported the failure).
