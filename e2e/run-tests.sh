@@ -22,7 +22,7 @@ e2e/validate-deploy.sh
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 set +e
-cargo test --workspace -- --nocapture 2>&1 | tee "$LOG"
+cargo test --workspace --no-fail-fast -- --nocapture 2>&1 | tee "$LOG"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole workspace (cargo prints one "test result" line per test binary).

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 use std::time::{Duration, Instant};
 
+use common::net::TestNetwork;
 use common::{
     connect, container_config, create_container, pod_config, pod_prerequisites, podvisor_cmd,
     push_pod_image, run_pod, Daemon,
@@ -80,6 +81,9 @@ async fn main() {
     let reg = Registry::start(None).unwrap();
     let dir = testing::tempdir();
     let d = dir.path();
+    let Some(_net) = TestNetwork::new(d, "bench pods") else {
+        return;
+    };
     let image = push_pod_image(&reg, d, "bench/busybox");
     testing::write_hosts(&d.join("certs.d"), &reg.host, &reg.host).unwrap();
     let logs = d.join("logs");

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::net::TestNetwork;
 use common::{
     connect, container_config, create_container, pod_config, pod_prerequisites, podvisor_cmd,
     push_pod_image, run_pod, Daemon,
@@ -228,6 +229,9 @@ async fn pod_lifecycle_crash_and_restart() {
     let reg = Registry::start(None).unwrap();
     let dir = testing::tempdir();
     let d = dir.path();
+    let Some(_net) = TestNetwork::new(d, "pod_lifecycle_crash_and_restart") else {
+        return;
+    };
     let image = push_pod_image(&reg, d, "e2e/busybox");
     testing::write_hosts(&d.join("certs.d"), &reg.host, &reg.host).unwrap();
     let socket = d.join("podvisor.sock");

@@ -22,14 +22,24 @@ pub struct TestNetwork {
 }
 
 impl TestNetwork {
-    /// Writes the conflist under `dir`; None (with a SKIPPED line) without the plugins or root.
+    /// Writes the conflist under `dir`; None (with a SKIPPED line) without the plugins or root —
+    /// or a panic when PODVISOR_REQUIRE_KVM=1 (pod VMs are required to run, and every pod has a
+    /// network).
     pub fn new(dir: &Path, test: &str) -> Option<TestNetwork> {
-        if !Path::new(CNI_BIN_DIR).join("bridge").exists() {
-            println!("SKIPPED {test}: no CNI plugins in {CNI_BIN_DIR} (apt package containernetworking-plugins)");
-            return None;
-        }
-        if !is_root() {
-            println!("SKIPPED {test}: pod networking needs root");
+        let why = if !Path::new(CNI_BIN_DIR).join("bridge").exists() {
+            Some(format!(
+                "no CNI plugins in {CNI_BIN_DIR} (apt package containernetworking-plugins)"
+            ))
+        } else if !is_root() {
+            Some("pod networking needs root".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            if std::env::var("PODVISOR_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("{test}: PODVISOR_REQUIRE_KVM=1 but {why}");
+            }
+            println!("SKIPPED {test}: {why}");
             return None;
         }
         let nanos = SystemTime::now()
