@@ -2,7 +2,8 @@
 """A pod's life on podvisor, driven by a CRI client we did not write: PyPI container-runtime-interface-api
 (Domino Data Lab's `cri_api`: its Images/Containers wrappers and its generated v1 RuntimeService stubs).
 
-Environment: RUNTIME_SOCK (unix:///...), IMAGE (a pullable reference), LOG_DIR (the pod log directory).
+Environment: RUNTIME_SOCK (unix:///...), IMAGE (a pullable reference), LOG_DIR (the pod log directory),
+METRICS_URL (the daemon's /metrics, read with the Prometheus project's OpenMetrics parser).
 Exits non-zero with a message on the first failed check; prints one "ok" line per check.
 """
 
@@ -10,7 +11,10 @@ import os
 import sys
 import time
 
+import urllib.request
+
 import grpc
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from kubernetes.client import Configuration
 from kubernetes.stream.ws_client import PortForward, WSClient, create_websocket, get_websocket_url
 from cri_api.channel import Channel
@@ -23,6 +27,7 @@ from cri_api.v1.api_pb2_grpc import RuntimeServiceStub
 SOCK = os.environ["RUNTIME_SOCK"]
 IMAGE = os.environ["IMAGE"]
 LOG_DIR = os.environ["LOG_DIR"]
+METRICS_URL = os.environ["METRICS_URL"]
 
 
 def check(cond, what):
@@ -40,6 +45,18 @@ def expect_code(call, code, field=None):
         check(e.code() == code and (field is None or field in msg), f"{code.name} {field or ''}: {msg}")
         return
     check(False, f"expected {code.name}")
+
+
+def scrape():
+    """The daemon's metrics as {(sample name, frozenset of labels): value}."""
+    with urllib.request.urlopen(METRICS_URL, timeout=30) as r:
+        text = r.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def metric(samples, name, **labels):
+    return samples.get((name, frozenset(labels.items())), 0)
 
 
 def main():
@@ -156,6 +173,17 @@ def main():
 
     stats = runtime.ContainerStats(cri.ContainerStatsRequest(container_id=cid)).stats
     check(stats.memory.working_set_bytes.value > 0, "ContainerStats memory")
+
+    m = scrape()
+    check(metric(m, "podvisor_pods", state="ready") == 1, "metrics: one ready pod")
+    check(metric(m, "podvisor_containers", state="running") >= 1, "metrics: a running container")
+    check(metric(m, "podvisor_vm_boots_total", result="ok") == 1, "metrics: one VM boot")
+    boot = metric(m, "podvisor_vm_boot_duration_seconds_sum")
+    check(metric(m, "podvisor_vm_boot_duration_seconds_count") == 1 and boot > 0,
+          f"metrics: VM boot took {boot:.1f} s")
+    check(metric(m, "podvisor_cri_requests_total", method="RunPodSandbox", code="OK") == 1,
+          "metrics: RunPodSandbox counted")
+    check(metric(m, "podvisor_image_pulls_total", result="ok") >= 1, "metrics: the pull counted")
     expect_code(lambda: runtime.UpdateContainerResources(cri.UpdateContainerResourcesRequest(
         container_id=cid, linux=cri.LinuxContainerResources(cpu_quota=-1))),
         grpc.StatusCode.INVALID_ARGUMENT, "cpu_quota")

@@ -28,10 +28,12 @@ fi
 # Clients we did not write, for the e2e tests, in a venv: PyPI container-runtime-interface-api (CRI v1),
 # the Kubernetes Python client (its WebSocket exec/port-forward client for the streaming server) and
 # kubernetes-validate (the upstream JSON schemas of Kubernetes 1.25-1.37, bundled: e2e/validate-deploy.sh
-# checks deploy/ offline).
+# checks deploy/ offline) and prometheus-client (the Prometheus project's OpenMetrics parser reads the
+# daemon's /metrics in the tests).
 VENV="${HOME}/.cache/podvisor/venv"
-PY_PKGS=(container-runtime-interface-api==2.0.1 kubernetes==37.0.2 websocket-client kubernetes-validate==1.37.0)
-if ! "$VENV/bin/python" -c "import cri_api.v1.api_pb2_grpc, kubernetes.stream.ws_client, websocket, kubernetes_validate" \
+PY_PKGS=(container-runtime-interface-api==2.0.1 kubernetes==37.0.2 websocket-client kubernetes-validate==1.37.0
+         prometheus-client==0.26.0)
+if ! "$VENV/bin/python" -c "import cri_api.v1.api_pb2_grpc, kubernetes.stream.ws_client, websocket, kubernetes_validate, prometheus_client.openmetrics.parser" \
   2>/dev/null; then
   echo "setup-host: installing ${PY_PKGS[*]} into $VENV" >&2
   python3 -m venv "$VENV" >&2

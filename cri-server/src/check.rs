@@ -22,7 +22,7 @@ pub struct Check {
 pub fn checks(args: &DaemonArgs) -> Vec<Check> {
     let mut out = vec![config(&args.config), kvm()];
     out.extend(guest_files(&args.guest_dir));
-    out.push(cgroups());
+    out.push(cgroups(args));
     out.push(tun());
     out.push(cni(args));
     out.push(socket(&args.socket));
@@ -129,19 +129,36 @@ fn agent_matches(path: &Path, bytes: &[u8]) -> Result<String, String> {
     ))
 }
 
-fn cgroups() -> Check {
+fn cgroups(args: &DaemonArgs) -> Check {
     let cgroup2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    let v1 =
-        Path::new("/sys/fs/cgroup/cpu").exists() && Path::new("/sys/fs/cgroup/memory").exists();
-    Check {
-        name: "cgroups",
-        ok: cgroup2 || v1,
-        detail: match (cgroup2, v1) {
-            (true, _) => "v2 (unified)".into(),
-            (false, true) => "v1 / hybrid (cpu and memory controllers mounted)".into(),
-            (false, false) => {
-                "no cgroup v2 and no v1 cpu/memory controllers under /sys/fs/cgroup".into()
+    let kind = if cgroup2 {
+        "v2 (unified)"
+    } else {
+        "v1 / hybrid"
+    };
+    let config = args.cgroups.settings();
+    let detail = match (crate::cgroups::unsupported(), args.cgroups.host_cgroups) {
+        (_, false) => format!("{kind}; host cgroups are off (--host-cgroups false)"),
+        (Some(why), true) => format!("{kind}; pod VM threads are not placed: {why}"),
+        (None, true) => format!(
+            "{kind}; vCPU threads go to <cgroup_parent>/podvisor-<pod>, device threads to {}",
+            if config.sandbox_cgroup_only {
+                "the same cgroup".into()
+            } else {
+                format!("{}/<pod>", config.overhead_parent)
             }
+        ),
+    };
+    match config.validate() {
+        Ok(()) => Check {
+            name: "cgroups",
+            ok: true,
+            detail,
+        },
+        Err(e) => Check {
+            name: "cgroups",
+            ok: false,
+            detail: e.to_string(),
         },
     }
 }

@@ -40,6 +40,8 @@ pub const KEYS: &[Key] = &[
     key("run_dir", "--run-dir"),
     key("guest_dir", "--guest-dir"),
     key("streaming_addr", "--streaming-addr"),
+    key("metrics.address", "--metrics-addr"),
+    key("tracing.otlp_endpoint", "--otlp-endpoint"),
     key("images.certs_dir", "--certs-dir"),
     key("images.fs", "--image-fs"),
     key("images.max_layer_bytes", "--max-layer-bytes"),
@@ -56,6 +58,10 @@ pub const KEYS: &[Key] = &[
         list: true,
     },
     key("network.netns_dir", "--netns-dir"),
+    key("cgroups.enabled", "--host-cgroups"),
+    key("cgroups.sandbox_cgroup_only", "--sandbox-cgroup-only"),
+    key("cgroups.overhead_cgroup", "--overhead-cgroup"),
+    key("cgroups.default_parent", "--default-cgroup-parent"),
 ];
 
 /// Errors reading the configuration file.
@@ -160,7 +166,7 @@ fn add_key(
         let text = scalar(v.get_ref()).ok_or_else(|| {
             (
                 v.span().start,
-                format!("`{path}` must be a string or a number"),
+                format!("`{path}` must be a string, a number or a boolean"),
             )
         })?;
         check_value(cmd, key.flag, &text)
@@ -177,6 +183,7 @@ fn scalar(v: &DeValue<'_>) -> Option<String> {
         DeValue::String(s) => Some(s.to_string()),
         DeValue::Integer(i) if i.radix() == 10 => Some(i.as_str().replace('_', "")),
         DeValue::Float(f) => Some(f.as_str().replace('_', "")),
+        DeValue::Boolean(b) => Some(b.to_string()),
         _ => None,
     }
 }

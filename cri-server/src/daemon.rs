@@ -9,6 +9,7 @@ use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::cgroups::CgroupConfig;
 use crate::defaults;
 use crate::images::{open_db, open_store, ImageArgs, Images, OpenError};
 use crate::runtime::Runtime;
@@ -38,6 +39,13 @@ pub struct DaemonArgs {
     /// Address of the streaming server (Exec/Attach/PortForward URLs); port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub streaming_addr: std::net::SocketAddr,
+    /// Address of the Prometheus endpoint (`GET /metrics`); `""` turns it off.
+    #[arg(long, default_value = defaults::METRICS_ADDR, value_parser = optional_addr)]
+    pub metrics_addr: OptionalAddr,
+    /// OTLP/gRPC collector the daemon's spans are exported to (`http://HOST:4317`); `""` turns export
+    /// off.
+    #[arg(long, default_value = "")]
+    pub otlp_endpoint: String,
     /// Image store settings.
     #[command(flatten)]
     pub images: ImageArgs,
@@ -47,6 +55,65 @@ pub struct DaemonArgs {
     /// Pod network settings.
     #[command(flatten)]
     pub network: NetworkArgs,
+    /// Host cgroup settings.
+    #[command(flatten)]
+    pub cgroups: CgroupArgs,
+}
+
+/// Host cgroup flags (where pod VM threads are placed).
+#[derive(clap::Args, Clone, Debug)]
+pub struct CgroupArgs {
+    /// Place pod VM threads in host cgroups: vCPUs in `<cgroup_parent>/podvisor-<pod id>` with the
+    /// pod's CPU limits, device threads in the overhead cgroup (needs cgroup v1 controllers).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub host_cgroups: bool,
+    /// Put device threads in the sandbox cgroup too (no overhead cgroup), as Kata's
+    /// `sandbox_cgroup_only`.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub sandbox_cgroup_only: bool,
+    /// Parent of the per-pod overhead cgroups (device threads): a cgroup path or a systemd slice.
+    #[arg(long, default_value = "/podvisor_overhead")]
+    pub overhead_cgroup: String,
+    /// Parent of the sandbox cgroups of pods that give no `cgroup_parent`.
+    #[arg(long, default_value = "/podvisor")]
+    pub default_cgroup_parent: String,
+}
+
+impl CgroupArgs {
+    /// The settings as given.
+    pub fn settings(&self) -> CgroupConfig {
+        CgroupConfig {
+            enabled: self.host_cgroups,
+            sandbox_cgroup_only: self.sandbox_cgroup_only,
+            default_parent: self.default_cgroup_parent.clone(),
+            overhead_parent: self.overhead_cgroup.clone(),
+        }
+    }
+
+    /// The manager's settings; host cgroups are off (with a warning) where the host cannot have them.
+    pub fn config(&self) -> CgroupConfig {
+        let mut config = self.settings();
+        if config.enabled {
+            if let Some(why) = crate::cgroups::unsupported() {
+                tracing::warn!("pod VM threads stay in the daemon's cgroups: {why}");
+                config.enabled = false;
+            }
+        }
+        config
+    }
+}
+
+/// A listen address that may be turned off (`""`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<std::net::SocketAddr>);
+
+fn optional_addr(s: &str) -> Result<OptionalAddr, String> {
+    if s.is_empty() {
+        return Ok(OptionalAddr(None));
+    }
+    s.parse()
+        .map(|a| OptionalAddr(Some(a)))
+        .map_err(|e| format!("{e} (expected IP:PORT, or \"\" to turn it off)"))
 }
 
 /// Pod network flags (CNI).
@@ -104,6 +171,12 @@ pub enum DaemonError {
     /// The pod state could not be opened or reconciled, or the streaming server not started.
     #[error("{0}")]
     State(String),
+    /// The metrics address could not be bound.
+    #[error("metrics address {0}: {1}")]
+    Metrics(std::net::SocketAddr, std::io::Error),
+    /// Telemetry could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
     /// The gRPC server failed.
     #[error("CRI server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -161,6 +234,7 @@ fn manager_config(args: &DaemonArgs) -> ManagerConfig {
             netns_dir: args.network.netns_dir.clone(),
             ..Default::default()
         },
+        cgroups: args.cgroups.config(),
     }
 }
 
@@ -169,7 +243,12 @@ async fn serve(args: DaemonArgs) -> Result<(), DaemonError> {
     let db = open_db(&args.state_dir)?;
     let store = open_store(&db, &args.state_dir, &args.images)?;
     let state = StateStore::open(&db).map_err(|e| DaemonError::State(format!("pod state: {e}")))?;
-    let manager = Manager::new(manager_config(&args), state, store.clone());
+    let config = manager_config(&args);
+    config
+        .cgroups
+        .validate()
+        .map_err(|e| DaemonError::State(format!("host cgroups: {e}")))?;
+    let manager = Manager::new(config, state, store.clone());
     let touched = manager
         .reconcile()
         .await
@@ -178,6 +257,22 @@ async fn serve(args: DaemonArgs) -> Result<(), DaemonError> {
         tracing::info!(pods = touched, "reconciled pods left by the previous run");
     }
     let images = Images::new(store);
+    let _metrics = match args.metrics_addr.0 {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| DaemonError::Metrics(addr, e))?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| DaemonError::Metrics(addr, e))?;
+            tracing::info!(addr = %bound, "metrics endpoint (GET /metrics) listening");
+            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
+                listener,
+                manager.store().clone(),
+            ))))
+        }
+        None => None,
+    };
     let listener = bind(&args.socket)?;
     tracing::info!(socket = %args.socket.display(), state = %args.state_dir.display(), "podvisor serving CRI v1");
     let streaming = StreamingServer::start(args.streaming_addr, crate::sandbox::backend(&manager))
@@ -195,12 +290,22 @@ async fn serve(args: DaemonArgs) -> Result<(), DaemonError> {
         tracing::info!("shutting down");
     };
     let result = tonic::transport::Server::builder()
+        .layer(crate::telemetry::CriLayer)
         .add_service(RuntimeServiceServer::new(runtime))
         .add_service(ImageServiceServer::new(images))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(&args.socket);
     Ok(result?)
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Runs the daemon to completion.
@@ -212,7 +317,20 @@ pub fn run(args: DaemonArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(args)) {
+    let telemetry = {
+        let _runtime = rt.enter();
+        match crate::telemetry::init("info", Some(&args.otlp_endpoint)) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("podvisor: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let result = rt.block_on(serve(args));
+    // Spans still buffered go out while the runtime (the exporter's gRPC client) runs.
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("podvisor: {e}");

@@ -253,15 +253,17 @@ impl CriImageService for Images {
         let req = request.into_inner();
         let image = image_field(req.image.as_ref())?;
         let creds = credentials(req.auth.as_ref())?;
-        let rec = self
+        let started = std::time::Instant::now();
+        let result = self
             .service
             .pull(image, &creds, None)
-            .instrument(tracing::info_span!("PullImage", image))
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "pull failed");
-                status_of(&e)
-            })?;
+            .instrument(tracing::info_span!("pull", image))
+            .await;
+        crate::metrics::METRICS.pull(&result, started.elapsed());
+        let rec = result.map_err(|e| {
+            tracing::warn!(error = %e, "pull failed");
+            status_of(&e)
+        })?;
         Ok(Response::new(PullImageResponse {
             image_ref: rec.id.to_string(),
         }))

@@ -4,11 +4,13 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+mod cgroups;
 mod check;
 mod config;
 mod daemon;
 mod images;
 mod logs;
+mod metrics;
 mod network;
 mod pull;
 mod runtime;
@@ -16,6 +18,7 @@ mod sandbox;
 mod spec;
 mod state;
 mod streaming;
+mod telemetry;
 
 /// Defaults the daemon embeds; every one can be overridden by a flag.
 pub mod defaults {
@@ -33,6 +36,8 @@ pub mod defaults {
     pub const CNI_BIN_DIRS: [&str; 2] = ["/opt/cni/bin", "/usr/lib/cni"];
     /// Pod network namespaces (where `ip netns` looks).
     pub const NETNS_DIR: &str = "/run/netns";
+    /// Prometheus endpoint (loopback only by default).
+    pub const METRICS_ADDR: &str = "127.0.0.1:9464";
 }
 
 /// The command line (the configuration file's values are inserted into it, see [`config`]).
@@ -71,19 +76,18 @@ fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(argv);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // `podvisor pull` draws a progress bar on stderr: only warnings by default there.
-                .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new(match cli.command {
-                        Some(Command::Pull(_)) => "warn",
-                        _ => "info",
-                    })
-                }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The daemon sets up its own telemetry (OTLP export runs on its runtime).
+    let logs = |filter| telemetry::init(filter, None).map(drop);
+    let ready = match &cli.command {
+        Some(Command::Check(_)) => logs("info"),
+        // `podvisor pull` draws a progress bar on stderr: only warnings by default there.
+        Some(Command::Pull(_)) => logs("warn"),
+        Some(Command::Daemon(_)) | None => Ok(()),
+    };
+    if let Err(e) = ready {
+        eprintln!("podvisor: {e}");
+        return ExitCode::from(2);
+    }
     match cli.command {
         Some(Command::Check(args)) => check::run(&args),
         Some(Command::Daemon(args)) => daemon::run(args),

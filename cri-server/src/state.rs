@@ -84,6 +84,9 @@ pub struct PodRecord {
     /// needs, also after a crash.
     #[serde(default)]
     pub network: Option<crate::network::NetworkRecord>,
+    /// The pod's host cgroups: written before they are created; removed with the pod's resources.
+    #[serde(default)]
+    pub cgroups: Option<crate::cgroups::PodCgroups>,
 }
 
 /// A container.
@@ -328,6 +331,7 @@ mod tests {
             reason: String::new(),
             released: false,
             network: None,
+            cgroups: None,
         }
     }
 

@@ -21,6 +21,7 @@ fn spec(image: &str) -> Option<ImageSpec> {
 
 fn podvisor(dir: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
+    cmd.args(["--metrics-addr", "127.0.0.1:0"]);
     cmd.args(args)
         .arg("--state-dir")
         .arg(dir.join("state"))

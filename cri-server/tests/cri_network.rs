@@ -1,8 +1,10 @@
 //! Pod networking end to end on real VMs and the real CNI plugins (Debian containernetworking-plugins
 //! bridge + host-local + portmap): two pods get addresses on a test bridge; the host reaches a server
 //! in a container by pod IP and by host port; the pods reach each other; the DNS config is in the
-//! guest. After RemovePodSandbox, and after a SIGKILL of the daemon and its restart, no netns, veth,
-//! tap, IP allocation or port-mapping rule of the pods is left.
+//! guest. The pods' VM threads are in their host cgroups (vCPUs in `<cgroup_parent>/podvisor-<id>`
+//! with the pod's CPU limits, device threads in the overhead cgroup), as /proc/<pid>/task/<tid>/cgroup
+//! shows. After RemovePodSandbox, and after a SIGKILL of the daemon and its restart, no netns, veth,
+//! tap, IP allocation, port-mapping rule or cgroup of the pods is left.
 
 mod common;
 
@@ -13,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::net::{nat_rules_of, netns_of, TestNetwork};
 use common::{
-    connect, container_config, create_container, pod_config, pod_prerequisites, podvisor_cmd,
-    push_pod_image, run_pod, Daemon,
+    cgroup_of, connect, container_config, create_container, free_port, pod_config,
+    pod_prerequisites, podvisor_cmd, push_pod_image, run_pod, threads_named, Daemon,
 };
 use image_service::testing::{self, Registry};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
@@ -26,15 +28,6 @@ type Rt = RuntimeServiceClient<Channel>;
 
 /// The port the server in pod A listens on.
 const SERVER_PORT: u16 = 8080;
-
-/// A free TCP port on the host (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Connects to `addr` and reads the server's greeting; retries (bounded) while it is not up yet.
 fn greeting(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
@@ -92,6 +85,82 @@ async fn start(rt: &mut Rt, id: &str) {
     .expect("StartContainer");
 }
 
+/// The v1 controllers pod threads are placed in.
+const CONTROLLERS: [&str; 3] = ["cpu", "cpuacct", "cpuset"];
+
+/// Thread ids in cgroup `path` of `controller`.
+fn tasks(controller: &str, path: &str) -> Vec<u32> {
+    let mut t: Vec<u32> =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{controller}{path}/tasks"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .collect();
+    t.sort();
+    t
+}
+
+/// Asserts that the daemon's threads named `prefix` sit, `per_pod[i].1` of them, in cgroup
+/// `per_pod[i].0` of every controller, and nowhere else.
+fn assert_placed(pid: u32, prefix: &str, per_pod: &[(&str, usize)]) {
+    let threads = threads_named(pid, prefix);
+    for controller in CONTROLLERS {
+        for (path, count) in per_pod {
+            let mut expected: Vec<u32> = threads
+                .iter()
+                .filter(|(tid, _)| cgroup_of(pid, *tid, controller) == *path)
+                .map(|(tid, _)| *tid)
+                .collect();
+            expected.sort();
+            assert_eq!(
+                expected.len(),
+                *count,
+                "{prefix}* threads in {controller}:{path}: {threads:?}"
+            );
+            assert_eq!(
+                tasks(controller, path),
+                expected,
+                "{controller}:{path}/tasks"
+            );
+        }
+    }
+    assert_eq!(
+        threads.len(),
+        per_pod.iter().map(|(_, n)| n).sum::<usize>(),
+        "{prefix}* threads outside the pods' cgroups: {threads:?}"
+    );
+}
+
+/// Asserts that the cgroups at `paths` are gone in every controller.
+fn assert_no_cgroups(paths: &[&str], what: &str) {
+    for controller in CONTROLLERS {
+        for path in paths {
+            let dir = format!("/sys/fs/cgroup/{controller}{path}");
+            assert!(!Path::new(&dir).exists(), "{what}: {dir} left");
+        }
+    }
+}
+
+/// Removes the test's cgroup tree (empty directories, deepest first).
+fn remove_cgroup_tree(base: &str) {
+    for controller in CONTROLLERS {
+        let root = PathBuf::from(format!("/sys/fs/cgroup/{controller}{base}"));
+        let mut dirs = vec![root.clone()];
+        let mut i = 0;
+        while i < dirs.len() {
+            for e in std::fs::read_dir(&dirs[i]).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    dirs.push(e.path());
+                }
+            }
+            i += 1;
+        }
+        for d in dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
 /// Asserts that nothing of pod `id` is left on the host: netns, veth on the bridge, IP allocation,
 /// portmap rules.
 fn assert_released(net: &TestNetwork, id: &str, ip: &str, what: &str) {
@@ -127,7 +196,9 @@ async fn pods_reach_the_host_and_each_other_and_clean_up() {
     let image = push_pod_image(&reg, &d, "e2e/net");
     testing::write_hosts(&d.join("certs.d"), &reg.host, &reg.host).unwrap();
     let daemon_log = d.join("daemon.log");
-    let result = tokio::spawn(scenario(guest, d.clone(), image, net)).await;
+    let cgroups = format!("/podvisor-e2e-{}", std::process::id());
+    let result = tokio::spawn(scenario(guest, d.clone(), image, net, cgroups.clone())).await;
+    remove_cgroup_tree(&cgroups);
     if let Err(e) = result {
         let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
         eprintln!(
@@ -151,13 +222,23 @@ async fn pods_reach_the_host_and_each_other_and_clean_up() {
     }
 }
 
-async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork) {
+async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork, cg: String) {
     let socket = d.join("podvisor.sock");
     let log = d.join("daemon.log");
+    let (default_parent, overhead) = (format!("{cg}/default"), format!("{cg}/overhead"));
     let podvisor = || {
         podvisor_cmd(
             &d,
-            &["--image-slots", "1", "--default-pod-memory-mib", "256"],
+            &[
+                "--image-slots",
+                "1",
+                "--default-pod-memory-mib",
+                "256",
+                "--default-cgroup-parent",
+                &default_parent,
+                "--overhead-cgroup",
+                &overhead,
+            ],
         )
     };
     let mut daemon = Daemon::start_with(podvisor(), &socket, &guest, Some(&log)).await;
@@ -198,6 +279,18 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork) {
         host_port: i32::from(host_port),
         host_ip: String::new(),
     }];
+    // Pod A has kubelet's pod cgroup as parent and a CPU limit of 1.5 CPUs (2 vCPUs); pod B neither.
+    let parent_a = format!("{cg}/kubepods/pod-uid-net-a");
+    config_a.linux = Some(LinuxPodSandboxConfig {
+        cgroup_parent: parent_a.clone(),
+        resources: Some(LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 150_000,
+            cpu_shares: 1536,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     let config_b = pod_config("client", "uid-net-b", &logs);
     let started = Instant::now();
     let (mut rt_a, mut rt_b) = (rt.clone(), rt.clone());
@@ -223,6 +316,44 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork) {
         "one veth per pod on {}",
         net.bridge
     );
+
+    // Host cgroups: vCPUs in the sandbox cgroups (A's with its limits), the device threads (vsock,
+    // blk0, net) in the overhead cgroups.
+    let (sandbox_a, sandbox_b) = (
+        format!("{parent_a}/podvisor-{a}"),
+        format!("{default_parent}/podvisor-{b}"),
+    );
+    let (overhead_a, overhead_b) = (format!("{overhead}/{a}"), format!("{overhead}/{b}"));
+    let pid = daemon.pid();
+    assert_placed(pid, "vcpu", &[(&sandbox_a, 2), (&sandbox_b, 1)]);
+    assert_placed(pid, "virtio-", &[(&overhead_a, 3), (&overhead_b, 3)]);
+    let cpu_file = |f: &str| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/cpu{sandbox_a}/{f}"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(cpu_file("cpu.cfs_quota_us"), "150000");
+    assert_eq!(cpu_file("cpu.shares"), "1536");
+    // The pod's CPU in its stats is what its threads used on the host (the boot took seconds).
+    let stats = rt
+        .pod_sandbox_stats(PodSandboxStatsRequest {
+            pod_sandbox_id: a.clone(),
+        })
+        .await
+        .expect("PodSandboxStats")
+        .into_inner()
+        .stats
+        .unwrap();
+    let used = stats
+        .linux
+        .unwrap()
+        .cpu
+        .unwrap()
+        .usage_core_nano_seconds
+        .unwrap()
+        .value;
+    assert!(used > 1_000_000_000, "pod A used {used} ns of host CPU");
 
     let server = container_config(
         "server",
@@ -310,6 +441,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork) {
     .await
     .unwrap();
     assert_released(&net, &b, &ip_b, "after RemovePodSandbox");
+    assert_no_cgroups(&[&sandbox_b, &overhead_b], "after RemovePodSandbox");
     assert_eq!(
         net.bridge_ports().len(),
         1,
@@ -338,6 +470,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork) {
         .unwrap();
     assert_eq!(status.state, PodSandboxState::SandboxNotready as i32);
     assert_released(&net, &a, &ip_a, "after kill -9 and restart");
+    assert_no_cgroups(&[&sandbox_a, &overhead_a], "after kill -9 and restart");
     assert!(
         net.bridge_ports().is_empty(),
         "veths left: {:?}",

@@ -16,6 +16,7 @@ async fn version_status_and_clear_unimplemented_errors() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("run/podvisor.sock");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
+    cmd.args(["--metrics-addr", "127.0.0.1:0"]);
     cmd.arg("--state-dir")
         .arg(dir.path().join("state"))
         .arg("--run-dir")

@@ -56,6 +56,18 @@ writable_layer_mib = 128
 cni_conf_dir = "/tmp/pv/net.d"
 cni_bin_dirs = ["/tmp/pv/bin", "/usr/lib/cni"]
 netns_dir = "/tmp/pv/netns"
+
+[cgroups]
+enabled = false
+sandbox_cgroup_only = true
+overhead_cgroup = "/pv_overhead"
+default_parent = "kubepods.slice"
+
+[metrics]
+address = "127.0.0.1:19464"
+
+[tracing]
+otlp_endpoint = "http://127.0.0.1:4317"
 "#;
 
 #[test]
@@ -75,6 +87,19 @@ fn every_key_sets_its_flag_and_flags_win() {
         [PathBuf::from("/tmp/pv/bin"), PathBuf::from("/usr/lib/cni")]
     );
     assert_eq!(args.network.netns_dir, Path::new("/tmp/pv/netns"));
+    assert!(!args.cgroups.host_cgroups && args.cgroups.sandbox_cgroup_only);
+    assert_eq!(args.cgroups.overhead_cgroup, "/pv_overhead");
+    assert_eq!(args.cgroups.default_cgroup_parent, "kubepods.slice");
+    assert_eq!(
+        args.metrics_addr.0,
+        Some("127.0.0.1:19464".parse().unwrap())
+    );
+    assert_eq!(args.otlp_endpoint, "http://127.0.0.1:4317");
+    // An empty metrics address turns the endpoint off.
+    let other = tempfile::tempdir().unwrap();
+    let off = write(other.path(), "[metrics]\naddress = \"\"\n");
+    let args = daemon_args(&["podvisor", "--config", off.to_str().unwrap()]);
+    assert_eq!(args.metrics_addr.0, None);
     // A flag on the command line overrides the file; the rest of the file still applies.
     let args = daemon_args(&["podvisor", "--image-slots", "3", "--config", p]);
     assert_eq!(args.pods.image_slots, 3);
@@ -133,9 +158,27 @@ fn errors_name_the_line_the_column_and_the_key() {
     let (line, _, msg) = error("state_dir = [\"/a\"]\n");
     assert_eq!(line, 1);
     assert!(msg.contains("not an array"), "{msg}");
+    let (line, _, msg) = error("[pods]\nimage_slots = { n = 1 }\n");
+    assert_eq!(line, 2);
+    assert!(msg.contains("a string, a number or a boolean"), "{msg}");
     let (line, _, msg) = error("[pods]\nimage_slots = true\n");
     assert_eq!(line, 2);
-    assert!(msg.contains("string or a number"), "{msg}");
+    assert!(
+        msg.contains("pods.image_slots") && msg.contains("'true'"),
+        "{msg}"
+    );
+    let (line, _, msg) = error("[cgroups]\nenabled = \"yes\"\n");
+    assert_eq!(line, 2);
+    assert!(
+        msg.contains("cgroups.enabled") && msg.contains("'yes'"),
+        "{msg}"
+    );
+    let (line, _, msg) = error("[metrics]\naddress = \"localhost\"\n");
+    assert_eq!(line, 2);
+    assert!(
+        msg.contains("metrics.address") && msg.contains("IP:PORT"),
+        "{msg}"
+    );
     let (line, _, msg) = error("streaming_addr = \"nowhere\"\n");
     assert_eq!(line, 1);
     assert!(msg.contains("streaming_addr"), "{msg}");

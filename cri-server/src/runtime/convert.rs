@@ -95,6 +95,7 @@ pub fn pod_info(pod: &PodRecord, cni_check: Option<Result<(), String>>) -> HashM
         "vcpus": pod.vcpus,
         "memoryMiB": pod.mem_mib,
         "imageSlots": pod.slots,
+        "cgroups": pod.cgroups,
         "state": format!("{:?}", pod.state),
         "reason": pod.reason,
         "hostResourcesReleased": pod.released,
@@ -195,6 +196,15 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// CPU cores used (in nano cores) since the previous sample of `key`, which this one replaces.
+    pub fn rate(&self, key: &str, ts: u64, usage_ns: u64) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let (pts, pusage) = last.insert(key.to_string(), (ts, usage_ns))?;
+        let dt = ts.checked_sub(pts).filter(|d| *d > 0)?;
+        let du = usage_ns.checked_sub(pusage)?;
+        Some((du as u128 * 1_000_000_000 / dt as u128) as u64)
+    }
+
     /// CRI stats of a container; without guest stats only the attributes.
     pub fn container(
         &self,
@@ -219,15 +229,7 @@ impl Stats {
         } else {
             now_ns() as u64
         };
-        let nano_cores = {
-            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-            let prev = last.insert(c.id.clone(), (ts, s.cpu_usage_ns));
-            prev.and_then(|(pts, pusage)| {
-                let dt = ts.checked_sub(pts).filter(|d| *d > 0)?;
-                let du = s.cpu_usage_ns.checked_sub(pusage)?;
-                Some((du as u128 * 1_000_000_000 / dt as u128) as u64)
-            })
-        };
+        let nano_cores = self.rate(&c.id, ts, s.cpu_usage_ns);
         let available = s.memory_limit_bytes.checked_sub(s.memory_working_set_bytes);
         ContainerStats {
             attributes,

@@ -57,7 +57,8 @@ pub fn to_status(e: SandboxError) -> Status {
         e @ (SandboxError::State(_)
         | SandboxError::Vm(_)
         | SandboxError::Io { .. }
-        | SandboxError::Network(_)) => Status::internal(e.to_string()),
+        | SandboxError::Network(_)
+        | SandboxError::Cgroup(_)) => Status::internal(e.to_string()),
     }
 }
 
@@ -156,8 +157,9 @@ type EventStream = Pin<
     >,
 >;
 
-fn span(rpc: &'static str, id: &str) -> tracing::Span {
-    tracing::info_span!("cri", rpc, id = %id)
+/// The span of an operation on one object (a child of the RPC's `cri` span).
+fn span(id: &str) -> tracing::Span {
+    tracing::info_span!("object", id = %id)
 }
 
 /// Runs a state-changing operation to completion in its own task, even if the client goes away
@@ -238,10 +240,7 @@ impl RuntimeService for Runtime {
             .map(|m| m.name.clone())
             .unwrap_or_default();
         let m = self.manager.clone();
-        let id = detached(span("RunPodSandbox", &name), async move {
-            m.run_pod(config).await
-        })
-        .await?;
+        let id = detached(span(&name), async move { m.run_pod(config).await }).await?;
         ok(RunPodSandboxResponse { pod_sandbox_id: id })
     }
 
@@ -251,11 +250,7 @@ impl RuntimeService for Runtime {
     ) -> Result<StopPodSandboxResponse> {
         let id = request.into_inner().pod_sandbox_id;
         let m = self.manager.clone();
-        detached(
-            span("StopPodSandbox", &id),
-            async move { m.stop_pod(&id).await },
-        )
-        .await?;
+        detached(span(&id), async move { m.stop_pod(&id).await }).await?;
         ok(StopPodSandboxResponse {})
     }
 
@@ -268,10 +263,7 @@ impl RuntimeService for Runtime {
             return Err(Status::invalid_argument("pod_sandbox_id: empty"));
         }
         let m = self.manager.clone();
-        detached(span("RemovePodSandbox", &id), async move {
-            m.remove_pod(&id).await
-        })
-        .await?;
+        detached(span(&id), async move { m.remove_pod(&id).await }).await?;
         ok(RemovePodSandboxResponse {})
     }
 
@@ -316,9 +308,10 @@ impl RuntimeService for Runtime {
             .ok_or_else(|| Status::invalid_argument("config: missing"))?;
         let m = self.manager.clone();
         let pod = req.pod_sandbox_id;
-        let id = detached(span("CreateContainer", &pod), async move {
-            m.create_container(&pod, config).await
-        })
+        let id = detached(
+            span(&pod),
+            async move { m.create_container(&pod, config).await },
+        )
         .await?;
         ok(CreateContainerResponse { container_id: id })
     }
@@ -329,10 +322,7 @@ impl RuntimeService for Runtime {
     ) -> Result<StartContainerResponse> {
         let id = request.into_inner().container_id;
         let m = self.manager.clone();
-        detached(span("StartContainer", &id), async move {
-            m.start_container(&id).await
-        })
-        .await?;
+        detached(span(&id), async move { m.start_container(&id).await }).await?;
         ok(StartContainerResponse {})
     }
 
@@ -343,7 +333,7 @@ impl RuntimeService for Runtime {
         let req = request.into_inner();
         let m = self.manager.clone();
         let id = req.container_id;
-        detached(span("StopContainer", &id), async move {
+        detached(span(&id), async move {
             m.stop_container(&id, req.timeout).await
         })
         .await?;
@@ -359,10 +349,7 @@ impl RuntimeService for Runtime {
             return Err(Status::invalid_argument("container_id: empty"));
         }
         let m = self.manager.clone();
-        detached(span("RemoveContainer", &id), async move {
-            m.remove_container(&id).await
-        })
-        .await?;
+        detached(span(&id), async move { m.remove_container(&id).await }).await?;
         ok(RemoveContainerResponse {})
     }
 
@@ -425,9 +412,10 @@ impl RuntimeService for Runtime {
             .ok_or_else(|| Status::invalid_argument("linux: missing"))?;
         let m = self.manager.clone();
         let id = req.container_id;
-        detached(span("UpdateContainerResources", &id), async move {
-            m.update_resources(&id, linux).await
-        })
+        detached(
+            span(&id),
+            async move { m.update_resources(&id, linux).await },
+        )
         .await?;
         ok(UpdateContainerResourcesResponse {})
     }
@@ -446,7 +434,7 @@ impl RuntimeService for Runtime {
         let out = self
             .manager
             .exec_sync(&req.container_id, &req.cmd, req.timeout)
-            .instrument(span("ExecSync", &req.container_id))
+            .instrument(span(&req.container_id))
             .await
             .map_err(to_status)?;
         ok(ExecSyncResponse {

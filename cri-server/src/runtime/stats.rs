@@ -114,6 +114,32 @@ impl Runtime {
                 containers.push(self.stats.container(&record, s.as_ref()));
             }
         }
-        Ok(convert::pod_stats(&pod, containers))
+        let mut stats = convert::pod_stats(&pod, containers);
+        // A VM pod's CPU is what its threads used on the host (vCPUs and device threads), guest
+        // kernel and agent included, as the pod's cgroup is for a runc pod.
+        let host_cpu = match (&pod.cgroups, pod.state) {
+            (Some(cgroups), PodState::Ready) => {
+                let cgroups = cgroups.clone();
+                tokio::task::spawn_blocking(move || cgroups.cpu_usage_ns())
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        };
+        if let (Some(usage), Some(cpu)) =
+            (host_cpu, stats.linux.as_mut().and_then(|l| l.cpu.as_mut()))
+        {
+            let ts = crate::sandbox::now_ns();
+            *cpu = CpuUsage {
+                timestamp: ts,
+                usage_core_nano_seconds: Some(UInt64Value { value: usage }),
+                usage_nano_cores: self
+                    .stats
+                    .rate(&format!("pod:{id}"), ts as u64, usage)
+                    .map(|value| UInt64Value { value }),
+            };
+        }
+        Ok(stats)
     }
 }

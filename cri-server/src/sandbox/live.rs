@@ -13,6 +13,7 @@ use tonic::transport::Channel;
 use vmm::{BlockSlotConfig, ExitReason, ExitWatch, Vm, VmConfig};
 
 use super::{lock, ManagerConfig, SandboxError};
+use crate::cgroups::PodCgroups;
 use crate::logs::{LogWriter, Stream};
 
 /// A running pod VM.
@@ -35,20 +36,42 @@ fn console_tail(path: &Path) -> String {
     String::from_utf8_lossy(&log[start..]).into_owned()
 }
 
+/// What a pod VM is made of besides the manager's settings.
+pub struct VmShape {
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest memory, MiB.
+    pub mem_mib: u32,
+    /// The network device.
+    pub net: Option<vmm::NetConfig>,
+    /// Host cgroups its threads join as soon as they exist.
+    pub cgroups: Option<PodCgroups>,
+}
+
 impl LivePod {
-    /// Boots a VM with its console log in `dir`, its vsock socket at `vsock` and the network device
-    /// `net`, and waits for its agent.
+    /// Boots a VM with its console log in `dir` and its vsock socket at `vsock`, places its threads
+    /// in the pod's host cgroups, and waits for its agent.
     pub async fn boot(
         config: &ManagerConfig,
         dir: &Path,
         vsock: &Path,
-        vcpus: u8,
-        mem_mib: u32,
-        net: Option<vmm::NetConfig>,
+        shape: VmShape,
+    ) -> Result<LivePod, SandboxError> {
+        let started = std::time::Instant::now();
+        let result = Self::boot_vm(config, dir, vsock, shape).await;
+        crate::metrics::METRICS.boot(&result, started.elapsed());
+        result
+    }
+
+    async fn boot_vm(
+        config: &ManagerConfig,
+        dir: &Path,
+        vsock: &Path,
+        shape: VmShape,
     ) -> Result<LivePod, SandboxError> {
         let vm_config = VmConfig {
-            vcpus,
-            mem_mib,
+            vcpus: shape.vcpus,
+            mem_mib: shape.mem_mib,
             kernel: config.kernel.clone(),
             initramfs: Some(config.initramfs.clone()),
             cmdline: config.cmdline.clone(),
@@ -58,14 +81,21 @@ impl LivePod {
             block_slots: (0..config.image_slots)
                 .map(|_| BlockSlotConfig { read_only: true })
                 .collect(),
-            net,
+            net: shape.net,
         };
         let uds = vm_config.vsock_uds.clone();
         let console = vm_config.console_log.clone();
-        let vm = tokio::task::spawn_blocking(move || Vm::boot(vm_config))
-            .await
-            .map_err(|e| SandboxError::Vm(format!("boot task: {e}")))?
-            .map_err(|e| SandboxError::Vm(format!("boot: {e}")))?;
+        let cgroups = shape.cgroups;
+        let vm = tokio::task::spawn_blocking(move || {
+            let vm = Vm::boot(vm_config).map_err(|e| SandboxError::Vm(format!("boot: {e}")))?;
+            if let Some(cgroups) = cgroups {
+                // On failure the VM is dropped, which stops it.
+                cgroups.place(vm.threads())?;
+            }
+            Ok::<_, SandboxError>(vm)
+        })
+        .await
+        .map_err(|e| SandboxError::Vm(format!("boot task: {e}")))??;
         let exit = vm.exit_watch();
         let agent = tokio::select! {
             agent = pb::client::wait_for_agent(&uds, config.boot_timeout) => agent,

@@ -26,6 +26,7 @@ use tokio::sync::broadcast;
 pub use live::{LiveContainer, LivePod};
 pub use stream::backend;
 
+use crate::cgroups::{CgroupConfig, CgroupError};
 use crate::network::{Network, NetworkConfig, NetworkError};
 use crate::state::{StateError, StateStore};
 
@@ -65,6 +66,9 @@ pub enum SandboxError {
     /// Pod networking failed: a CNI plugin, the namespace, the tap or tc.
     #[error("pod network: {0}")]
     Network(String),
+    /// A host cgroup of the pod could not be created, joined or removed.
+    #[error("{0}")]
+    Cgroup(String),
     /// The guest agent answered an error or could not be reached.
     #[error("guest agent {call}: {status}")]
     Agent {
@@ -93,6 +97,15 @@ impl From<NetworkError> for SandboxError {
             e @ (NetworkError::Plugin { .. } | NetworkError::Host(_)) => {
                 SandboxError::Network(e.to_string())
             }
+        }
+    }
+}
+
+impl From<CgroupError> for SandboxError {
+    fn from(e: CgroupError) -> Self {
+        match e {
+            e @ CgroupError::InvalidParent { .. } => SandboxError::InvalidArgument(e.to_string()),
+            e @ CgroupError::Host { .. } => SandboxError::Cgroup(e.to_string()),
         }
     }
 }
@@ -131,6 +144,8 @@ pub struct ManagerConfig {
     pub writable_layer_bytes: u64,
     /// Pod networking (CNI configuration, plugins, namespaces).
     pub network: NetworkConfig,
+    /// Host cgroups of the pod VMs' threads.
+    pub cgroups: CgroupConfig,
 }
 
 /// What a CRI container event reports.

@@ -88,6 +88,7 @@ impl Manager {
         let (vcpus, mem_mib) =
             vm_size(&config, c.default_mem_mib, c.guest_overhead_mib, host_cpus)?;
         let id = super::new_id()?;
+        let cgroups = c.cgroups.plan(&id, &config)?;
         // Validates the port mappings and loads the CNI configuration before anything is reserved.
         let network = self
             .inner
@@ -111,6 +112,7 @@ impl Manager {
             reason: String::new(),
             released: false,
             network: Some(network),
+            cgroups,
         };
         self.inner.store.put_pod(&record)?;
         match self.boot_pod(&config, &mut record).await {
@@ -150,10 +152,19 @@ impl Manager {
                 source,
             })?;
         }
+        if let Some(cgroups) = record.cgroups.clone() {
+            let limits = crate::cgroups::limits(config);
+            blocking(move || cgroups.create(&limits)).await?;
+        }
         let (attachment, net) = self.attach_network(record).await?;
         let c = &self.inner.config;
-        let (vcpus, mem_mib) = (record.vcpus, record.mem_mib);
-        let live = Arc::new(LivePod::boot(c, &dir, &vsock, vcpus, mem_mib, Some(net)).await?);
+        let vm = super::live::VmShape {
+            vcpus: record.vcpus,
+            mem_mib: record.mem_mib,
+            net: Some(net),
+            cgroups: record.cgroups.clone(),
+        };
+        let live = Arc::new(LivePod::boot(c, &dir, &vsock, vm).await?);
         // kubelet always sends the pod's DNS config; without one, the CNI result's applies.
         let dns = config
             .dns_config
@@ -326,6 +337,9 @@ impl Manager {
         if let Some(network) = &record.network {
             self.release_network(&record.id, network).await?;
         }
+        if let Some(cgroups) = record.cgroups.clone() {
+            blocking(move || cgroups.remove()).await?;
+        }
         Ok(())
     }
 
@@ -430,6 +444,16 @@ impl Manager {
         }
         Ok(touched)
     }
+}
+
+/// Runs a blocking host cgroup operation off the async threads.
+async fn blocking(
+    f: impl FnOnce() -> Result<(), crate::cgroups::CgroupError> + Send + 'static,
+) -> Result<(), SandboxError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SandboxError::Cgroup(format!("cgroup task: {e}")))?
+        .map_err(SandboxError::from)
 }
 
 fn lock_insert(m: &Manager, id: &str, live: Arc<LivePod>) {

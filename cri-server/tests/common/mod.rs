@@ -182,6 +182,7 @@ pub fn podvisor_cmd(dir: &Path, extra: &[&str]) -> Command {
         .arg(dir.join("cni"))
         .arg("--cni-bin-dir")
         .arg(net::CNI_BIN_DIR)
+        .args(["--metrics-addr", "127.0.0.1:0"])
         .args(extra);
     cmd
 }
@@ -274,4 +275,73 @@ pub async fn create_container(
         .container_id;
     eprintln!("CreateContainer took {:?}", start.elapsed());
     id
+}
+
+/// Threads of process `pid` whose name starts with `prefix`: (tid, name).
+pub fn threads_named(pid: u32, prefix: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        let tid = entry.file_name().to_string_lossy().parse().unwrap_or(0);
+        if comm.starts_with(prefix) {
+            out.push((tid, comm.trim_end().to_string()));
+        }
+    }
+    out
+}
+
+/// The cgroup v1 path of thread `tid` of `pid` in `controller` (from /proc/<pid>/task/<tid>/cgroup).
+pub fn cgroup_of(pid: u32, tid: u32, controller: &str) -> String {
+    let text =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+            ctrls
+                .split(',')
+                .any(|c| c == controller)
+                .then(|| path.to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// The e2e venv's Python (`PODVISOR_E2E_PYTHON`, else ~/.cache/podvisor/venv) if it can import
+/// `module`. Otherwise prints a SKIPPED line and returns None — or panics when
+/// PODVISOR_REQUIRE_PYTHON=1 (the test suite installs the venv).
+pub fn python(test: &str, module: &str) -> Option<PathBuf> {
+    let python = std::env::var_os("PODVISOR_E2E_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/podvisor/venv/bin/python"))
+        })?;
+    let ok = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(python);
+    }
+    let why = format!(
+        "{} cannot import {module} (run e2e/setup-host.sh)",
+        python.display()
+    );
+    if std::env::var("PODVISOR_REQUIRE_PYTHON").as_deref() == Ok("1") {
+        panic!("{test}: PODVISOR_REQUIRE_PYTHON=1 but {why}");
+    }
+    println!("SKIPPED {test}: {why}");
+    None
+}
+
+/// A free TCP port on the host (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
