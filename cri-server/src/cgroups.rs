@@ -4,8 +4,8 @@
 //! the vCPU threads go into the *sandbox cgroup* `<cgroup_parent>/podvisor-<id>` (the parent kubelet
 //! gives, which carries the pod's limits), the device threads into the *overhead cgroup*
 //! `<overhead>/<id>` (Kata's `sandbox_cgroup_only=false`), or into the sandbox cgroup too with
-//! `--sandbox-cgroup-only`. Controllers: `cpu` (the pod's CPU quota, period and shares), `cpuacct`
-//! (usage for stats) and `cpuset` (the pod's cpuset, or its parent's).
+//! `--sandbox-cgroup-only`. Controllers: `cpu` (limits: kubelet's on the parent, or the pod's own
+//! without one, see [`limits`]), `cpuacct` (usage for stats) and `cpuset`.
 //!
 //! Thread placement needs cgroup v1 controllers (v1 or hybrid hosts): cgroup v2 only lets threads of
 //! one process live in different cgroups inside that process's own threaded subtree, which is never
@@ -181,39 +181,52 @@ impl CgroupConfig {
     }
 }
 
-/// CPU limits of a pod's sandbox cgroup: its resources plus its declared overhead.
+/// The largest `cpu.shares` the kernel takes.
+const MAX_SHARES: i64 = 262_144;
+
+/// The CPU limits a pod's sandbox cgroup gets itself. Under a `cgroup_parent` none: that is
+/// kubelet's pod cgroup, which carries the pod's limits (resources plus overhead) and is where
+/// kubelet changes them on a resize; a child with a quota of its own could only get in the way (a
+/// quota above the parent's is refused by cgroup v1, and one equal to it blocks lowering the
+/// parent's). Without a parent: the pod's resources plus its declared overhead.
 pub fn limits(config: &PodSandboxConfig) -> Resources {
     let linux = config.linux.clone().unwrap_or_default();
+    let mut res = Resources::default();
+    if !linux.cgroup_parent.is_empty() {
+        return res;
+    }
     let parts: Vec<LinuxContainerResources> = [linux.resources, linux.overhead]
         .into_iter()
         .flatten()
         .collect();
-    let mut res = Resources::default();
+    let period_of = |r: &LinuxContainerResources| {
+        if r.cpu_period > 0 {
+            r.cpu_period
+        } else {
+            100_000
+        }
+    };
     let period = parts
         .iter()
         .map(|r| r.cpu_period)
         .find(|p| *p > 0)
         .unwrap_or(100_000);
-    // Quotas of different periods are added as CPUs, in the first period.
-    let cpus: f64 = parts
+    // Quotas of different periods are converted to the first period, rounding down.
+    let quota: i128 = parts
         .iter()
         .filter(|r| r.cpu_quota > 0)
-        .map(|r| {
-            r.cpu_quota as f64
-                / if r.cpu_period > 0 {
-                    r.cpu_period
-                } else {
-                    100_000
-                } as f64
-        })
+        .map(|r| i128::from(r.cpu_quota) * i128::from(period) / i128::from(period_of(r)))
         .sum();
-    if cpus > 0.0 {
+    if quota > 0 {
         res.cpu.period = Some(period as u64);
-        res.cpu.quota = Some((cpus * period as f64).ceil() as i64);
+        res.cpu.quota = Some(quota.min(i128::from(i64::MAX)) as i64);
     }
-    let shares: i64 = parts.iter().map(|r| r.cpu_shares.max(0)).sum();
+    let shares: i64 = parts
+        .iter()
+        .map(|r| r.cpu_shares.clamp(0, MAX_SHARES))
+        .sum();
     if shares > 0 {
-        res.cpu.shares = Some(shares.max(2) as u64);
+        res.cpu.shares = Some(shares.clamp(2, MAX_SHARES) as u64);
     }
     let first = |f: fn(&LinuxContainerResources) -> &String| {
         parts.iter().map(f).find(|s| !s.is_empty()).cloned()

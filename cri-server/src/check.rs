@@ -14,6 +14,8 @@ pub struct Check {
     pub name: &'static str,
     /// Whether podvisor can work with it.
     pub ok: bool,
+    /// It works, but not fully (printed as WARN; the exit code stays 0).
+    pub warning: bool,
     /// What was found.
     pub detail: String,
 }
@@ -34,6 +36,7 @@ fn config(path: &Path) -> Check {
     Check {
         name: "config",
         ok: true,
+        warning: false,
         detail: if path.exists() {
             format!("{} is valid", path.display())
         } else {
@@ -47,6 +50,7 @@ fn kvm() -> Check {
     Check {
         name: "kvm",
         ok: host.dev_kvm,
+        warning: false,
         detail: if host.dev_kvm {
             match host.kind {
                 HostKind::Pvm => format!(
@@ -95,6 +99,7 @@ fn guest_files(guest_dir: &Path) -> Vec<Check> {
     .map(|(name, r)| Check {
         name,
         ok: r.is_ok(),
+        warning: false,
         detail: r.unwrap_or_else(|e| e),
     })
     .collect()
@@ -137,7 +142,9 @@ fn cgroups(args: &DaemonArgs) -> Check {
         "v1 / hybrid"
     };
     let config = args.cgroups.settings();
-    let detail = match (crate::cgroups::unsupported(), args.cgroups.host_cgroups) {
+    let unsupported = crate::cgroups::unsupported();
+    let warning = unsupported.is_some() && config.enabled;
+    let detail = match (unsupported, config.enabled) {
         (_, false) => format!("{kind}; host cgroups are off (--host-cgroups false)"),
         (Some(why), true) => format!("{kind}; pod VM threads are not placed: {why}"),
         (None, true) => format!(
@@ -153,11 +160,13 @@ fn cgroups(args: &DaemonArgs) -> Check {
         Ok(()) => Check {
             name: "cgroups",
             ok: true,
+            warning,
             detail,
         },
         Err(e) => Check {
             name: "cgroups",
             ok: false,
+            warning: false,
             detail: e.to_string(),
         },
     }
@@ -171,6 +180,7 @@ fn tun() -> Check {
     Check {
         name: "tun",
         ok: r.is_ok(),
+        warning: false,
         detail: match r {
             Ok(_) => "/dev/net/tun opens (pod VMs get taps)".into(),
             Err(e) => format!("/dev/net/tun: {e} (load the tun module)"),
@@ -190,6 +200,7 @@ fn cni(args: &DaemonArgs) -> Check {
         Ok(name) => Check {
             name: "cni",
             ok: true,
+            warning: false,
             detail: format!(
                 "network {name:?} from {}, plugins found",
                 n.cni_conf_dir.display()
@@ -198,6 +209,7 @@ fn cni(args: &DaemonArgs) -> Check {
         Err(e) => Check {
             name: "cni",
             ok: false,
+            warning: false,
             detail: format!("{e} (deploy/cni/10-podvisor.conflist is a single-node default)"),
         },
     }
@@ -248,6 +260,7 @@ fn socket(socket: &Path) -> Check {
     Check {
         name: "socket",
         ok: problems.is_empty(),
+        warning: false,
         detail: if problems.is_empty() {
             detail
         } else {
@@ -262,7 +275,11 @@ pub fn run(args: &DaemonArgs) -> ExitCode {
     for c in &results {
         println!(
             "{} {:<16} {}",
-            if c.ok { "PASS" } else { "FAIL" },
+            match (c.ok, c.warning) {
+                (false, _) => "FAIL",
+                (true, true) => "WARN",
+                (true, false) => "PASS",
+            },
             c.name,
             c.detail
         );

@@ -2,8 +2,9 @@
 //! and gRPC code, pod VM boots, image pulls, and pods and containers by state (read from the state
 //! store at scrape time).
 
+use std::collections::HashSet;
 use std::convert::Infallible;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -19,6 +20,12 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::state::{ContainerState, PodState, StateStore};
+
+/// The gRPC path prefixes of the CRI services; other paths are counted as method `other`.
+const CRI_SERVICES: [&str; 2] = ["/runtime.v1.RuntimeService/", "/runtime.v1.ImageService/"];
+
+/// Distinct `method` label values (CRI v1 has 34 methods): a bound on what clients can add.
+const MAX_METHODS: usize = 64;
 
 /// The OpenMetrics content type.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -47,6 +54,7 @@ struct StateLabels {
 /// The daemon's metrics.
 pub struct Metrics {
     registry: Registry,
+    methods: Mutex<HashSet<String>>,
     requests: Family<RpcLabels, Counter>,
     request_seconds: Family<MethodLabels, Histogram>,
     boots: Family<ResultLabels, Counter>,
@@ -115,6 +123,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            methods: Mutex::new(HashSet::new()),
             requests,
             request_seconds,
             boots,
@@ -126,19 +135,40 @@ impl Metrics {
         }
     }
 
-    /// Records one CRI request: its method, gRPC code name and latency.
-    pub fn rpc(&self, method: &str, code: &str, took: Duration) {
+    /// The `method` label of a gRPC request path: the CRI method name, or `other` for paths outside
+    /// the CRI services, malformed names and names beyond the first [`MAX_METHODS`] seen.
+    pub fn method_label(&self, path: &str) -> String {
+        let Some(name) = CRI_SERVICES.iter().find_map(|p| path.strip_prefix(p)) else {
+            return "other".into();
+        };
+        if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return "other".into();
+        }
+        let mut seen = self.methods.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(name) || seen.len() < MAX_METHODS {
+            seen.insert(name.to_string());
+            name.to_string()
+        } else {
+            "other".into()
+        }
+    }
+
+    /// Records one CRI request: its method label, gRPC code name and latency (None for a stream,
+    /// whose length says nothing about the runtime).
+    pub fn rpc(&self, method: &str, code: &str, took: Option<Duration>) {
         self.requests
             .get_or_create(&RpcLabels {
                 method: method.into(),
                 code: code.into(),
             })
             .inc();
-        self.request_seconds
-            .get_or_create(&MethodLabels {
-                method: method.into(),
-            })
-            .observe(took.as_secs_f64());
+        if let Some(took) = took {
+            self.request_seconds
+                .get_or_create(&MethodLabels {
+                    method: method.into(),
+                })
+                .observe(took.as_secs_f64());
+        }
     }
 
     /// Records a pod VM boot (to the agent answering) and how long it took.
@@ -192,14 +222,30 @@ impl Metrics {
 /// Serves `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, store: StateStore) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: wait instead of spinning.
+                tracing::warn!("metrics endpoint: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let store = store.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let store = store.clone();
-                async move { Ok::<_, Infallible>(respond(&req, &store)) }
+                async move {
+                    // Reading every record from sled is blocking work.
+                    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+                    let response =
+                        tokio::task::spawn_blocking(move || respond(&method, &path, &store))
+                            .await
+                            .unwrap_or_else(|e| {
+                                plain(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+                            });
+                    Ok::<_, Infallible>(response)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -208,30 +254,70 @@ pub async fn serve(listener: tokio::net::TcpListener, store: StateStore) {
     }
 }
 
-fn respond<B>(req: &Request<B>, store: &StateStore) -> Response<Full<Bytes>> {
-    let reply = |status, ctype: &str, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", ctype)
-            .body(Full::new(Bytes::from(body)))
-            .expect("static response parts")
-    };
-    if req.uri().path() != "/metrics" {
-        return reply(StatusCode::NOT_FOUND, "text/plain", "see /metrics\n".into());
+fn reply(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", ctype)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts")
+}
+
+fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    reply(status, "text/plain", body)
+}
+
+fn respond(method: &Method, path: &str, store: &StateStore) -> Response<Full<Bytes>> {
+    if path != "/metrics" {
+        return plain(StatusCode::NOT_FOUND, "see /metrics\n".into());
     }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET /metrics\n".into(),
-        );
+    if method != Method::GET && method != Method::HEAD {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n".into());
     }
     match METRICS.render(store) {
         Ok(text) => reply(StatusCode::OK, CONTENT_TYPE, text),
-        Err(e) => reply(
+        Err(e) => plain(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
             format!("reading the state store: {e}\n"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_are_bounded() {
+        let m = Metrics::new();
+        assert_eq!(
+            m.method_label("/runtime.v1.RuntimeService/Version"),
+            "Version"
+        );
+        assert_eq!(
+            m.method_label("/runtime.v1.ImageService/PullImage"),
+            "PullImage"
+        );
+        for other in [
+            "/grpc.health.v1.Health/Check",
+            "/runtime.v1.RuntimeService/",
+            "/runtime.v1.RuntimeService/a/b",
+            "/runtime.v1.RuntimeService/Ver-sion",
+            "/",
+        ] {
+            assert_eq!(m.method_label(other), "other", "{other}");
+        }
+        for i in 0..200 {
+            m.method_label(&format!("/runtime.v1.RuntimeService/Made{i}"));
+        }
+        assert_eq!(m.methods.lock().unwrap().len(), MAX_METHODS);
+        assert_eq!(
+            m.method_label("/runtime.v1.RuntimeService/Made199"),
+            "other"
+        );
+        // Names seen before the bound keep their label.
+        assert_eq!(
+            m.method_label("/runtime.v1.RuntimeService/Version"),
+            "Version"
+        );
     }
 }

@@ -21,6 +21,9 @@ use crate::metrics::METRICS;
 /// Errors setting up telemetry.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
+    /// The OTLP endpoint is not a plain-text gRPC address (`http://HOST:PORT`).
+    #[error("--otlp-endpoint {0:?}: expected http://HOST:PORT (OTLP/gRPC without TLS, e.g. a collector on the node)")]
+    Endpoint(String),
     /// The OTLP exporter could not be built (a malformed endpoint).
     #[error("--otlp-endpoint {endpoint:?}: {source}")]
     Otlp {
@@ -48,6 +51,12 @@ pub fn init(
     let provider = match otlp_endpoint.filter(|e| !e.is_empty()) {
         None => None,
         Some(endpoint) => {
+            let uri: Option<http::Uri> = endpoint.parse().ok();
+            if uri.as_ref().and_then(|u| u.scheme_str()) != Some("http")
+                || uri.as_ref().and_then(|u| u.host()).is_none()
+            {
+                return Err(TelemetryError::Endpoint(endpoint.into()));
+            }
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(endpoint)
@@ -148,13 +157,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let method = request
-            .uri()
-            .path()
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let method = METRICS.method_label(request.uri().path());
+        // A stream's response headers go out when it starts: its code is the one it started with.
+        let streaming = method == "GetContainerEvents";
         let span = tracing::info_span!("cri", rpc = %method, code = tracing::field::Empty);
         let call = {
             let _entered = span.enter();
@@ -168,7 +173,7 @@ where
                 Err(_) => code_name(tonic::Code::Unknown),
             };
             span.record("code", code.as_str());
-            METRICS.rpc(&method, &code, start.elapsed());
+            METRICS.rpc(&method, &code, (!streaming).then(|| start.elapsed()));
             result
         })
     }
@@ -177,6 +182,21 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn otlp_endpoints_must_be_plain_grpc_addresses() {
+        for bad in [
+            "https://collector:4317",
+            "collector:4317",
+            "http://",
+            "not a url",
+        ] {
+            assert!(
+                matches!(init("info", Some(bad)), Err(TelemetryError::Endpoint(_))),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn codes_come_from_trailers_only_responses() {

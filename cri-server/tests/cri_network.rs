@@ -279,8 +279,12 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork, c
         host_port: i32::from(host_port),
         host_ip: String::new(),
     }];
-    // Pod A has kubelet's pod cgroup as parent and a CPU limit of 1.5 CPUs (2 vCPUs); pod B neither.
+    // Pod A has a CPU limit of 1.5 CPUs (2 vCPUs) and kubelet's pod cgroup, with that limit, as
+    // parent; pod B has no parent and a limit of 1 CPU, which its sandbox cgroup gets itself.
     let parent_a = format!("{cg}/kubepods/pod-uid-net-a");
+    let parent_dir = format!("/sys/fs/cgroup/cpu{parent_a}");
+    std::fs::create_dir_all(&parent_dir).unwrap();
+    std::fs::write(format!("{parent_dir}/cpu.cfs_quota_us"), "150000").unwrap();
     config_a.linux = Some(LinuxPodSandboxConfig {
         cgroup_parent: parent_a.clone(),
         resources: Some(LinuxContainerResources {
@@ -291,7 +295,16 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork, c
         }),
         ..Default::default()
     });
-    let config_b = pod_config("client", "uid-net-b", &logs);
+    let mut config_b = pod_config("client", "uid-net-b", &logs);
+    config_b.linux = Some(LinuxPodSandboxConfig {
+        resources: Some(LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 100_000,
+            cpu_shares: 1024,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     let started = Instant::now();
     let (mut rt_a, mut rt_b) = (rt.clone(), rt.clone());
     let (a, b) = tokio::join!(run_pod(&mut rt_a, &config_a), run_pod(&mut rt_b, &config_b));
@@ -317,8 +330,8 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork, c
         net.bridge
     );
 
-    // Host cgroups: vCPUs in the sandbox cgroups (A's with its limits), the device threads (vsock,
-    // blk0, net) in the overhead cgroups.
+    // Host cgroups: vCPUs in the sandbox cgroups, the device threads (vsock, blk0, net) in the
+    // overhead cgroups; limits on B's sandbox cgroup, none of its own on A's (its parent has them).
     let (sandbox_a, sandbox_b) = (
         format!("{parent_a}/podvisor-{a}"),
         format!("{default_parent}/podvisor-{b}"),
@@ -327,15 +340,21 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork, c
     let pid = daemon.pid();
     assert_placed(pid, "vcpu", &[(&sandbox_a, 2), (&sandbox_b, 1)]);
     assert_placed(pid, "virtio-", &[(&overhead_a, 3), (&overhead_b, 3)]);
-    let cpu_file = |f: &str| {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/cpu{sandbox_a}/{f}"))
+    let cg_file = |controller: &str, cgroup: &str, f: &str| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{controller}{cgroup}/{f}"))
             .unwrap()
             .trim()
             .to_string()
     };
-    assert_eq!(cpu_file("cpu.cfs_quota_us"), "150000");
-    assert_eq!(cpu_file("cpu.shares"), "1536");
-    // The pod's CPU in its stats is what its threads used on the host (the boot took seconds).
+    assert_eq!(cg_file("cpu", &sandbox_a, "cpu.cfs_quota_us"), "-1");
+    assert_eq!(cg_file("cpu", &sandbox_b, "cpu.cfs_quota_us"), "100000");
+    assert_eq!(cg_file("cpu", &sandbox_b, "cpu.shares"), "1024");
+    // The pod's CPU in its stats is what its threads used on the host: at least what its vCPUs'
+    // cgroup had counted just before.
+    let vcpus_used: u64 = cg_file("cpuacct", &sandbox_a, "cpuacct.usage")
+        .parse()
+        .unwrap();
+    assert!(vcpus_used > 0);
     let stats = rt
         .pod_sandbox_stats(PodSandboxStatsRequest {
             pod_sandbox_id: a.clone(),
@@ -353,7 +372,10 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork, c
         .usage_core_nano_seconds
         .unwrap()
         .value;
-    assert!(used > 1_000_000_000, "pod A used {used} ns of host CPU");
+    assert!(
+        used >= vcpus_used,
+        "pod A used {used} ns, its vCPUs alone {vcpus_used} ns"
+    );
 
     let server = container_config(
         "server",

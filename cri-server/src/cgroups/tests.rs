@@ -84,30 +84,54 @@ fn plans_follow_the_settings() {
 
 #[test]
 fn limits_add_the_overhead_to_the_resources() {
-    let mut config = pod(
-        "",
-        Some(LinuxContainerResources {
-            cpu_period: 100_000,
-            cpu_quota: 150_000,
-            cpu_shares: 1536,
-            cpuset_cpus: "0-1".into(),
-            ..Default::default()
-        }),
-    );
-    config.linux.as_mut().unwrap().overhead = Some(LinuxContainerResources {
-        cpu_period: 50_000,
-        cpu_quota: 12_500,
-        cpu_shares: 256,
+    let with = |res: LinuxContainerResources, overhead: Option<LinuxContainerResources>| {
+        let mut config = pod("", Some(res));
+        config.linux.as_mut().unwrap().overhead = overhead;
+        limits(&config)
+    };
+    let cpu = |period, quota, shares| LinuxContainerResources {
+        cpu_period: period,
+        cpu_quota: quota,
+        cpu_shares: shares,
         ..Default::default()
-    });
-    let r = limits(&config);
+    };
+    let r = with(
+        LinuxContainerResources {
+            cpuset_cpus: "0-1".into(),
+            ..cpu(100_000, 150_000, 1536)
+        },
+        Some(cpu(50_000, 12_500, 256)),
+    );
     assert_eq!((r.cpu.period, r.cpu.quota), (Some(100_000), Some(175_000)));
     assert_eq!(r.cpu.shares, Some(1792));
     assert_eq!(r.cpu.cpus.as_deref(), Some("0-1"));
     assert_eq!(r.cpu.mems, None);
+    // Integer sums, never above what kubelet computes for the same pod: 17m is 1700 us, and
+    // 300m + the RuntimeClass's 250m is 55000 us (floating point would make them 1701 and 55001).
+    assert_eq!(with(cpu(100_000, 1_700, 17), None).cpu.quota, Some(1_700));
+    assert_eq!(
+        with(cpu(100_000, 30_000, 307), Some(cpu(100_000, 25_000, 256)))
+            .cpu
+            .quota,
+        Some(55_000)
+    );
+    // Shares stay in the kernel's range.
+    assert_eq!(
+        with(cpu(0, 0, 200_000), Some(cpu(0, 0, 200_000)))
+            .cpu
+            .shares,
+        Some(262_144)
+    );
+    assert_eq!(with(cpu(0, 0, 1), None).cpu.shares, Some(2));
     // No limits: nothing is set.
     let r = limits(&pod("", None));
     assert_eq!((r.cpu.quota, r.cpu.shares, r.cpu.cpus), (None, None, None));
+    // Under kubelet's pod cgroup the parent carries the limits: none on the sandbox cgroup.
+    let r = limits(&pod("/kubepods/pod1", Some(cpu(100_000, 150_000, 1536))));
+    assert_eq!(
+        (r.cpu.quota, r.cpu.shares, r.cpu.period),
+        (None, None, None)
+    );
 }
 
 fn skipped(test: &str) -> bool {

@@ -326,7 +326,8 @@ impl Manager {
     }
 
     /// Host resources a stopped pod gives back (the VM itself, and with it the tap, is gone by
-    /// now): the VM's socket, and the pod network (CNI DEL with the recorded result, namespace).
+    /// now): the VM's socket, the pod network (CNI DEL with the recorded result, namespace) and the
+    /// host cgroups.
     async fn release_pod_resources(&self, record: &PodRecord) -> Result<(), SandboxError> {
         let sock = self.vsock_path(&record.id);
         match std::fs::remove_file(&sock) {
@@ -334,13 +335,16 @@ impl Manager {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!(pod = %record.id, "removing {}: {e}", sock.display()),
         }
-        if let Some(network) = &record.network {
-            self.release_network(&record.id, network).await?;
-        }
-        if let Some(cgroups) = record.cgroups.clone() {
-            blocking(move || cgroups.remove()).await?;
-        }
-        Ok(())
+        // Each resource is released even if another one fails; the first failure is reported.
+        let network = match &record.network {
+            Some(network) => self.release_network(&record.id, network).await,
+            None => Ok(()),
+        };
+        let cgroups = match record.cgroups.clone() {
+            Some(cgroups) => blocking(move || cgroups.remove()).await,
+            None => Ok(()),
+        };
+        network.and(cgroups)
     }
 
     /// RemovePodSandbox: stops the pod if needed, removes its containers, files and record.

@@ -66,6 +66,18 @@ impl Daemon {
         let _ = self.0.wait();
     }
 
+    /// Waits (bounded) for the daemon to exit by itself; its exit status if it did.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
     /// The daemon's pid.
     pub fn pid(&self) -> u32 {
         self.0.id()
