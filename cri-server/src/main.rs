@@ -8,6 +8,7 @@ mod cgroups;
 mod check;
 mod config;
 mod daemon;
+mod http;
 mod images;
 mod logs;
 mod metrics;

@@ -3,14 +3,12 @@
 //! store at scrape time).
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use http_body_util::Full;
-use hyper::body::Bytes;
+use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -19,6 +17,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use crate::http::plain;
 use crate::state::{ContainerState, PodState, StateStore};
 
 /// The gRPC path prefixes of the CRI services; other paths are counted as method `other`.
@@ -221,60 +220,40 @@ impl Metrics {
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, store: StateStore) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors, say: wait instead of spinning.
-                tracing::warn!("metrics endpoint: accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+    crate::http::serve(
+        listener,
+        "metrics endpoint",
+        move |req: Request<Incoming>| {
+            let store = store.clone();
+            async move {
+                // Reading every record from sled is blocking work.
+                let (method, path) = (req.method().clone(), req.uri().path().to_string());
+                tokio::task::spawn_blocking(move || respond(&method, &path, &store))
+                    .await
+                    .unwrap_or_else(|e| plain(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")))
             }
-        };
-        let store = store.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let store = store.clone();
-                async move {
-                    // Reading every record from sled is blocking work.
-                    let (method, path) = (req.method().clone(), req.uri().path().to_string());
-                    let response =
-                        tokio::task::spawn_blocking(move || respond(&method, &path, &store))
-                            .await
-                            .unwrap_or_else(|e| {
-                                plain(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
-                            });
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+        },
+    )
+    .await
 }
 
-fn reply(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
+fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
-        .header("content-type", ctype)
+        .header("content-type", CONTENT_TYPE)
         .body(Full::new(Bytes::from(body)))
         .expect("static response parts")
 }
 
-fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    reply(status, "text/plain", body)
-}
-
 fn respond(method: &Method, path: &str, store: &StateStore) -> Response<Full<Bytes>> {
     if path != "/metrics" {
-        return plain(StatusCode::NOT_FOUND, "see /metrics\n".into());
+        return plain(StatusCode::NOT_FOUND, "see /metrics\n");
     }
     if method != Method::GET && method != Method::HEAD {
-        return plain(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n".into());
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n");
     }
     match METRICS.render(store) {
-        Ok(text) => reply(StatusCode::OK, CONTENT_TYPE, text),
+        Ok(text) => reply(StatusCode::OK, text),
         Err(e) => plain(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("reading the state store: {e}\n"),

@@ -14,7 +14,6 @@ mod tests;
 mod tokens;
 mod websocket;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +22,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{AttachRequest, ExecRequest, PortForwardRequest};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -187,7 +185,17 @@ impl StreamingServer {
             cache: RequestCache::new(config.clock, config.token_ttl, config.max_in_flight),
             stream_creation_timeout: config.stream_creation_timeout,
         });
-        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        let accept = {
+            let shared = shared.clone();
+            tokio::spawn(crate::http::serve(
+                listener,
+                "streaming server",
+                move |req| {
+                    let shared = shared.clone();
+                    async move { route(req, shared) }
+                },
+            ))
+        };
         tracing::info!("streaming server listening on {bound}");
         Ok(StreamingServer {
             addr: bound,
@@ -275,42 +283,7 @@ fn check_io(
     Ok(())
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("streaming server: accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(req, shared)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!("streaming connection from {peer}: {e}");
-            }
-        });
-    }
-}
-
-/// A plain-text response.
-pub(crate) fn plain(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.into())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
+pub(crate) use crate::http::plain;
 
 fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<Bytes>> {
     let not_found = || plain(StatusCode::NOT_FOUND, "404 page not found\n");
