@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::net::{nat_rules_of, netns_of, TestNetwork};
+use common::procfs::{cgroup_of, threads_named};
 use common::{
-    cgroup_of, connect, container_config, create_container, free_port, pod_config,
-    pod_prerequisites, podvisor_cmd, push_pod_image, run_pod, threads_named, Daemon,
+    connect, container_config, create_container, free_port, pod_config, pod_prerequisites,
+    podvisor_cmd, push_pod_image, run_pod, Daemon,
 };
 use image_service::testing::{self, Registry};
 use k8s_cri::v1::image_service_client::ImageServiceClient;

@@ -143,19 +143,12 @@ fn skipped(test: &str) -> bool {
     !root || why.is_some()
 }
 
-/// The cgroup of thread `tid` of this process in `controller` (from /proc).
+#[path = "../../tests/common/procfs.rs"]
+mod procfs;
+
+/// The cgroup of thread `tid` of this process in `controller`.
 fn cgroup_of(tid: i32, controller: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/cgroup")).unwrap();
-    text.lines()
-        .find_map(|l| {
-            let mut f = l.splitn(3, ':');
-            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
-            ctrls
-                .split(',')
-                .any(|c| c == controller)
-                .then(|| path.to_string())
-        })
-        .unwrap()
+    procfs::cgroup_of(std::process::id(), tid as u32, controller)
 }
 
 /// Real threads placed in real cgroups: vCPU-kind threads in the sandbox cgroup with the limits,
