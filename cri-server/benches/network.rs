@@ -8,7 +8,9 @@
 //! (median MiB/s):
 //! `{"metric":..,"unit":"MiB/s","ours":..,"peer":"containerd+runc","peer_value":..,"ratio":..}`.
 //!
-//! `cargo bench -p cri-server --bench network`. Env: PODVISOR_BENCH_NET_MIB (default 64) sets N,
+//! `cargo bench -p cri-server --bench network`. Env: PODVISOR_BENCH_NET_MIB sets N (default 64, or
+//! 4 on PVM hosts, where the guest kernel's TCP receive path is emulated: about 0.2 MiB/s, so 64 MiB
+//! would take over 5 minutes a run),
 //! PODVISOR_BENCH_NET_PEER_ONLY=1 measures containerd alone, PODVISOR_BENCH_NET_TIMEOUT_S (default
 //! 1800) bounds each runtime's part.
 
@@ -424,6 +426,15 @@ fn line(metric: &str, ours: Option<f64>, peer: Option<f64>, note: &str) {
     println!("{{{}}}", fields.join(","));
 }
 
+/// MiB sent per run by default: 64, or 4 on PVM hosts (see the module docs).
+fn default_mib() -> u64 {
+    if vmm::KvmHost::detect().kind == vmm::HostKind::Pvm {
+        4
+    } else {
+        64
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     // `cargo test --benches` runs this without --bench; only measure under `cargo bench`.
@@ -462,7 +473,7 @@ async fn main() -> ExitCode {
         pause,
         registry: reg.host.clone(),
         conf_dir: net.conf_dir.clone(),
-        mib: env("PODVISOR_BENCH_NET_MIB", 64).max(1) as usize,
+        mib: env("PODVISOR_BENCH_NET_MIB", default_mib()).max(1) as usize,
         limit: Duration::from_secs(env("PODVISOR_BENCH_NET_TIMEOUT_S", 1800)),
     });
     eprintln!("sending {} MiB per run, {RUNS} runs per path", s.mib);
