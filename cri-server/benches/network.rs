@@ -153,7 +153,11 @@ async fn transfer(
         )));
     }
     let rate = s.mib as f64 / secs;
-    eprintln!("  {} MiB to {addr} in {secs:.3} s: {rate:.1} MiB/s", s.mib);
+    eprintln!(
+        "  {} MiB to {addr} in {secs:.3} s: {} MiB/s",
+        s.mib,
+        significant(rate)
+    );
     Ok(rate)
 }
 
@@ -400,6 +404,15 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// `v` rounded to 4 significant digits (a ratio of 0.00005 must not print as 0).
+fn significant(v: f64) -> f64 {
+    if v == 0.0 || !v.is_finite() {
+        return v;
+    }
+    let scale = 10f64.powi(3 - v.abs().log10().floor() as i32);
+    (v * scale).round() / scale
+}
+
 /// A JSON line `{"metric","unit","ours","peer","peer_value","ratio","note"}` without the absent
 /// values; none when neither runtime was measured.
 fn line(metric: &str, ours: Option<f64>, peer: Option<f64>, note: &str) {
@@ -411,14 +424,14 @@ fn line(metric: &str, ours: Option<f64>, peer: Option<f64>, note: &str) {
         r#""unit":"MiB/s""#.to_string(),
     ];
     if let Some(o) = ours {
-        fields.push(format!(r#""ours":{o:.1}"#));
+        fields.push(format!(r#""ours":{}"#, significant(o)));
     }
     fields.push(format!(r#""peer":"{PEER}""#));
     if let Some(p) = peer {
-        fields.push(format!(r#""peer_value":{p:.1}"#));
+        fields.push(format!(r#""peer_value":{}"#, significant(p)));
     }
     if let (Some(o), Some(p)) = (ours, peer) {
-        fields.push(format!(r#""ratio":{:.3}"#, o / p));
+        fields.push(format!(r#""ratio":{}"#, significant(o / p)));
     }
     if !note.is_empty() {
         fields.push(format!(r#""note":{}"#, serde_json::Value::from(note)));
