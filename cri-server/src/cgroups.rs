@@ -89,15 +89,11 @@ pub fn unsupported() -> Option<String> {
                 .into(),
         );
     }
+    let mounted = hierarchies::V1::new().subsystems();
     let missing: Vec<&str> = CONTROLLERS
         .iter()
         .copied()
-        .filter(|c| {
-            !hierarchies::V1::new()
-                .subsystems()
-                .iter()
-                .any(|s| s.controller_name() == *c)
-        })
+        .filter(|c| !mounted.iter().any(|s| s.controller_name() == *c))
         .collect();
     (!missing.is_empty()).then(|| format!("no cgroup v1 {} hierarchy", missing.join(", ")))
 }
@@ -273,13 +269,15 @@ impl PodCgroups {
     /// Moves a VM's threads in: vCPUs to the sandbox cgroup, device threads to the overhead cgroup
     /// (or the sandbox cgroup when there is none).
     pub fn place(&self, threads: &[VmThread]) -> Result<(), CgroupError> {
+        // One handle per cgroup: loading one reads the mount table.
+        let sandbox = (&self.sandbox, cgroup(&self.sandbox));
+        let overhead = self.overhead.as_ref().map(|p| (p, cgroup(p)));
         for t in threads {
-            let path = match (t.kind, &self.overhead) {
+            let (path, cg) = match (t.kind, &overhead) {
                 (ThreadKind::Device, Some(overhead)) => overhead,
-                _ => &self.sandbox,
+                _ => &sandbox,
             };
-            cgroup(path)
-                .add_task(CgroupPid::from(t.tid as u64))
+            cg.add_task(CgroupPid::from(t.tid as u64))
                 .map_err(host_err(path, "add thread"))?;
         }
         Ok(())
