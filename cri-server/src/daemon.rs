@@ -256,6 +256,7 @@ async fn serve(args: DaemonArgs) -> Result<(), DaemonError> {
     if touched > 0 {
         tracing::info!(pods = touched, "reconciled pods left by the previous run");
     }
+    let _release_retrier = AbortOnDrop(manager.spawn_release_retrier());
     let images = Images::new(store);
     let _metrics = match args.metrics_addr.0 {
         Some(addr) => {

@@ -20,6 +20,7 @@ mod spec;
 mod state;
 mod streaming;
 mod telemetry;
+mod text;
 
 /// Defaults the daemon embeds; every one can be overridden by a flag.
 pub mod defaults {

@@ -62,6 +62,8 @@ pub struct Metrics {
     pull_seconds: Histogram,
     pods: Family<StateLabels, Gauge>,
     containers: Family<StateLabels, Gauge>,
+    pending_releases: Gauge,
+    release_failures: Counter,
 }
 
 /// The process's metrics.
@@ -111,6 +113,19 @@ impl Metrics {
         registry.register("pods", "Pod sandboxes by state", pods.clone());
         let containers = Family::<StateLabels, Gauge>::default();
         registry.register("containers", "Containers by state", containers.clone());
+        let pending_releases = Gauge::default();
+        registry.register(
+            "pending_releases",
+            "Pods whose host resources (CNI attachment, namespace, cgroups) are not released yet and are \
+             being retried",
+            pending_releases.clone(),
+        );
+        let release_failures = Counter::default();
+        registry.register(
+            "release_failures",
+            "Failed attempts to release a pod's host resources",
+            release_failures.clone(),
+        );
         let kvm = vmm::KvmHost::detect();
         registry.register(
             "build",
@@ -131,7 +146,14 @@ impl Metrics {
             pull_seconds,
             pods,
             containers,
+            pending_releases,
+            release_failures,
         }
+    }
+
+    /// Records a failed attempt to release a pod's host resources.
+    pub fn release_failed(&self) {
+        self.release_failures.inc();
     }
 
     /// The `method` label of a gRPC request path: the CRI method name, or `other` for paths outside
@@ -211,6 +233,8 @@ impl Metrics {
                 .get_or_create(&StateLabels { state: name })
                 .set(n as i64);
         }
+        let pending = store.releases().map_err(|e| e.to_string())?;
+        self.pending_releases.set(pending.len() as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .map_err(|e| e.to_string())?;

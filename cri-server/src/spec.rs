@@ -28,6 +28,9 @@ use linux::{
 pub use podvisor_proto::GUEST_MOUNTS_DIR;
 /// PATH for containers whose image sets none (containerd's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The smallest memory limit a container or pod may have (Docker's floor: below it a container's own
+/// setup is OOM-killed before its process runs).
+pub const MIN_MEMORY_LIMIT: i64 = 6 << 20;
 /// Signal number StopContainer sends when the image names none.
 pub const SIGTERM: i32 = 15;
 
@@ -140,6 +143,7 @@ pub fn container_spec(
     pod: &PodSandboxConfig,
     image_config: &Value,
 ) -> Result<BuiltSpec, SpecError> {
+    check_no_nul(config)?;
     let image = ImageDefaults::from_blob(image_config);
     if !config.devices.is_empty() {
         return Err(unimplemented(
@@ -230,9 +234,20 @@ pub fn container_spec(
 
 /// OCI resources for UpdateContainerResources; errors name the request field (`linux.<field>`).
 pub fn oci_resources(r: &LinuxContainerResources) -> Result<LinuxResources, SpecError> {
+    resources_at("linux", r)
+}
+
+/// Checks CRI resources as CreateContainer does, naming fields under `prefix` (a pod's
+/// `config.linux.resources`, its `config.linux.overhead`, an update's `linux`); returns them in OCI form.
+pub fn resources_at(
+    prefix: &str,
+    r: &LinuxContainerResources,
+) -> Result<LinuxResources, SpecError> {
     let mut resources = LinuxResources::default();
+    let rename = |m: String| m.replacen(RES, prefix, 1);
     container_resources(r, &mut resources).map_err(|e| match e {
-        SpecError::InvalidArgument(m) => SpecError::InvalidArgument(m.replacen(RES, "linux", 1)),
+        SpecError::InvalidArgument(m) => SpecError::InvalidArgument(rename(m)),
+        SpecError::Unimplemented(m) => SpecError::Unimplemented(rename(m)),
         other => other,
     })?;
     Ok(resources)
@@ -281,6 +296,48 @@ fn process_args(config: &ContainerConfig, image: &ImageDefaults) -> Result<Vec<S
         ));
     }
     Ok(args)
+}
+
+/// Refuses NUL bytes in the fields that become C strings in the guest (arguments, environment,
+/// paths): they would fail deep in the guest with a message naming no field.
+fn check_no_nul(config: &ContainerConfig) -> Result<(), SpecError> {
+    let lists = [
+        ("config.command", &config.command),
+        ("config.args", &config.args),
+    ];
+    for (field, list) in lists {
+        if let Some(i) = list.iter().position(|a| a.contains('\0')) {
+            return Err(invalid(format!("{field}[{i}]"), "contains a NUL byte"));
+        }
+    }
+    if let Some(i) = config.envs.iter().position(|kv| kv.value.contains('\0')) {
+        return Err(invalid(
+            format!("config.envs[{i}].value"),
+            "contains a NUL byte",
+        ));
+    }
+    for (i, m) in config.mounts.iter().enumerate() {
+        for (name, v) in [
+            ("host_path", &m.host_path),
+            ("container_path", &m.container_path),
+        ] {
+            if v.contains('\0') {
+                return Err(invalid(
+                    format!("config.mounts[{i}].{name}"),
+                    "contains a NUL byte",
+                ));
+            }
+        }
+    }
+    for (field, v) in [
+        ("config.working_dir", &config.working_dir),
+        ("config.log_path", &config.log_path),
+    ] {
+        if v.contains('\0') {
+            return Err(invalid(field, "contains a NUL byte"));
+        }
+    }
+    Ok(())
 }
 
 /// Image Env, then HOSTNAME, then CRI envs, later keys replacing earlier ones in place.

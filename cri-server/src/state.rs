@@ -87,6 +87,9 @@ pub struct PodRecord {
     /// The pod's host cgroups: written before they are created; removed with the pod's resources.
     #[serde(default)]
     pub cgroups: Option<crate::cgroups::PodCgroups>,
+    /// The CRI runtime handler the pod was run with (echoed in its status).
+    #[serde(default)]
+    pub runtime_handler: String,
 }
 
 /// A container.
@@ -127,6 +130,33 @@ pub struct ContainerRecord {
     /// Current resources (updated by UpdateContainerResources), protobuf-encoded
     /// LinuxContainerResources.
     pub resources: Vec<u8>,
+    /// The absolute CRI log file (`<pod log_directory>/<log_path>`), empty without one.
+    #[serde(default)]
+    pub log_path: String,
+}
+
+/// Host resources of a pod that could not be released when it stopped, was removed or failed to start
+/// (a CNI DEL that keeps failing, a cgroup that cannot be removed): kept and retried in the background
+/// until they are released, so the pod itself never blocks Stop, Remove or a daemon start.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    /// The pod's id.
+    pub pod_id: String,
+    /// `<namespace>/<name>` of the pod, for messages.
+    pub pod_name: String,
+    /// The pod network to tear down (CNI DEL, namespace).
+    pub network: Option<crate::network::NetworkRecord>,
+    /// The host cgroups to remove.
+    pub cgroups: Option<crate::cgroups::PodCgroups>,
+    /// Why the last attempt failed.
+    pub last_error: String,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// When the first attempt failed, ns since the epoch.
+    pub since: i64,
+    /// When to try next, ns since the epoch (backing off after each failure).
+    #[serde(default)]
+    pub retry_at: i64,
 }
 
 impl ContainerRecord {
@@ -149,6 +179,7 @@ pub struct StateStore {
     pods: sled::Tree,
     containers: sled::Tree,
     names: sled::Tree,
+    releases: sled::Tree,
 }
 
 fn load<T: for<'de> Deserialize<'de>>(key: &[u8], value: &[u8]) -> Result<T, StateError> {
@@ -169,6 +200,7 @@ impl StateStore {
             pods: db.open_tree("pods")?,
             containers: db.open_tree("containers")?,
             names: db.open_tree("names")?,
+            releases: db.open_tree("releases")?,
         })
     }
 
@@ -231,15 +263,10 @@ impl StateStore {
             .transpose()
     }
 
-    /// Every pod.
+    /// Every pod. A record that does not parse (an incompatible version, corruption) is logged and
+    /// skipped, never deleted: one bad record must not stop the daemon or hide the other pods.
     pub fn pods(&self) -> Result<Vec<PodRecord>, StateError> {
-        self.pods
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                load(&k, &v)
-            })
-            .collect()
+        load_all(&self.pods, "pod")
     }
 
     /// Deletes a pod record.
@@ -264,15 +291,9 @@ impl StateStore {
             .transpose()
     }
 
-    /// Every container.
+    /// Every container (records that do not parse are logged and skipped, as in [`Self::pods`]).
     pub fn containers(&self) -> Result<Vec<ContainerRecord>, StateError> {
-        self.containers
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                load(&k, &v)
-            })
-            .collect()
+        load_all(&self.containers, "container")
     }
 
     /// The containers of a pod.
@@ -290,6 +311,43 @@ impl StateStore {
         self.containers.flush()?;
         Ok(())
     }
+}
+
+impl StateStore {
+    /// Records host resources to release later (replacing an earlier record of the pod).
+    pub fn put_release(&self, r: &ReleaseRecord) -> Result<(), StateError> {
+        self.releases.insert(&r.pod_id, encode(r))?;
+        self.releases.flush()?;
+        Ok(())
+    }
+
+    /// Every pending release.
+    pub fn releases(&self) -> Result<Vec<ReleaseRecord>, StateError> {
+        load_all(&self.releases, "release")
+    }
+
+    /// Drops a pod's pending release (its resources are released).
+    pub fn delete_release(&self, pod_id: &str) -> Result<(), StateError> {
+        self.releases.remove(pod_id)?;
+        self.releases.flush()?;
+        Ok(())
+    }
+}
+
+/// Every parsable record of `tree`; unparsable ones are logged (by key) and skipped.
+fn load_all<T: for<'de> Deserialize<'de>>(
+    tree: &sled::Tree,
+    what: &str,
+) -> Result<Vec<T>, StateError> {
+    let mut out = Vec::new();
+    for kv in tree.iter() {
+        let (k, v) = kv?;
+        match load(&k, &v) {
+            Ok(r) => out.push(r),
+            Err(e) => tracing::error!("skipping the unreadable {what} record: {e}"),
+        }
+    }
+    Ok(out)
 }
 
 /// Resolves an id or a unique prefix of one (crictl accepts truncated ids) among `ids`.
@@ -332,6 +390,7 @@ mod tests {
             released: false,
             network: None,
             cgroups: None,
+            runtime_handler: String::new(),
         }
     }
 
@@ -387,8 +446,13 @@ mod tests {
         let db = sled::open(dir.path()).unwrap();
         let store = StateStore::open(&db).unwrap();
         db.open_tree("pods").unwrap().insert("bad", b"{").unwrap();
+        store.put_pod(&pod("good")).unwrap();
         assert!(matches!(store.pod("bad"), Err(StateError::Corrupt { .. })));
-        assert!(store.pods().is_err());
+        // Listing skips it (the daemon must start and serve the other pods) and keeps it stored.
+        let pods = store.pods().unwrap();
+        assert_eq!(pods.len(), 1);
+        assert_eq!(pods[0].id, "good");
+        assert!(db.open_tree("pods").unwrap().contains_key("bad").unwrap());
     }
 
     #[test]

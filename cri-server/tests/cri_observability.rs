@@ -6,13 +6,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{connect, free_port, python, Daemon};
+use common::{connect, free_port, http_get, python, Daemon};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
@@ -74,32 +74,6 @@ impl TraceService for Collector {
         }
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
-}
-
-/// `GET path` over HTTP/1.1: (status line, content type, body).
-fn http_get(port: u16, path: &str) -> (String, String, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let ctype = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-type: ")
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
-    (
-        head.lines().next().unwrap().to_string(),
-        ctype,
-        body.to_string(),
-    )
 }
 
 /// One sample as the Prometheus parser gives it.

@@ -17,6 +17,7 @@ pub use v1::*;
 
 #[cfg(feature = "client")]
 pub mod client;
+pub mod validate;
 
 /// The gRPC paths (`/podvisor.agent.v1.Agent/<Method>`) of every RPC in `agent.proto`: what an agent
 /// built from this protocol serves (`podvisor check` looks for them in the installed initramfs).

@@ -22,7 +22,9 @@ mod thread;
 mod vcpu;
 mod vm;
 
-pub use config::{BlockSlotConfig, ConfigError, NetConfig, VmConfig};
+pub use config::{
+    BlockSlotConfig, ConfigError, NetConfig, VmConfig, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB,
+};
 pub use devices::virtio::net::{NetStats, Tap, TapError};
 pub use host::{HostKind, KvmHost};
 pub use thread::{ThreadKind, VmThread};

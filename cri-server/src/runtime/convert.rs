@@ -35,7 +35,7 @@ pub fn cri_pod(pod: &PodRecord) -> PodSandbox {
         created_at: pod.created_at,
         labels: config.labels,
         annotations: config.annotations,
-        runtime_handler: String::new(),
+        runtime_handler: pod.runtime_handler.clone(),
     }
 }
 
@@ -58,7 +58,7 @@ pub fn pod_status(pod: &PodRecord) -> PodSandboxStatus {
         }),
         labels: config.labels,
         annotations: config.annotations,
-        runtime_handler: String::new(),
+        runtime_handler: pod.runtime_handler.clone(),
     }
 }
 
@@ -120,9 +120,22 @@ pub fn cri_container(c: &ContainerRecord) -> Container {
     }
 }
 
-/// A container's status.
-pub fn container_status(c: &ContainerRecord) -> ContainerStatus {
+/// A container's status. As containerd: `image` is the image's first tag and `image_ref` its first
+/// repo digest when `manager` still has the image (kubelet shows them as the pod's image and image
+/// id), else what the container was created with.
+pub fn container_status(manager: &Manager, c: &ContainerRecord) -> ContainerStatus {
     let config = c.cri_config();
+    let image = manager.image_record(&c.image_id);
+    let image_spec = config.image.map(|mut spec| {
+        if let Some(tag) = image.as_ref().and_then(|i| i.repo_tags.first()) {
+            spec.image = tag.clone();
+        }
+        spec
+    });
+    let image_ref = image
+        .as_ref()
+        .and_then(|i| i.repo_digests.first().cloned())
+        .unwrap_or_else(|| c.image_id.clone());
     let resources = LinuxContainerResources::decode(c.resources.as_slice()).ok();
     ContainerStatus {
         id: c.id.clone(),
@@ -132,14 +145,15 @@ pub fn container_status(c: &ContainerRecord) -> ContainerStatus {
         started_at: c.started_at,
         finished_at: c.finished_at,
         exit_code: c.exit_code,
-        image: config.image,
-        image_ref: c.image_id.clone(),
+        image: image_spec,
+        image_ref,
         reason: c.reason.clone(),
         message: c.message.clone(),
         labels: config.labels,
         annotations: config.annotations,
         mounts: config.mounts,
-        log_path: config.log_path,
+        // Absolute, as containerd reports it: kubelet and crictl open this path to serve logs.
+        log_path: c.log_path.clone(),
         resources: resources.map(|r| ContainerResources {
             linux: Some(r),
             windows: None,
@@ -179,7 +193,7 @@ pub fn event(manager: &Manager, ev: &ContainerEvent) -> ContainerEventResponse {
             .pod_containers(&ev.pod_id)
             .unwrap_or_default()
             .iter()
-            .map(container_status)
+            .map(|c| container_status(manager, c))
             .collect(),
     }
 }

@@ -34,8 +34,12 @@ pub struct Runtime {
     stats: Stats,
 }
 
-/// Maps a manager error to the gRPC status the CRI client gets.
+/// Maps a manager error to the gRPC status the CRI client gets (message bounded, see [`crate::text`]).
 pub fn to_status(e: SandboxError) -> Status {
+    crate::text::bounded_status(status_of(e))
+}
+
+fn status_of(e: SandboxError) -> Status {
     match e {
         SandboxError::InvalidArgument(m) => Status::invalid_argument(m),
         SandboxError::NotFound(m) => Status::not_found(m),
@@ -145,7 +149,10 @@ impl Runtime {
             } else {
                 Default::default()
             },
-            containers_statuses: containers.iter().map(container_status).collect(),
+            containers_statuses: containers
+                .iter()
+                .map(|c| container_status(&self.manager, c))
+                .collect(),
             timestamp: crate::sandbox::now_ns(),
         })
     }
@@ -211,12 +218,24 @@ impl RuntimeService for Runtime {
                     .to_string(),
             );
         }
+        // The default handler ("") and its name; a pod VM has no user namespaces and its mounts are
+        // copies (no submounts to make read-only recursively).
+        let handler = |name: &str| RuntimeHandler {
+            name: name.into(),
+            features: Some(RuntimeHandlerFeatures {
+                recursive_read_only_mounts: false,
+                user_namespaces: false,
+            }),
+        };
         ok(StatusResponse {
             status: Some(RuntimeStatus {
                 conditions: vec![self.runtime_condition(), network],
             }),
             info,
-            ..Default::default()
+            runtime_handlers: vec![handler(""), handler(RUNTIME_NAME)],
+            features: Some(RuntimeFeatures {
+                supplemental_groups_policy: false,
+            }),
         })
     }
 
@@ -227,8 +246,8 @@ impl RuntimeService for Runtime {
         let req = request.into_inner();
         if !matches!(req.runtime_handler.as_str(), "" | RUNTIME_NAME) {
             return Err(Status::not_found(format!(
-                "runtime_handler: {:?} is not configured (podvisor serves \"\" and \"{RUNTIME_NAME}\")",
-                req.runtime_handler
+                "runtime_handler: {} is not configured (podvisor serves \"\" and \"{RUNTIME_NAME}\")",
+                crate::text::echo(&req.runtime_handler)
             )));
         }
         let config = req
@@ -240,7 +259,12 @@ impl RuntimeService for Runtime {
             .map(|m| m.name.clone())
             .unwrap_or_default();
         let m = self.manager.clone();
-        let id = detached(span(&name), async move { m.run_pod(config).await }).await?;
+        let handler = req.runtime_handler;
+        let id = detached(
+            span(&name),
+            async move { m.run_pod(config, &handler).await },
+        )
+        .await?;
         ok(RunPodSandboxResponse { pod_sandbox_id: id })
     }
 
@@ -288,8 +312,11 @@ impl RuntimeService for Runtime {
             .store()
             .pods()
             .map_err(|e| to_status(e.into()))?;
+        // A pod still being created is not listed (as in containerd): kubelet must not see, and
+        // garbage-collect, a pod whose RunPodSandbox has not answered yet.
         let items = pods
             .iter()
+            .filter(|p| p.state != PodState::Creating)
             .filter(|p| filter.id.is_empty() || p.id.starts_with(&filter.id))
             .map(cri_pod)
             .filter(|p| filter.state.as_ref().is_none_or(|s| s.state == p.state))
@@ -397,7 +424,7 @@ impl RuntimeService for Runtime {
             info.insert("info".into(), convert::container_info(&record));
         }
         ok(ContainerStatusResponse {
-            status: Some(container_status(&record)),
+            status: Some(container_status(&self.manager, &record)),
             info,
         })
     }

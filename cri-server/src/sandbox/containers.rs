@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_cri::v1::{ContainerConfig, LinuxContainerResources, PodSandboxConfig};
+use k8s_cri::v1::{ContainerConfig, LinuxContainerResources};
 use podvisor_proto as pb;
 use prost::Message;
 
@@ -13,6 +13,7 @@ use super::{agent_err, lock, now_ns, EventKind, Manager, SandboxError};
 use crate::logs::LogWriter;
 use crate::spec::SpecError;
 use crate::state::{ContainerRecord, ContainerState, PodRecord};
+use crate::text::echo;
 
 /// How long a killed container has to be reported exited.
 const KILL_WAIT: Duration = Duration::from_secs(60);
@@ -29,29 +30,13 @@ impl From<SpecError> for SandboxError {
     }
 }
 
-fn container_name_key(
-    config: &ContainerConfig,
-    pod: &PodSandboxConfig,
-) -> Result<String, SandboxError> {
-    let name = config
-        .metadata
-        .as_ref()
-        .map(|m| (m.name.as_str(), m.attempt))
-        .filter(|(n, _)| !n.is_empty())
-        .ok_or_else(|| SandboxError::InvalidArgument("config.metadata.name: empty".into()))?;
-    let p = pod.metadata.clone().unwrap_or_default();
-    Ok(format!(
-        "{}_{}_{}_{}_{}",
-        name.0, p.name, p.namespace, p.uid, name.1
-    ))
-}
-
 /// The container log file: `log_path` relative (no `..`) under the pod's absolute log directory.
 fn log_file(log_directory: &str, log_path: &str) -> Result<std::path::PathBuf, SandboxError> {
     let dir = std::path::Path::new(log_directory);
     if !dir.is_absolute() {
         return Err(SandboxError::InvalidArgument(format!(
-            "config.log_path: the pod's log_directory {log_directory:?} is not an absolute path"
+            "config.log_path: the pod's log_directory {} is not an absolute path",
+            echo(log_directory)
         )));
     }
     let rel = std::path::Path::new(log_path);
@@ -60,7 +45,8 @@ fn log_file(log_directory: &str, log_path: &str) -> Result<std::path::PathBuf, S
         .any(|c| !matches!(c, std::path::Component::Normal(_)));
     if escapes {
         return Err(SandboxError::InvalidArgument(format!(
-            "config.log_path: {log_path:?} must be relative to the pod's log directory, without '..'"
+            "config.log_path: {} must be relative to the pod's log directory, without '..'",
+            echo(log_path)
         )));
     }
     Ok(dir.join(rel))
@@ -86,17 +72,21 @@ impl Manager {
         let (mut pod, live) = self.ready_pod(&pod_id)?;
         // The pod's stored config is authoritative (kubelet resends the same one with each request).
         let pod_config = pod.cri_config();
-        let name_key = container_name_key(&config, &pod_config)?;
+        let name_key = super::validate::container_name_key(&config, &pod_config)?;
         let images = &self.inner.images;
         let image = images.status(&image_ref)?.ok_or_else(|| {
-            SandboxError::NotFound(format!("config.image.image: image {image_ref:?} not found"))
+            SandboxError::NotFound(format!(
+                "config.image.image: image {} not found",
+                echo(&image_ref)
+            ))
         })?;
         let image_config = images.config_json(&image)?;
         let id = super::new_id()?;
         let built = crate::spec::container_spec(&config, &pod_config, &image_config)?;
-        let log_path = match config.log_path.as_str() {
-            "" => None,
-            rel => Some(log_file(&pod_config.log_directory, rel)?),
+        // As containerd: no log file unless both the pod's directory and the container's path are set.
+        let log_path = match (pod_config.log_directory.as_str(), config.log_path.as_str()) {
+            ("", _) | (_, "") => None,
+            (dir, rel) => Some(log_file(dir, rel)?),
         };
         let store = &self.inner.store;
         store
@@ -124,6 +114,10 @@ impl Manager {
                 .as_ref()
                 .and_then(|l| l.resources.as_ref())
                 .map(|r| r.encode_to_vec())
+                .unwrap_or_default(),
+            log_path: log_path
+                .as_ref()
+                .map(|p| p.display().to_string())
                 .unwrap_or_default(),
         };
         store.put_container(&record)?;
@@ -324,8 +318,8 @@ impl Manager {
                     .await;
                 match waited {
                     Ok(exit) => break exit.into_inner(),
-                    // The pod stopped: stopping records the exit itself.
-                    Err(_) if me.live_pod(&pod_id).is_none() => return,
+                    // The pod is stopping or stopped: stopping records the exit itself.
+                    Err(_) if live.stopping() || me.live_pod(&pod_id).is_none() => return,
                     Err(e) => {
                         tracing::warn!(container = %id, "waiting for the exit: {e}; retrying");
                         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -368,9 +362,17 @@ impl Manager {
     }
 
     /// StopContainer: the stop signal, `timeout` seconds of grace, then SIGKILL to every process of
-    /// the container. Stopping a container that is not running succeeds.
+    /// the container. Stopping a container that is not running, or unknown, succeeds (CRI: the call
+    /// is idempotent), as in containerd.
     pub async fn stop_container(&self, id: &str, timeout: i64) -> Result<(), SandboxError> {
-        let id = self.resolve_container("container_id", id)?;
+        let id = match self.resolve_container("container_id", id) {
+            Ok(id) => id,
+            Err(SandboxError::NotFound(m)) => {
+                tracing::info!("StopContainer of an unknown container succeeds: {m}");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         let Some(record) = self.inner.store.container(&id)? else {
             return Ok(());
         };

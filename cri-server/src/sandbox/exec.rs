@@ -5,6 +5,7 @@ use std::time::Duration;
 use podvisor_proto as pb;
 
 use super::{agent_err, Manager, SandboxError};
+use crate::text::echo;
 
 /// How long ExecSync keeps reading output after the command exited.
 const OUTPUT_AFTER_EXIT: Duration = Duration::from_secs(5);
@@ -24,7 +25,7 @@ pub struct ExecOutput {
 
 impl Manager {
     /// ExecSync: runs `cmd` in the container, collects its output, and kills it after `timeout`
-    /// seconds (0: no timeout) answering DeadlineExceeded.
+    /// seconds answering DeadlineExceeded (0 or negative: no timeout, as in containerd).
     pub async fn exec_sync(
         &self,
         id: &str,
@@ -33,11 +34,6 @@ impl Manager {
     ) -> Result<ExecOutput, SandboxError> {
         if cmd.is_empty() {
             return Err(SandboxError::InvalidArgument("cmd: empty".into()));
-        }
-        if timeout < 0 {
-            return Err(SandboxError::InvalidArgument(format!(
-                "timeout: {timeout} is negative"
-            )));
         }
         let (record, live, _) = self.running_process(id).await?;
         let process = crate::spec::exec_process(&record.spec_json, cmd, false)?;
@@ -114,7 +110,8 @@ impl Manager {
                         }
                     });
                     return Err(SandboxError::DeadlineExceeded(format!(
-                        "command {cmd:?} timed out after {timeout}s"
+                        "command {} timed out after {timeout}s",
+                        echo(&cmd.join(" "))
                     )));
                 }
             }

@@ -130,6 +130,11 @@ impl LivePod {
         (!self.stopping.load(Ordering::SeqCst)).then_some(reason)
     }
 
+    /// Whether the host is stopping (or has stopped) the VM: calls failing now are expected.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
     /// Runs `f` on the VM (block slot changes) off the async threads.
     pub async fn with_vm<T: Send + 'static>(
         self: &std::sync::Arc<Self>,

@@ -12,8 +12,10 @@ mod live;
 mod mounts;
 mod network;
 mod pods;
+mod release;
 mod size;
 mod stream;
+mod validate;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -29,6 +31,7 @@ pub use stream::backend;
 use crate::cgroups::{CgroupConfig, CgroupError};
 use crate::network::{Network, NetworkConfig, NetworkError};
 use crate::state::{StateError, StateStore};
+use crate::text::echo;
 
 /// Errors of the sandbox manager, by the class the CRI layer reports them as.
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +239,11 @@ impl Manager {
         &self.inner.store
     }
 
+    /// The stored image `id` (None if it is gone or unreadable).
+    pub fn image_record(&self, id: &str) -> Option<image_service::ImageRecord> {
+        self.inner.images.status(id).ok().flatten()
+    }
+
     /// The pod network's name when its CNI configuration and plugins are usable (CRI NetworkReady).
     pub fn network_status(&self) -> Result<String, NetworkError> {
         self.inner.network.status()
@@ -289,8 +297,9 @@ impl Manager {
             return Err(SandboxError::InvalidArgument(format!("{field}: empty")));
         }
         let pods = self.inner.store.pods()?;
-        crate::state::resolve_prefix(pods.iter().map(|p| p.id.as_str()), id)
-            .ok_or_else(|| SandboxError::NotFound(format!("{field}: pod sandbox {id:?} not found")))
+        crate::state::resolve_prefix(pods.iter().map(|p| p.id.as_str()), id).ok_or_else(|| {
+            SandboxError::NotFound(format!("{field}: pod sandbox {} not found", echo(id)))
+        })
     }
 
     /// Resolves a full container id or a unique prefix; `field` names the request field for errors.
@@ -299,8 +308,9 @@ impl Manager {
             return Err(SandboxError::InvalidArgument(format!("{field}: empty")));
         }
         let all = self.inner.store.containers()?;
-        crate::state::resolve_prefix(all.iter().map(|c| c.id.as_str()), id)
-            .ok_or_else(|| SandboxError::NotFound(format!("{field}: container {id:?} not found")))
+        crate::state::resolve_prefix(all.iter().map(|c| c.id.as_str()), id).ok_or_else(|| {
+            SandboxError::NotFound(format!("{field}: container {} not found", echo(id)))
+        })
     }
 
     fn pod_dir(&self, id: &str) -> PathBuf {

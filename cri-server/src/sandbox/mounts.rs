@@ -114,8 +114,9 @@ impl Copier<'_> {
     }
 }
 
-/// Copies every mount's host content into the guest. A host path that does not exist is created as
-/// an empty directory in the guest (containerd creates missing host paths as directories).
+/// Copies every mount's host content into the guest. A host path that does not exist (or a symlink
+/// to nothing) is created as an empty directory in the guest (containerd creates missing host paths
+/// as directories).
 pub async fn copy_mounts(
     agent: &AgentClient<Channel>,
     mounts: &[HostMount],
@@ -127,8 +128,15 @@ pub async fn copy_mounts(
             field: &field,
             bytes: 0,
         };
-        if m.host_path.exists() || m.host_path.is_symlink() {
-            copier.copy(&m.host_path, &m.guest_source).await?;
+        // The mount source is followed when it is a symlink, as runc's bind mount does (kubelet's
+        // hostPath volumes may be symlinks); symlinks below it are copied as symlinks.
+        let source = match std::fs::canonicalize(&m.host_path) {
+            Ok(resolved) => Some(resolved),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(copier.host_err(&m.host_path, e)),
+        };
+        if let Some(source) = source {
+            copier.copy(&source, &m.guest_source).await?;
         } else {
             copier
                 .send(pb::CopyFileRequest {

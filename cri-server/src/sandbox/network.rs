@@ -10,7 +10,7 @@ use podvisor_proto as pb;
 
 use super::live::LivePod;
 use super::{agent_err, Manager, SandboxError};
-use crate::network::{Attachment, NetworkRecord, PodDns, PodNetwork, PortMapping, Route};
+use crate::network::{Attachment, PodDns, PodNetwork, PortMapping, Route};
 use crate::state::PodRecord;
 
 /// The tap's name in the pod's namespace (one VM per namespace).
@@ -156,18 +156,6 @@ impl Manager {
                 .await
                 .map_err(|e| e.to_string()),
         )
-    }
-
-    /// CNI DEL and namespace removal for a pod network record (idempotent).
-    pub(super) async fn release_network(
-        &self,
-        id: &str,
-        network: &NetworkRecord,
-    ) -> Result<(), SandboxError> {
-        self.inner.network.teardown(network).await.map_err(|e| {
-            tracing::warn!(pod = %id, "releasing the pod network: {e}");
-            SandboxError::from(e)
-        })
     }
 }
 

@@ -4,89 +4,43 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_cri::v1::{NamespaceMode, PodSandboxConfig};
+use k8s_cri::v1::PodSandboxConfig;
 use podvisor_proto as pb;
 use prost::Message;
 
 use super::live::LivePod;
 use super::size::vm_size;
+use super::validate;
 use super::{agent_err, lock, now_ns, Manager, SandboxError};
 use crate::state::{ContainerState, PodRecord, PodState};
-
-fn invalid(field: &str, msg: impl std::fmt::Display) -> SandboxError {
-    SandboxError::InvalidArgument(format!("{field}: {msg}"))
-}
-
-/// The name reservation of a pod: `<name>_<namespace>_<uid>_<attempt>` (as containerd does).
-fn pod_name_key(config: &PodSandboxConfig) -> Result<String, SandboxError> {
-    let m = config
-        .metadata
-        .as_ref()
-        .ok_or_else(|| invalid("config.metadata", "missing"))?;
-    for (field, v) in [
-        ("config.metadata.name", &m.name),
-        ("config.metadata.namespace", &m.namespace),
-        ("config.metadata.uid", &m.uid),
-    ] {
-        if v.is_empty() {
-            return Err(invalid(field, "empty"));
-        }
-    }
-    Ok(format!(
-        "{}_{}_{}_{}",
-        m.name, m.namespace, m.uid, m.attempt
-    ))
-}
-
-/// Refuses pod options a VM pod cannot honour.
-fn check_supported(config: &PodSandboxConfig) -> Result<(), SandboxError> {
-    let Some(linux) = &config.linux else {
-        return Ok(());
-    };
-    let ns = linux
-        .security_context
-        .as_ref()
-        .and_then(|s| s.namespace_options.as_ref());
-    if let Some(ns) = ns {
-        let node = NamespaceMode::Node as i32;
-        if ns.network == node {
-            return Err(invalid(
-                "config.linux.security_context.namespace_options.network",
-                "hostNetwork pods are not supported: a podvisor pod is a VM with its own network",
-            ));
-        }
-        for (field, mode) in [("pid", ns.pid), ("ipc", ns.ipc)] {
-            if mode == node {
-                return Err(SandboxError::Unimplemented(format!(
-                    "config.linux.security_context.namespace_options.{field}: the node's {field} \
-                     namespace cannot be shared with a pod VM"
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// /etc/hosts of a pod.
-fn hosts_file(hostname: &str) -> String {
-    let mut hosts =
-        String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-    if !hostname.is_empty() {
-        hosts.push_str(&format!("127.0.1.1\t{hostname}\n"));
-    }
-    hosts
-}
 
 impl Manager {
     /// RunPodSandbox: reserves the name, records the intent, boots the VM and sets up the guest.
     /// Returns the pod id once its agent serves.
-    pub async fn run_pod(&self, config: PodSandboxConfig) -> Result<String, SandboxError> {
-        let name_key = pod_name_key(&config)?;
-        check_supported(&config)?;
+    pub async fn run_pod(
+        &self,
+        mut config: PodSandboxConfig,
+        runtime_handler: &str,
+    ) -> Result<String, SandboxError> {
+        // Everything checkable on the host is checked before anything is created.
+        let name_key = validate::pod_name_key(&config)?;
+        validate::check_supported(&config)?;
+        let sandbox = validate::sandbox_request(&config, &validate::node_hostname()?)?;
+        // The pod's hostname from here on (containers' HOSTNAME too): the node's when it has none.
+        config.hostname = sandbox.hostname.clone();
         let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         let c = &self.inner.config;
         let (vcpus, mem_mib) =
             vm_size(&config, c.default_mem_mib, c.guest_overhead_mib, host_cpus)?;
+        validate::check_host_cpusets(&config)?;
+        for file in [&c.kernel, &c.initramfs] {
+            if !file.is_file() {
+                return Err(SandboxError::FailedPrecondition(format!(
+                    "the runtime is not ready: the guest file {} is missing",
+                    file.display()
+                )));
+            }
+        }
         let id = super::new_id()?;
         let cgroups = c.cgroups.plan(&id, &config)?;
         // Validates the port mappings and loads the CNI configuration before anything is reserved.
@@ -113,9 +67,10 @@ impl Manager {
             released: false,
             network: Some(network),
             cgroups,
+            runtime_handler: runtime_handler.into(),
         };
         self.inner.store.put_pod(&record)?;
-        match self.boot_pod(&config, &mut record).await {
+        match self.boot_pod(&config, sandbox, &mut record).await {
             Ok(live) => {
                 record.state = PodState::Ready;
                 if let Err(e) = self.inner.store.put_pod(&record) {
@@ -141,6 +96,7 @@ impl Manager {
     async fn boot_pod(
         &self,
         config: &PodSandboxConfig,
+        mut sandbox: pb::CreateSandboxRequest,
         record: &mut PodRecord,
     ) -> Result<Arc<LivePod>, SandboxError> {
         let id = record.id.clone();
@@ -157,6 +113,22 @@ impl Manager {
             blocking(move || cgroups.create(&limits)).await?;
         }
         let (attachment, net) = self.attach_network(record).await?;
+        // kubelet always sends the pod's DNS config; without one, the CNI result's applies, or the
+        // node's when CNI has none (checked before the boot like the rest of the request).
+        if config.dns_config.is_none() {
+            let cni = &attachment.dns;
+            if cni.nameservers.is_empty() {
+                let node = validate::node_dns();
+                sandbox.dns_servers = node.servers;
+                sandbox.dns_searches = node.searches;
+                sandbox.dns_options = node.options;
+            } else {
+                sandbox.dns_servers = cni.nameservers.clone();
+                sandbox.dns_searches = cni.search.clone();
+                sandbox.dns_options = cni.options.clone();
+            }
+            validate::check_sandbox(&sandbox, false)?;
+        }
         let c = &self.inner.config;
         let vm = super::live::VmShape {
             vcpus: record.vcpus,
@@ -165,37 +137,13 @@ impl Manager {
             cgroups: record.cgroups.clone(),
         };
         let live = Arc::new(LivePod::boot(c, &dir, &vsock, vm).await?);
-        // kubelet always sends the pod's DNS config; without one, the CNI result's applies.
-        let dns = config
-            .dns_config
-            .clone()
-            .unwrap_or_else(|| k8s_cri::v1::DnsConfig {
-                servers: attachment.dns.nameservers.clone(),
-                searches: attachment.dns.search.clone(),
-                options: attachment.dns.options.clone(),
-            });
-        let linux = config.linux.clone().unwrap_or_default();
-        let share_pid = linux
-            .security_context
-            .as_ref()
-            .and_then(|s| s.namespace_options.as_ref())
-            .is_some_and(|n| n.pid == NamespaceMode::Pod as i32);
         let mut entropy = [0u8; 64];
         if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
             let _ = std::io::Read::read_exact(&mut f, &mut entropy);
         }
-        let request = pb::CreateSandboxRequest {
-            hostname: config.hostname.clone(),
-            dns_servers: dns.servers,
-            dns_searches: dns.searches,
-            dns_options: dns.options,
-            hosts: hosts_file(&config.hostname),
-            sysctls: linux.sysctls.into_iter().collect(),
-            time_unix_ns: now_ns() as u64,
-            entropy: entropy.to_vec(),
-            share_pid_namespace: share_pid,
-        };
-        if let Err(status) = live.agent().create_sandbox(request).await {
+        sandbox.time_unix_ns = now_ns() as u64;
+        sandbox.entropy = entropy.to_vec();
+        if let Err(status) = live.agent().create_sandbox(sandbox).await {
             live.stop().await;
             // The agent names the field of the sandbox request it refused.
             return Err(match status.code() {
@@ -232,20 +180,12 @@ impl Manager {
         });
     }
 
-    /// Removes every trace of a pod whose RunPodSandbox did not complete. If its network cannot be
-    /// released, the pod is kept NOTREADY (unreleased) for Stop, Remove or the next start to retry.
+    /// Removes every trace of a pod whose RunPodSandbox did not complete. Host resources that cannot
+    /// be released now are left to the background retrier; the pod itself goes (its client never got
+    /// its id).
     async fn discard_pod(&self, record: &PodRecord) {
-        if let Err(e) = self.release_pod_resources(record).await {
-            let kept = PodRecord {
-                state: PodState::NotReady,
-                reason: format!("RunPodSandbox failed and its resources were not released: {e}"),
-                released: false,
-                ..record.clone()
-            };
-            if let Err(e) = self.inner.store.put_pod(&kept) {
-                tracing::error!(pod = %record.id, "recording the failed pod: {e}");
-            }
-            return;
+        if let Err(e) = self.release_or_defer(record).await {
+            tracing::error!(pod = %record.id, "recording the failed pod's release: {e}");
         }
         let dir = self.pod_dir(&record.id);
         if dir.exists() {
@@ -262,9 +202,17 @@ impl Manager {
         }
     }
 
-    /// StopPodSandbox: kills the containers (with the VM) and releases the VM. Idempotent.
+    /// StopPodSandbox: kills the containers (with the VM) and releases the VM. Idempotent: stopping
+    /// an unknown pod succeeds (CRI; kubelet retries stops after restarts), as in containerd.
     pub async fn stop_pod(&self, id: &str) -> Result<(), SandboxError> {
-        let id = self.resolve_pod("pod_sandbox_id", id)?;
+        let id = match self.resolve_pod("pod_sandbox_id", id) {
+            Ok(id) => id,
+            Err(SandboxError::NotFound(m)) => {
+                tracing::info!("StopPodSandbox of an unknown pod succeeds: {m}");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         // Stop the VM before waiting for the pod lock: an operation stuck on an unresponsive guest
         // then fails and releases the lock.
         if let Some(live) = self.live_pod(&id) {
@@ -317,34 +265,12 @@ impl Manager {
                 record.reason = why.into();
             }
             record.slots.clear();
-            let released = self.release_pod_resources(&record).await;
-            record.released = released.is_ok();
+            // Released now or handed to the background retrier: either way this pod is done with them.
+            self.release_or_defer(&record).await?;
+            record.released = true;
             store.put_pod(&record)?;
-            released?;
         }
         Ok(())
-    }
-
-    /// Host resources a stopped pod gives back (the VM itself, and with it the tap, is gone by
-    /// now): the VM's socket, the pod network (CNI DEL with the recorded result, namespace) and the
-    /// host cgroups.
-    async fn release_pod_resources(&self, record: &PodRecord) -> Result<(), SandboxError> {
-        let sock = self.vsock_path(&record.id);
-        match std::fs::remove_file(&sock) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(pod = %record.id, "removing {}: {e}", sock.display()),
-        }
-        // Each resource is released even if another one fails; the first failure is reported.
-        let network = match &record.network {
-            Some(network) => self.release_network(&record.id, network).await,
-            None => Ok(()),
-        };
-        let cgroups = match record.cgroups.clone() {
-            Some(cgroups) => blocking(move || cgroups.remove()).await,
-            None => Ok(()),
-        };
-        network.and(cgroups)
     }
 
     /// RemovePodSandbox: stops the pod if needed, removes its containers, files and record.
@@ -413,30 +339,38 @@ impl Manager {
         for c in store.containers()? {
             if c.state == ContainerState::Creating {
                 // CreateContainer never answered: nothing refers to this container.
-                self.forget_container(&c).await?;
+                if let Err(e) = self.forget_container(&c).await {
+                    tracing::error!(container = %c.id, "discarding an interrupted container: {e}");
+                }
                 touched += 1;
             }
         }
+        // One pod's trouble never stops the daemon: what cannot be released now is retried in the
+        // background (see `release`), other failures are logged and the pod is left as it is.
         for pod in store.pods()? {
-            match pod.state {
+            let done = match pod.state {
                 PodState::Creating => {
                     tracing::info!(pod = %pod.id, "discarding a pod whose creation was interrupted");
                     for c in store.pod_containers(&pod.id)? {
-                        self.forget_container(&c).await?;
+                        if let Err(e) = self.forget_container(&c).await {
+                            tracing::error!(container = %c.id, "discarding a container: {e}");
+                        }
                     }
                     self.discard_pod(&pod).await;
-                    touched += 1;
+                    Ok(())
                 }
                 PodState::Ready => {
                     self.stop_locked(&pod.id, "the pod VM ended when the daemon stopped")
-                        .await?;
-                    touched += 1;
+                        .await
                 }
                 PodState::NotReady if !pod.released => {
-                    self.stop_locked(&pod.id, &pod.reason.clone()).await?;
-                    touched += 1;
+                    self.stop_locked(&pod.id, &pod.reason.clone()).await
                 }
-                PodState::NotReady => {}
+                PodState::NotReady => continue,
+            };
+            touched += 1;
+            if let Err(e) = done {
+                tracing::error!(pod = %pod.id, "reconciling the pod: {e}");
             }
         }
         let pruned = store.prune_names()?;
@@ -451,7 +385,7 @@ impl Manager {
 }
 
 /// Runs a blocking host cgroup operation off the async threads.
-async fn blocking(
+pub(super) async fn blocking(
     f: impl FnOnce() -> Result<(), crate::cgroups::CgroupError> + Send + 'static,
 ) -> Result<(), SandboxError> {
     tokio::task::spawn_blocking(f)
@@ -462,46 +396,4 @@ async fn blocking(
 
 fn lock_insert(m: &Manager, id: &str, live: Arc<LivePod>) {
     lock(&m.inner.pods).insert(id.into(), live);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use k8s_cri::v1::LinuxPodSandboxConfig;
-
-    #[test]
-    fn names_and_host_namespaces_are_checked() {
-        let mut c = PodSandboxConfig::default();
-        assert!(pod_name_key(&c)
-            .unwrap_err()
-            .to_string()
-            .contains("config.metadata"));
-        c.metadata = Some(k8s_cri::v1::PodSandboxMetadata {
-            name: "web".into(),
-            namespace: "default".into(),
-            uid: "".into(),
-            attempt: 1,
-        });
-        assert!(pod_name_key(&c)
-            .unwrap_err()
-            .to_string()
-            .starts_with("config.metadata.uid"));
-        c.metadata.as_mut().unwrap().uid = "u1".into();
-        assert_eq!(pod_name_key(&c).unwrap(), "web_default_u1_1");
-        c.linux = Some(LinuxPodSandboxConfig {
-            security_context: Some(k8s_cri::v1::LinuxSandboxSecurityContext {
-                namespace_options: Some(k8s_cri::v1::NamespaceOption {
-                    network: NamespaceMode::Node as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        let e = check_supported(&c).unwrap_err();
-        assert!(
-            matches!(e, SandboxError::InvalidArgument(ref m) if m.contains("hostNetwork")),
-            "{e}"
-        );
-    }
 }

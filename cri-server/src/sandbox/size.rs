@@ -12,8 +12,8 @@ fn invalid(field: &str, msg: impl std::fmt::Display) -> SandboxError {
 const MIB: i64 = 1 << 20;
 /// Guest memory below which the guest kernel and agent do not fit.
 const MIN_MEM_MIB: u32 = 128;
-/// Guest memory a pod VM can have, MiB (1 TiB).
-const MAX_MEM_MIB: u32 = 1 << 20;
+/// Guest memory a pod VM can have, MiB: the VMM's limit.
+const MAX_MEM_MIB: u32 = vmm::MAX_MEM_MIB;
 /// vCPUs a pod VM can have (the guest kernel's NR_CPUS).
 const MAX_VCPUS: i64 = 32;
 
@@ -44,19 +44,8 @@ pub fn vm_size(
     let mut declared_overhead = false;
     for (field, r) in parts {
         let Some(r) = r else { continue };
-        for (name, v) in [
-            ("cpu_period", r.cpu_period),
-            ("cpu_quota", r.cpu_quota),
-            ("cpu_shares", r.cpu_shares),
-            ("memory_limit_in_bytes", r.memory_limit_in_bytes),
-        ] {
-            if v < 0 {
-                return Err(invalid(
-                    &format!("{field}.{name}"),
-                    format!("{v} is negative"),
-                ));
-            }
-        }
+        // The checks CreateContainer applies (signs, CFS ranges, the memory floor), with this field's name.
+        crate::spec::resources_at(field, r)?;
         if r.cpu_quota > 0 {
             if r.cpu_period == 0 {
                 return Err(invalid(
@@ -65,12 +54,6 @@ pub fn vm_size(
                 ));
             }
             cpus += r.cpu_quota as f64 / r.cpu_period as f64;
-        }
-        if r.memory_limit_in_bytes > 0 && r.memory_limit_in_bytes < 4 * MIB {
-            return Err(invalid(
-                &format!("{field}.memory_limit_in_bytes"),
-                format!("{} is below the 4 MiB minimum", r.memory_limit_in_bytes),
-            ));
         }
         if field.ends_with("resources") {
             limits = r.memory_limit_in_bytes;
@@ -89,20 +72,23 @@ pub fn vm_size(
         default_mem_mib
     } else {
         let mib = mem / MIB + i64::from(mem % MIB != 0);
-        u32::try_from(mib)
+        let total = mib.saturating_add(if declared_overhead {
+            0
+        } else {
+            i64::from(guest_overhead_mib)
+        });
+        u32::try_from(total)
             .ok()
             .filter(|m| *m <= MAX_MEM_MIB)
             .ok_or_else(|| {
                 invalid(
                     "config.linux.resources.memory_limit_in_bytes",
-                    format!("{mib} MiB is more than a pod VM can have ({MAX_MEM_MIB} MiB)"),
+                    format!(
+                        "{total} MiB with the guest overhead is more than a pod VM can have \
+                         ({MAX_MEM_MIB} MiB)"
+                    ),
                 )
             })?
-            .saturating_add(if declared_overhead {
-                0
-            } else {
-                guest_overhead_mib
-            })
     };
     Ok((vcpus as u8, mem_mib.max(MIN_MEM_MIB)))
 }
@@ -178,6 +164,33 @@ mod tests {
         let e = vm_size(&pod(None, Some(r)), 512, 64, 2)
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("config.linux.overhead.cpu_period"), "{e}");
+        assert!(e.starts_with("config.linux.overhead.cpu_quota"), "{e}");
+    }
+
+    #[test]
+    fn the_vm_limit_counts_the_guest_overhead() {
+        let mem = |bytes: i64| LinuxContainerResources {
+            memory_limit_in_bytes: bytes,
+            ..Default::default()
+        };
+        let max = i64::from(MAX_MEM_MIB) * MIB;
+        assert_eq!(
+            vm_size(&pod(Some(mem(max - 64 * MIB)), None), 512, 64, 2).unwrap(),
+            (1, MAX_MEM_MIB)
+        );
+        for bytes in [max - 32 * MIB, 100 << 30, 1 << 40] {
+            let e = vm_size(&pod(Some(mem(bytes)), None), 512, 64, 2)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("config.linux.resources.memory_limit_in_bytes")
+                    && e.contains("65536"),
+                "{e}"
+            );
+        }
+        let e = vm_size(&pod(Some(mem(1)), None), 512, 64, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("6 MiB minimum"), "{e}");
     }
 }

@@ -141,6 +141,15 @@ pub(super) fn container_resources(
             "is memory plus swap: it cannot be below memory_limit_in_bytes",
         ));
     }
+    if limit != 0 && limit < super::MIN_MEMORY_LIMIT {
+        return Err(invalid(
+            format!("{RES}.memory_limit_in_bytes"),
+            format!(
+                "{limit} is below the {} MiB minimum",
+                super::MIN_MEMORY_LIMIT >> 20
+            ),
+        ));
+    }
     if limit != 0 {
         let mut memory = LinuxMemory::default();
         memory

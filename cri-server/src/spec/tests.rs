@@ -579,3 +579,65 @@ fn seccomp_localhost_reads_the_host_file() {
 }
 
 mod linux;
+
+#[test]
+fn nul_bytes_are_refused_with_the_field() {
+    let c = ContainerConfig {
+        command: strings(&["sh", "a\0b"]),
+        ..Default::default()
+    };
+    invalid_field(&c, "config.command[1]");
+    let c = ContainerConfig {
+        envs: vec![KeyValue {
+            key: "K".into(),
+            value: "v\0".into(),
+        }],
+        ..Default::default()
+    };
+    invalid_field(&c, "config.envs[0].value");
+    let c = ContainerConfig {
+        mounts: vec![CriMount {
+            host_path: "/a\0".into(),
+            container_path: "/b".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    invalid_field(&c, "config.mounts[0].host_path");
+}
+
+#[test]
+fn memory_limits_have_a_floor_in_create_and_update() {
+    let r = LinuxContainerResources {
+        memory_limit_in_bytes: 1,
+        ..Default::default()
+    };
+    invalid_field(
+        &with_res(r.clone()),
+        "config.linux.resources.memory_limit_in_bytes",
+    );
+    match oci_resources(&r) {
+        Err(SpecError::InvalidArgument(m)) => {
+            assert!(m.starts_with("linux.memory_limit_in_bytes"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let ok = LinuxContainerResources {
+        memory_limit_in_bytes: MIN_MEMORY_LIMIT,
+        ..Default::default()
+    };
+    oci_resources(&ok).unwrap();
+    let e = resources_at(
+        "config.linux.overhead",
+        &LinuxContainerResources {
+            cpu_period: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("config.linux.overhead.cpu_period"),
+        "{e}"
+    );
+}

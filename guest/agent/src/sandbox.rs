@@ -11,17 +11,6 @@ use podvisor_proto as pb;
 
 use crate::container::ContainerError;
 
-/// The largest entropy seed accepted.
-const MAX_ENTROPY: usize = 4096;
-/// Sysctl prefixes a pod may set: the namespaced ones Kubernetes allows (the VM is the pod's namespace).
-const SYSCTL_PREFIXES: [&str; 5] = [
-    "kernel.shm",
-    "kernel.msg",
-    "kernel.sem",
-    "fs.mqueue.",
-    "net.",
-];
-
 fn invalid(msg: String) -> ContainerError {
     ContainerError::InvalidArgument(msg)
 }
@@ -58,58 +47,9 @@ impl Sandbox {
         &self.files_dir
     }
 
-    /// Checks the whole request before anything changes.
+    /// Checks the whole request before anything changes (the host runs the same checks before boot).
     pub fn validate(req: &pb::CreateSandboxRequest) -> Result<(), ContainerError> {
-        let h = &req.hostname;
-        let label_ok = !h.is_empty()
-            && h.len() <= 63
-            && h.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !h.starts_with('-')
-            && !h.ends_with('-');
-        if !label_ok {
-            return Err(invalid(format!(
-                "hostname: {h:?} must be a DNS label (1-63 of [a-z0-9-], no leading or trailing '-')"
-            )));
-        }
-        for (i, s) in req.dns_servers.iter().enumerate() {
-            s.parse::<std::net::IpAddr>()
-                .map_err(|_| invalid(format!("dns_servers[{i}]: {s:?} is not an IP address")))?;
-        }
-        let word_ok =
-            |w: &str| !w.is_empty() && !w.chars().any(|c| c.is_whitespace() || c.is_control());
-        for (i, s) in req.dns_searches.iter().enumerate() {
-            if !word_ok(s) {
-                return Err(invalid(format!("dns_searches[{i}]: {s:?} is not a domain")));
-            }
-        }
-        for (i, s) in req.dns_options.iter().enumerate() {
-            if !word_ok(s) {
-                return Err(invalid(format!(
-                    "dns_options[{i}]: {s:?} is not a resolv.conf option"
-                )));
-            }
-        }
-        for name in req.sysctls.keys() {
-            let chars_ok = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-                && !name.split('.').any(|p| p.is_empty() || p == "..");
-            if !chars_ok || !SYSCTL_PREFIXES.iter().any(|p| name.starts_with(p)) {
-                return Err(invalid(format!(
-                    "sysctls: {name:?} is not a namespaced sysctl a pod may set ({})",
-                    SYSCTL_PREFIXES.join(", ")
-                )));
-            }
-        }
-        if req.entropy.len() > MAX_ENTROPY {
-            return Err(invalid(format!(
-                "entropy: {} bytes, at most {MAX_ENTROPY}",
-                req.entropy.len()
-            )));
-        }
-        Ok(())
+        pb::validate::check_sandbox(req).map_err(|e| invalid(e.to_string()))
     }
 
     /// The pod's resolv.conf.
@@ -330,7 +270,10 @@ mod tests {
             |r| r.sysctls = [("net...x".into(), "1".into())].into(),
             "sysctls:",
         );
-        check(|r| r.entropy = vec![0; MAX_ENTROPY + 1], "entropy:");
+        check(
+            |r| r.entropy = vec![0; pb::validate::MAX_ENTROPY + 1],
+            "entropy:",
+        );
         assert!(Sandbox::validate(&request()).is_ok());
     }
 }
