@@ -6,11 +6,11 @@
 //! The `tar` crate only reads the archive: its own `unpack` resolves hard-link targets against the current
 //! directory and follows symlinks at the destination, so every entry is materialized here.
 
+mod meter;
 mod resolve;
 #[cfg(test)]
 mod tests;
 
-use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
@@ -18,12 +18,11 @@ use std::io::{self, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 use filetime::FileTime;
-use sha2::{Digest as _, Sha256};
 
 use crate::content::Digest;
+use meter::{FileMeter, Metered};
 pub use resolve::normalize;
 
 /// Errors applying a layer.
@@ -63,7 +62,8 @@ pub enum ApplyError {
         /// What is wrong.
         why: String,
     },
-    /// The uncompressed stream exceeded a cap (decompression bomb protection).
+    /// The uncompressed stream, or the expanded size of the files it holds (a sparse entry expands to its
+    /// logical size), exceeded a cap (decompression bomb protection).
     #[error("uncompressed {what} exceeds the {limit}-byte limit")]
     TooLarge {
         /// `layer` or `image`.
@@ -138,41 +138,13 @@ pub struct LayerStats {
     pub entries: u64,
 }
 
-/// Counts and hashes the uncompressed stream and fails once a cap is crossed.
-struct Metered<R> {
-    inner: R,
-    hasher: Sha256,
-    layer: u64,
-    image_before: u64,
-    limits: Limits,
-    tripped: Rc<Cell<Option<ApplyError>>>,
-}
-
-impl<R: Read> Read for Metered<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.layer += n as u64;
-        let over = if self.layer > self.limits.max_layer_bytes {
-            Some(("layer", self.limits.max_layer_bytes))
-        } else if self.image_before + self.layer > self.limits.max_image_bytes {
-            Some(("image", self.limits.max_image_bytes))
-        } else {
-            None
-        };
-        if let Some((what, limit)) = over {
-            self.tripped.set(Some(ApplyError::TooLarge { what, limit }));
-            return Err(io::Error::other("uncompressed size limit exceeded"));
-        }
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
 /// Builds a root directory from layers applied in order.
 pub struct Applier {
     root: PathBuf,
     limits: Limits,
     total: u64,
+    /// Expanded (logical) bytes of the regular files of the layers applied so far.
+    files_total: u64,
     layers: usize,
     /// Directory mtimes, applied by [`Applier::finish`] once nothing more is written into them.
     dir_times: HashMap<PathBuf, FileTime>,
@@ -193,6 +165,7 @@ impl Applier {
             root: root.to_owned(),
             limits,
             total: 0,
+            files_total: 0,
             layers: 0,
             dir_times: HashMap::new(),
         })
@@ -240,21 +213,15 @@ impl Applier {
                 Box::new(zstd::stream::read::Decoder::new(reader).map_err(ApplyError::Corrupt)?)
             }
         };
-        let tripped = Rc::new(Cell::new(None));
-        let metered = Metered {
-            inner: decoded,
-            hasher: Sha256::new(),
-            layer: 0,
-            image_before: self.total,
-            limits: self.limits,
-            tripped: tripped.clone(),
-        };
+        let metered = Metered::new(decoded, self.total, self.limits);
+        let tripped = metered.tripped();
         let mut archive = tar::Archive::new(metered);
         let fail = |e: ApplyError| tripped.take().unwrap_or(e);
         let mut layer = Layer {
             root: &self.root,
             created: HashSet::new(),
             dir_times: &mut self.dir_times,
+            files: FileMeter::new(self.files_total, self.limits),
         };
         let mut entries = 0;
         for entry in archive
@@ -265,16 +232,16 @@ impl Applier {
             layer.entry(entry).map_err(fail)?;
             entries += 1;
         }
+        self.files_total += layer.files.layer();
         let mut rest = archive.into_inner();
         // Hash the end-of-archive blocks and any padding too: the diff_id covers the whole stream.
         io::copy(&mut rest, &mut io::sink()).map_err(|e| fail(ApplyError::Corrupt(e)))?;
-        self.total += rest.layer;
+        let (bytes, diff_id) = rest.finish();
+        self.total += bytes;
         self.layers += 1;
         Ok(LayerStats {
-            diff_id: format!("sha256:{}", hex::encode(rest.hasher.finalize()))
-                .parse()
-                .expect("a sha256 digest"),
-            bytes: rest.layer,
+            diff_id,
+            bytes,
             entries,
         })
     }
@@ -300,6 +267,8 @@ struct Layer<'a> {
     /// Physical paths (relative to the root) this layer created: an opaque marker keeps them.
     created: HashSet<PathBuf>,
     dir_times: &'a mut HashMap<PathBuf, FileTime>,
+    /// Expanded file bytes, checked against the caps before each file is written.
+    files: FileMeter,
 }
 
 /// Ownership, mode, mtime and xattrs of an entry.
@@ -414,6 +383,9 @@ impl Layer<'_> {
                 self.dir_times.insert(rel.clone(), meta.mtime);
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                // A GNU sparse entry's size is its logical size, holes included (the holes are written
+                // out as zeros, as containerd does): charge it before anything is written.
+                self.files.charge(entry.size())?;
                 resolve::remove_any(&full).map_err(io_at(&rel))?;
                 let mut file = OpenOptions::new()
                     .write(true)
