@@ -1,5 +1,4 @@
-//! Size accounting for the caps: the uncompressed archive stream (hashed for the diff_id on the way) and the
-//! expanded size of the regular files in it, which a GNU sparse entry makes far larger than the stream.
+//! Size accounting for the caps: the uncompressed archive stream, hashed for the diff_id on the way.
 
 use std::cell::Cell;
 use std::io::{self, Read};
@@ -10,7 +9,7 @@ use sha2::{Digest as _, Sha256};
 use super::{ApplyError, Limits};
 use crate::content::Digest;
 
-/// Which cap `bytes` of this layer (after `before` bytes of earlier layers) crosses, if any.
+/// Which cap `layer` bytes of this layer (after `before` bytes of earlier layers) cross, if any.
 fn over(limits: Limits, before: u64, layer: u64) -> Option<ApplyError> {
     if layer > limits.max_layer_bytes {
         Some(ApplyError::TooLarge {
@@ -75,37 +74,5 @@ impl<R: Read> Read for Metered<R> {
         }
         self.hasher.update(&buf[..n]);
         Ok(n)
-    }
-}
-
-/// Sums the expanded (logical) sizes of a layer's regular files against the caps.
-pub(super) struct FileMeter {
-    layer: u64,
-    image_before: u64,
-    limits: Limits,
-}
-
-impl FileMeter {
-    /// A meter for one layer after `image_before` file bytes of earlier layers.
-    pub(super) fn new(image_before: u64, limits: Limits) -> FileMeter {
-        FileMeter {
-            layer: 0,
-            image_before,
-            limits,
-        }
-    }
-
-    /// Adds a file of `size` bytes; fails (before the file is written) if that crosses a cap.
-    pub(super) fn charge(&mut self, size: u64) -> Result<(), ApplyError> {
-        self.layer = self.layer.saturating_add(size);
-        match over(self.limits, self.image_before, self.layer) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// File bytes of this layer so far.
-    pub(super) fn layer(&self) -> u64 {
-        self.layer
     }
 }

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use filetime::FileTime;
 
 use crate::content::Digest;
-use meter::{FileMeter, Metered};
+use meter::Metered;
 pub use resolve::normalize;
 
 /// Errors applying a layer.
@@ -62,8 +62,7 @@ pub enum ApplyError {
         /// What is wrong.
         why: String,
     },
-    /// The uncompressed stream, or the expanded size of the files it holds (a sparse entry expands to its
-    /// logical size), exceeded a cap (decompression bomb protection).
+    /// The uncompressed stream exceeded a cap (decompression bomb protection).
     #[error("uncompressed {what} exceeds the {limit}-byte limit")]
     TooLarge {
         /// `layer` or `image`.
@@ -143,8 +142,6 @@ pub struct Applier {
     root: PathBuf,
     limits: Limits,
     total: u64,
-    /// Expanded (logical) bytes of the regular files of the layers applied so far.
-    files_total: u64,
     layers: usize,
     /// Directory mtimes, applied by [`Applier::finish`] once nothing more is written into them.
     dir_times: HashMap<PathBuf, FileTime>,
@@ -165,7 +162,6 @@ impl Applier {
             root: root.to_owned(),
             limits,
             total: 0,
-            files_total: 0,
             layers: 0,
             dir_times: HashMap::new(),
         })
@@ -221,7 +217,6 @@ impl Applier {
             root: &self.root,
             created: HashSet::new(),
             dir_times: &mut self.dir_times,
-            files: FileMeter::new(self.files_total, self.limits),
         };
         let mut entries = 0;
         for entry in archive
@@ -232,7 +227,6 @@ impl Applier {
             layer.entry(entry).map_err(fail)?;
             entries += 1;
         }
-        self.files_total += layer.files.layer();
         let mut rest = archive.into_inner();
         // Hash the end-of-archive blocks and any padding too: the diff_id covers the whole stream.
         io::copy(&mut rest, &mut io::sink()).map_err(|e| fail(ApplyError::Corrupt(e)))?;
@@ -267,8 +261,6 @@ struct Layer<'a> {
     /// Physical paths (relative to the root) this layer created: an opaque marker keeps them.
     created: HashSet<PathBuf>,
     dir_times: &'a mut HashMap<PathBuf, FileTime>,
-    /// Expanded file bytes, checked against the caps before each file is written.
-    files: FileMeter,
 }
 
 /// Ownership, mode, mtime and xattrs of an entry.
@@ -339,6 +331,18 @@ impl Layer<'_> {
         ) {
             return Ok(());
         }
+        if kind.is_gnu_sparse() {
+            // Refused like containerd and Docker do (Go's tar reader keeps type 'S', which their
+            // createTarFile rejects as an "unhandled tar header type"): its holes would expand to its
+            // logical size, any multiple of the archive bytes the caps count.
+            return Err(ApplyError::BadEntry {
+                path: raw,
+                why: format!(
+                    "GNU sparse file ({} bytes expanded) is not supported",
+                    entry.size()
+                ),
+            });
+        }
         let mut comps = normalize(&raw)?;
         let Some(name) = comps.pop() else {
             // The root itself ("./"): take its metadata, as docker does.
@@ -382,10 +386,7 @@ impl Layer<'_> {
                 self.set_meta(&rel, &meta, None)?;
                 self.dir_times.insert(rel.clone(), meta.mtime);
             }
-            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                // A GNU sparse entry's size is its logical size, holes included (the holes are written
-                // out as zeros, as containerd does): charge it before anything is written.
-                self.files.charge(entry.size())?;
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
                 resolve::remove_any(&full).map_err(io_at(&rel))?;
                 let mut file = OpenOptions::new()
                     .write(true)
