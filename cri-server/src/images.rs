@@ -97,7 +97,9 @@ impl Images {
     }
 }
 
-/// Maps an image error to the gRPC status kubelet and crictl see.
+/// Maps an image error to the gRPC status kubelet and crictl see: one code per [`ErrorKind`], the
+/// classification `ImageError::kind` makes (see image-service/README.md). `InvalidArgument` is only the
+/// request's `image.image` reference.
 pub fn status_of(e: &ImageError) -> Status {
     let msg = e.to_string();
     match e.kind() {
@@ -347,6 +349,18 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert_eq!(credentials(None).unwrap(), Credentials::default());
+    }
+
+    #[test]
+    fn corrupt_content_is_data_loss_not_unavailable() {
+        use image_service::content::ContentError;
+        let e = ImageError::Content(ContentError::DigestMismatch {
+            expected: image_service::Digest::of(b"a"),
+            actual: image_service::Digest::of(b"b").to_string(),
+        });
+        let s = status_of(&e);
+        assert_eq!(s.code(), tonic::Code::DataLoss);
+        assert!(s.message().contains("digest mismatch"), "{s:?}");
     }
 
     #[test]

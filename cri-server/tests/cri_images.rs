@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{connect, Daemon};
-use image_service::testing::{self, busybox_base, config_digest, OciLayout, Registry};
+use image_service::testing::{
+    self, busybox_base, config_digest, layer_digests, OciLayout, Registry, TarBuilder,
+};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::*;
 use tonic::Code;
@@ -174,6 +176,31 @@ async fn cri_image_service_and_podvisor_pull() {
             .await,
     );
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // A registry serving a blob that does not match its digest: DATA_LOSS (corrupt content a retry does
+    // not cure), not UNAVAILABLE.
+    let mut layout = OciLayout::new(&dir.path().join("layout-corrupt"));
+    let layer = TarBuilder::default()
+        .file("etc/corrupt", 0o644, &[1u8; 4096])
+        .finish();
+    let m = layout.image("amd64", &[(&layer, "gzip")], "");
+    layout.tag(&m, "v1");
+    reg.push(layout.path(), "v1", "corrupt/app:v1", false)
+        .unwrap();
+    let blob = reg.blob_path(&layer_digests(&layout, &m)[0]);
+    let mut data = std::fs::read(&blob).unwrap();
+    let middle = data.len() / 2;
+    data[middle] ^= 0xff;
+    std::fs::write(&blob, &data).unwrap();
+    let e = code(
+        client
+            .pull_image(PullImageRequest {
+                image: spec(&format!("{}/corrupt/app:v1", reg.host)),
+                ..Default::default()
+            })
+            .await,
+    );
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(e.message().contains("digest mismatch"), "{e:?}");
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -6,11 +6,11 @@
 //! The `tar` crate only reads the archive: its own `unpack` resolves hard-link targets against the current
 //! directory and follows symlinks at the destination, so every entry is materialized here.
 
+mod meter;
 mod resolve;
 #[cfg(test)]
 mod tests;
 
-use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
@@ -18,12 +18,11 @@ use std::io::{self, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 use filetime::FileTime;
-use sha2::{Digest as _, Sha256};
 
 use crate::content::Digest;
+use meter::Metered;
 pub use resolve::normalize;
 
 /// Errors applying a layer.
@@ -138,36 +137,6 @@ pub struct LayerStats {
     pub entries: u64,
 }
 
-/// Counts and hashes the uncompressed stream and fails once a cap is crossed.
-struct Metered<R> {
-    inner: R,
-    hasher: Sha256,
-    layer: u64,
-    image_before: u64,
-    limits: Limits,
-    tripped: Rc<Cell<Option<ApplyError>>>,
-}
-
-impl<R: Read> Read for Metered<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.layer += n as u64;
-        let over = if self.layer > self.limits.max_layer_bytes {
-            Some(("layer", self.limits.max_layer_bytes))
-        } else if self.image_before + self.layer > self.limits.max_image_bytes {
-            Some(("image", self.limits.max_image_bytes))
-        } else {
-            None
-        };
-        if let Some((what, limit)) = over {
-            self.tripped.set(Some(ApplyError::TooLarge { what, limit }));
-            return Err(io::Error::other("uncompressed size limit exceeded"));
-        }
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
 /// Builds a root directory from layers applied in order.
 pub struct Applier {
     root: PathBuf,
@@ -240,15 +209,8 @@ impl Applier {
                 Box::new(zstd::stream::read::Decoder::new(reader).map_err(ApplyError::Corrupt)?)
             }
         };
-        let tripped = Rc::new(Cell::new(None));
-        let metered = Metered {
-            inner: decoded,
-            hasher: Sha256::new(),
-            layer: 0,
-            image_before: self.total,
-            limits: self.limits,
-            tripped: tripped.clone(),
-        };
+        let metered = Metered::new(decoded, self.total, self.limits);
+        let tripped = metered.tripped();
         let mut archive = tar::Archive::new(metered);
         let fail = |e: ApplyError| tripped.take().unwrap_or(e);
         let mut layer = Layer {
@@ -268,13 +230,12 @@ impl Applier {
         let mut rest = archive.into_inner();
         // Hash the end-of-archive blocks and any padding too: the diff_id covers the whole stream.
         io::copy(&mut rest, &mut io::sink()).map_err(|e| fail(ApplyError::Corrupt(e)))?;
-        self.total += rest.layer;
+        let (bytes, diff_id) = rest.finish();
+        self.total += bytes;
         self.layers += 1;
         Ok(LayerStats {
-            diff_id: format!("sha256:{}", hex::encode(rest.hasher.finalize()))
-                .parse()
-                .expect("a sha256 digest"),
-            bytes: rest.layer,
+            diff_id,
+            bytes,
             entries,
         })
     }
@@ -370,6 +331,18 @@ impl Layer<'_> {
         ) {
             return Ok(());
         }
+        if kind.is_gnu_sparse() {
+            // Refused like containerd and Docker do (Go's tar reader keeps type 'S', which their
+            // createTarFile rejects as an "unhandled tar header type"): its holes would expand to its
+            // logical size, any multiple of the archive bytes the caps count.
+            return Err(ApplyError::BadEntry {
+                path: raw,
+                why: format!(
+                    "GNU sparse file ({} bytes expanded) is not supported",
+                    entry.size()
+                ),
+            });
+        }
         let mut comps = normalize(&raw)?;
         let Some(name) = comps.pop() else {
             // The root itself ("./"): take its metadata, as docker does.
@@ -413,7 +386,7 @@ impl Layer<'_> {
                 self.set_meta(&rel, &meta, None)?;
                 self.dir_times.insert(rel.clone(), meta.mtime);
             }
-            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
                 resolve::remove_any(&full).map_err(io_at(&rel))?;
                 let mut file = OpenOptions::new()
                     .write(true)

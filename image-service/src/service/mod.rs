@@ -4,7 +4,10 @@
 //! On-disk layout under `<state dir>/images`: `content/` (blobs), `blocks/<id hex>.<ext>` (block images),
 //! `tmp/` (builds in progress, wiped at open).
 
+mod error;
 mod pull;
+
+pub use pull::MAX_CONFIG_BYTES;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,128 +17,13 @@ use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 
-use crate::apply::{ApplyError, Limits};
-use crate::blockimage::{BuildError, FsType};
-use crate::content::{ContentError, ContentStore, Digest};
+use crate::apply::Limits;
+use crate::blockimage::FsType;
+use crate::content::{ContentStore, Digest};
 use crate::hosts::RegistryHosts;
-use crate::meta::{ImageRecord, MetaError, MetaStore};
+use crate::meta::{ImageRecord, MetaStore};
 use crate::registry::{parse_reference, Credentials, RegistryError};
-
-/// Errors of the image service.
-#[derive(Debug, thiserror::Error)]
-pub enum ImageError {
-    /// Talking to the registry failed (includes invalid references).
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    /// The content store failed or content did not verify.
-    #[error(transparent)]
-    Content(#[from] ContentError),
-    /// A layer was refused or could not be applied.
-    #[error("layer {layer}: {source}")]
-    Apply {
-        /// The layer blob.
-        layer: Digest,
-        /// Why.
-        source: ApplyError,
-    },
-    /// Building the block image failed.
-    #[error(transparent)]
-    Build(#[from] BuildError),
-    /// The metadata database failed.
-    #[error(transparent)]
-    Meta(#[from] MetaError),
-    /// The image config or manifest is unusable.
-    #[error("bad image: {0}")]
-    BadImage(String),
-    /// The image is leased by running pods or containers.
-    #[error("image {id} is in use by {holders:?}")]
-    InUse {
-        /// The image.
-        id: Digest,
-        /// Lease holders.
-        holders: Vec<String>,
-    },
-    /// No such image in the store.
-    #[error("image {0:?} not found")]
-    NotFound(String),
-    /// A filesystem operation failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// The same error, shared with the other callers of a coalesced pull.
-    #[error(transparent)]
-    Shared(Arc<ImageError>),
-    /// A background task failed.
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-/// The class of an error, for callers that map errors to protocol codes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The caller's input is invalid.
-    InvalidArgument,
-    /// The image, manifest or blob does not exist.
-    NotFound,
-    /// The registry could not be reached (retryable).
-    Unavailable,
-    /// The registry refused the credentials.
-    Unauthenticated,
-    /// The operation is refused in the current state (image in use, image content rejected).
-    FailedPrecondition,
-    /// Downloaded content did not verify.
-    DataLoss,
-    /// Anything else.
-    Internal,
-}
-
-impl ImageError {
-    /// The class of this error.
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            ImageError::Shared(e) => e.kind(),
-            ImageError::Registry(e) => match e {
-                RegistryError::InvalidReference { .. } => ErrorKind::InvalidArgument,
-                RegistryError::NotFound { .. } | RegistryError::NoPlatform { .. } => {
-                    ErrorKind::NotFound
-                }
-                RegistryError::Unreachable { .. } => ErrorKind::Unavailable,
-                RegistryError::Unauthorized { .. } => ErrorKind::Unauthenticated,
-                RegistryError::Unsupported(_) => ErrorKind::FailedPrecondition,
-                RegistryError::Hosts(_) => ErrorKind::FailedPrecondition,
-                RegistryError::Protocol { .. } => ErrorKind::Unavailable,
-                RegistryError::Content(c) => content_kind(c),
-            },
-            ImageError::Content(c) => content_kind(c),
-            ImageError::Apply { source, .. } => match source {
-                ApplyError::Io { .. } => ErrorKind::Internal,
-                ApplyError::DiffIdMismatch { .. } => ErrorKind::DataLoss,
-                _ => ErrorKind::FailedPrecondition,
-            },
-            ImageError::BadImage(_) | ImageError::InUse { .. } => ErrorKind::FailedPrecondition,
-            ImageError::NotFound(_) => ErrorKind::NotFound,
-            ImageError::Build(_)
-            | ImageError::Meta(_)
-            | ImageError::Io { .. }
-            | ImageError::Internal(_) => ErrorKind::Internal,
-        }
-    }
-}
-
-fn content_kind(c: &ContentError) -> ErrorKind {
-    match c {
-        ContentError::DigestMismatch { .. } | ContentError::SizeMismatch { .. } => {
-            ErrorKind::DataLoss
-        }
-        ContentError::InvalidDigest(_) => ErrorKind::InvalidArgument,
-        ContentError::Stream { .. } => ErrorKind::Unavailable,
-        ContentError::Io { .. } => ErrorKind::Internal,
-    }
-}
+pub use error::{ErrorKind, ImageError};
 
 /// Configuration of the image service.
 #[derive(Clone, Debug)]
@@ -515,10 +403,14 @@ impl Pins {
         *lock(&self.inner.pins).entry(d.clone()).or_default() += 1;
         self.digests.push(d.clone());
     }
-}
 
-impl Drop for Pins {
-    fn drop(&mut self) {
+    /// Unpins every blob now and returns them.
+    pub(crate) fn release(mut self) -> Vec<Digest> {
+        self.unpin();
+        std::mem::take(&mut self.digests)
+    }
+
+    fn unpin(&mut self) {
         let mut pins = lock(&self.inner.pins);
         for d in &self.digests {
             if let Some(n) = pins.get_mut(d) {
@@ -531,19 +423,55 @@ impl Drop for Pins {
     }
 }
 
+impl Drop for Pins {
+    fn drop(&mut self) {
+        self.unpin();
+        self.digests.clear();
+    }
+}
+
 impl Inner {
+    /// Deletes blob `d` unless a pull in progress pins it. The pin table stays locked across the check and
+    /// the removal: a pull pins a blob before it looks for it in the store, so it either keeps the blob
+    /// here or finds it gone and fetches it again.
+    fn remove_unpinned(&self, d: &Digest) -> Result<bool, ImageError> {
+        let pins = lock(&self.pins);
+        if pins.contains_key(d) {
+            return Ok(false);
+        }
+        self.content.remove(d)?;
+        Ok(true)
+    }
+
+    /// Deletes those of `blobs` that no stored image references and no pull in progress pins; returns how
+    /// many were deleted.
+    async fn collect_unreferenced(&self, blobs: &[Digest]) -> Result<usize, ImageError> {
+        let _commit = self.commit.lock().await;
+        let referenced: std::collections::HashSet<Digest> = self
+            .meta
+            .list()?
+            .into_iter()
+            .flat_map(|r| r.blobs)
+            .collect();
+        let mut removed = 0;
+        for d in blobs {
+            if !referenced.contains(d) && self.content.contains(d) && self.remove_unpinned(d)? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Garbage collection; the caller holds `commit`.
     fn gc_locked(&self) -> Result<GcStats, ImageError> {
         let records = self.meta.list()?;
-        let mut keep: std::collections::HashSet<Digest> = records
+        let keep: std::collections::HashSet<Digest> = records
             .iter()
             .flat_map(|r| r.blobs.iter().cloned())
             .collect();
-        keep.extend(lock(&self.pins).keys().cloned());
         let mut stats = GcStats::default();
         for blob in self.content.list()? {
-            if !keep.contains(&blob) {
-                self.content.remove(&blob)?;
+            if !keep.contains(&blob) && self.remove_unpinned(&blob)? {
                 stats.blobs += 1;
             }
         }

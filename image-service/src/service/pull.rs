@@ -16,8 +16,10 @@ use crate::content::Digest;
 use crate::meta::{block_image_name, ImageRecord};
 use crate::registry::{Credentials, Remote, Resolved};
 
-/// Largest image config accepted (it is read into memory).
-const MAX_CONFIG_BYTES: u64 = 16 << 20;
+/// Largest image config accepted (it is read into memory and parsed): 4 MiB, the config limit of
+/// containers/image (CRI-O, Podman). containerd sets none beyond the descriptor's size; manifests get
+/// [`crate::registry::MAX_MANIFEST_BYTES`].
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
 struct NoProgress;
 impl Progress for NoProgress {}
@@ -66,11 +68,37 @@ fn now() -> u64 {
 }
 
 impl Inner {
+    /// Pulls `reference`; when that fails, deletes the blobs it pinned (fetched or found) that no stored
+    /// image references and no other pull in progress uses, so a failed pull leaves nothing behind.
     pub(super) async fn pull(
         self: &Arc<Self>,
         reference: Reference,
         creds: &Credentials,
         progress: Option<Arc<dyn Progress>>,
+    ) -> Result<ImageRecord, ImageError> {
+        let mut pins = Pins::new(self);
+        let res = self
+            .pull_pinned(reference, creds, progress, &mut pins)
+            .await;
+        if let Err(e) = &res {
+            let touched = pins.release();
+            match self.collect_unreferenced(&touched).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(blobs = n, error = %e, "collected the blobs of a failed pull")
+                }
+                Err(gc) => tracing::warn!(error = %gc, "collecting the blobs of a failed pull"),
+            }
+        }
+        res
+    }
+
+    async fn pull_pinned(
+        self: &Arc<Self>,
+        reference: Reference,
+        creds: &Credentials,
+        progress: Option<Arc<dyn Progress>>,
+        pins: &mut Pins,
     ) -> Result<ImageRecord, ImageError> {
         let progress: Arc<dyn Progress> = progress.unwrap_or_else(|| Arc::new(NoProgress));
         let remote = Remote::new(
@@ -90,7 +118,6 @@ impl Inner {
         let config_desc = manifest.config();
         let id = digest_of(config_desc)?;
         let layers = manifest.layers();
-        let mut pins = Pins::new(self);
         let mut blobs = Vec::new();
         if let Some((d, bytes)) = &index {
             pins.add(d);
@@ -130,7 +157,7 @@ impl Inner {
         // The config first: it names the platform and the diff_ids the layers must match.
         if config_desc.size() > MAX_CONFIG_BYTES {
             return Err(ImageError::BadImage(format!(
-                "image config is {} bytes",
+                "image config {id} is {} bytes, over the {MAX_CONFIG_BYTES}-byte limit",
                 config_desc.size()
             )));
         }

@@ -87,6 +87,26 @@ impl TarBuilder {
         self.add(h, b"")
     }
 
+    /// An old-GNU sparse file of logical size `real_size` whose only data is `data` at its end (the rest is
+    /// a hole): a few hundred archive bytes for any `real_size`.
+    pub fn gnu_sparse(&mut self, name: &str, mode: u32, real_size: u64, data: &[u8]) -> &mut Self {
+        let mut h = tar::Header::new_gnu();
+        let bytes = name.as_bytes();
+        assert!(bytes.len() <= 100, "test names fit the name field");
+        h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(MTIME);
+        let gnu = h.as_gnu_mut().expect("a GNU header");
+        gnu.set_real_size(real_size);
+        gnu.sparse[0].set_offset(real_size - data.len() as u64);
+        gnu.sparse[0].set_length(data.len() as u64);
+        self.add(h, data)
+    }
+
     /// A pax extended header (`key=value` records) applying to the next entry.
     pub fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
         let mut data = Vec::new();
@@ -187,6 +207,17 @@ impl OciLayout {
     /// (`"gzip"`, `"zstd"` or `"none"`), with config `User` `user`. Returns the manifest descriptor with
     /// its platform set.
     pub fn image(&self, arch: &str, layers: &[(&[u8], &str)], user: &str) -> Value {
+        self.image_padded(arch, layers, user, 0)
+    }
+
+    /// [`OciLayout::image`] with a config grown by a `PAD=` environment entry of `padding` bytes.
+    pub fn image_padded(
+        &self,
+        arch: &str,
+        layers: &[(&[u8], &str)],
+        user: &str,
+        padding: usize,
+    ) -> Value {
         let mut descs = Vec::new();
         let mut diff_ids = Vec::new();
         for (tar, compression) in layers {
@@ -201,10 +232,14 @@ impl OciLayout {
             };
             descs.push(self.blob(mt, &data));
         }
+        let mut env = vec!["PATH=/bin".to_owned()];
+        if padding > 0 {
+            env.push(format!("PAD={}", "x".repeat(padding)));
+        }
         let config = json!({
             "architecture": arch,
             "os": "linux",
-            "config": {"User": user, "Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+            "config": {"User": user, "Cmd": ["/bin/sh"], "Env": env},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         });
         let config = self.blob(
@@ -252,16 +287,32 @@ impl OciLayout {
     }
 }
 
-/// The config digest (image id) of the image manifest `desc` in `layout`.
-pub fn config_digest(layout: &OciLayout, desc: &Value) -> String {
+fn manifest_of(layout: &OciLayout, desc: &Value) -> Value {
     let d: Digest = desc["digest"]
         .as_str()
         .expect("digest")
         .parse()
         .expect("digest");
-    let m: Value = serde_json::from_slice(
+    serde_json::from_slice(
         &std::fs::read(layout.path().join("blobs/sha256").join(d.hex())).expect("manifest"),
     )
-    .expect("json");
-    m["config"]["digest"].as_str().expect("config").to_owned()
+    .expect("json")
+}
+
+/// The config digest (image id) of the image manifest `desc` in `layout`.
+pub fn config_digest(layout: &OciLayout, desc: &Value) -> String {
+    manifest_of(layout, desc)["config"]["digest"]
+        .as_str()
+        .expect("config")
+        .to_owned()
+}
+
+/// The layer digests of the image manifest `desc` in `layout`, in order.
+pub fn layer_digests(layout: &OciLayout, desc: &Value) -> Vec<String> {
+    manifest_of(layout, desc)["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["digest"].as_str().expect("digest").to_owned())
+        .collect()
 }

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use layout::{busybox_base, config_digest, gzip, zstd_compress, OciLayout, TarBuilder, MTIME};
+pub use layout::{
+    busybox_base, config_digest, gzip, layer_digests, zstd_compress, OciLayout, TarBuilder, MTIME,
+};
 
 /// The registry binary from Debian's `docker-registry` package.
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
@@ -134,6 +136,69 @@ impl Registry {
             }
         }
         Err(last_err)
+    }
+
+    /// Where the registry stores blob `digest` (`sha256:<hex>`; manifests are blobs too): tests overwrite
+    /// it to play a registry serving corrupt content.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self._dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    /// Pushes the image manifest `desc` of `layout` and its blobs as `<this registry>/<repo>:<tag>` with
+    /// oci-client, byte for byte (skopeo refuses some images podvisor must refuse itself, such as configs
+    /// over 4 MiB).
+    pub async fn push_raw(
+        &self,
+        layout: &OciLayout,
+        desc: &serde_json::Value,
+        repo: &str,
+        tag: &str,
+    ) -> Result<(), String> {
+        use oci_client::client::{ClientConfig, ClientProtocol};
+        use oci_client::secrets::RegistryAuth;
+        let client = oci_client::Client::new(ClientConfig {
+            protocol: ClientProtocol::Http,
+            ..Default::default()
+        });
+        let reference: oci_client::Reference = format!("{}/{repo}:{tag}", self.host)
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let auth = match &self.creds {
+            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        client
+            .auth(&reference, &auth, oci_client::RegistryOperation::Push)
+            .await
+            .map_err(|e| format!("auth: {e}"))?;
+        let blob = |d: &str| -> Result<Vec<u8>, String> {
+            let hex = d.strip_prefix("sha256:").ok_or("digest")?;
+            std::fs::read(layout.path().join("blobs/sha256").join(hex)).map_err(|e| e.to_string())
+        };
+        let digest = desc["digest"].as_str().ok_or("manifest digest")?;
+        let manifest = blob(digest)?;
+        let m: serde_json::Value = serde_json::from_slice(&manifest).map_err(|e| e.to_string())?;
+        let layers = m["layers"].as_array().cloned().unwrap_or_default();
+        for d in layers.iter().chain([&m["config"]]) {
+            let d = d["digest"].as_str().ok_or("blob digest")?;
+            client
+                .push_blob(&reference, blob(d)?, d)
+                .await
+                .map_err(|e| format!("push blob {d}: {e}"))?;
+        }
+        let media_type =
+            reqwest::header::HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json");
+        client
+            .push_manifest_raw(&reference, manifest, media_type)
+            .await
+            .map_err(|e| format!("push manifest: {e}"))?;
+        Ok(())
     }
 
     /// Pushes `layout:tag` to `<this registry>/<dest>` with skopeo (`--all` keeps indexes), converting to

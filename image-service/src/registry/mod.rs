@@ -2,16 +2,20 @@
 //! order, resolves a reference to a linux/amd64 image manifest (through an image index or Docker manifest
 //! list if needed) and streams blobs into the content store, where they are verified.
 
+mod manifest;
+
 use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 use oci_spec::image::{Arch, ImageIndex, ImageManifest, Os};
 
 use crate::content::{ContentError, ContentStore, Digest};
 use crate::hosts::{Endpoint, HostsError, RegistryHosts, Scheme};
+use manifest::Auth;
+pub use manifest::MAX_MANIFEST_BYTES;
 
 /// Docker v2 schema2 manifest.
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -73,6 +77,19 @@ pub enum RegistryError {
         host: String,
         /// Details.
         message: String,
+    },
+    /// A manifest or index is larger than [`MAX_MANIFEST_BYTES`] (announced by its descriptor or its
+    /// `Content-Length`, or found while reading it: nothing past the limit is read).
+    #[error("{what} is {}{size} bytes, over the {limit}-byte limit", if *.more { "at least " } else { "" })]
+    TooLarge {
+        /// What was fetched.
+        what: String,
+        /// Its announced size, or the bytes received when reading stopped.
+        size: u64,
+        /// Whether reading stopped at `size` (the whole is larger).
+        more: bool,
+        /// The limit.
+        limit: u64,
     },
     /// The manifest is of a kind podvisor does not pull.
     #[error("unsupported manifest: {0}")]
@@ -153,6 +170,8 @@ pub struct Resolved {
 struct Ep {
     endpoint: Endpoint,
     client: Client,
+    /// For manifests, which oci-client would read whole.
+    http: reqwest::Client,
     reference: Reference,
     auth: RegistryAuth,
 }
@@ -218,18 +237,26 @@ fn classify(host: &str, what: &str, e: OciDistributionError) -> RegistryError {
     }
 }
 
-fn client_for(ep: &Endpoint, timeout: Duration) -> Result<Client, RegistryError> {
-    let mut extra = Vec::new();
-    for ca in &ep.ca {
-        let data = std::fs::read(ca).map_err(|e| RegistryError::Protocol {
-            host: ep.host.clone(),
-            message: format!("CA file {}: {e}", ca.display()),
-        })?;
-        extra.push(oci_client::client::Certificate {
+fn read_cas(ep: &Endpoint) -> Result<Vec<Vec<u8>>, RegistryError> {
+    ep.ca
+        .iter()
+        .map(|ca| {
+            std::fs::read(ca).map_err(|e| RegistryError::Protocol {
+                host: ep.host.clone(),
+                message: format!("CA file {}: {e}", ca.display()),
+            })
+        })
+        .collect()
+}
+
+fn client_for(ep: &Endpoint, ca: &[Vec<u8>], timeout: Duration) -> Result<Client, RegistryError> {
+    let extra = ca
+        .iter()
+        .map(|data| oci_client::client::Certificate {
             encoding: oci_client::client::CertificateEncoding::Pem,
-            data,
-        });
-    }
+            data: data.clone(),
+        })
+        .collect();
     let config = ClientConfig {
         protocol: match ep.scheme {
             Scheme::Http => ClientProtocol::Http,
@@ -268,6 +295,23 @@ fn media_type_of(bytes: &[u8]) -> Result<String, RegistryError> {
     })
 }
 
+/// oci-client verifies a blob's digest itself and reports a mismatch as an I/O error ending the stream:
+/// turn that back into the digest mismatch it is (corrupt content, not a transport failure).
+fn verification(digest: &Digest, e: ContentError) -> ContentError {
+    if let ContentError::Stream { source, .. } = &e {
+        let inner = source
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<DigestError>());
+        if let Some(DigestError::VerificationError { actual, .. }) = inner {
+            return ContentError::DigestMismatch {
+                expected: digest.clone(),
+                actual: actual.clone(),
+            };
+        }
+    }
+    e
+}
+
 impl Remote {
     /// Prepares clients for every endpoint of `reference`'s registry.
     pub fn new(
@@ -287,8 +331,10 @@ impl Remote {
             let for_this = creds.server_address.is_empty() && !endpoint.mirror
                 || creds.server_address == endpoint.host
                 || creds.server_address == reference.registry() && !endpoint.mirror;
+            let ca = read_cas(&endpoint)?;
             eps.push(Ep {
-                client: client_for(&endpoint, timeout)?,
+                client: client_for(&endpoint, &ca, timeout)?,
+                http: manifest::http_client(&endpoint, &ca, timeout)?,
                 auth: if for_this {
                     creds.auth()
                 } else {
@@ -309,37 +355,40 @@ impl Remote {
         &self.reference
     }
 
+    /// Fetches a manifest or index (at most [`MAX_MANIFEST_BYTES`]) and checks it against the digest
+    /// it was asked by, else the digest the registry announced.
     async fn fetch_manifest(
         &self,
         ep: &Ep,
+        auth: &Auth,
         reference: &Reference,
     ) -> Result<(Digest, Vec<u8>), RegistryError> {
-        let host = &ep.endpoint.host;
-        let (bytes, digest) = ep
-            .client
-            .pull_manifest_raw(reference, &ep.auth, ACCEPT)
-            .await
-            .map_err(|e| classify(host, &format!("manifest {reference}"), e))?;
-        let actual = Digest::of(&bytes);
-        let wanted = reference.digest().unwrap_or(&digest);
-        if actual.as_str() != wanted {
-            return Err(ContentError::DigestMismatch {
-                expected: wanted.parse()?,
-                actual: actual.to_string(),
+        let what = format!("manifest {reference}");
+        let fetched =
+            manifest::fetch(&ep.http, &ep.endpoint, reference, auth, ACCEPT, &what).await?;
+        let actual = Digest::of(&fetched.bytes);
+        if let Some(wanted) = reference.digest().or(fetched.digest_header.as_deref()) {
+            if actual.as_str() != wanted {
+                return Err(ContentError::DigestMismatch {
+                    expected: wanted.parse()?,
+                    actual: actual.to_string(),
+                }
+                .into());
             }
-            .into());
         }
-        Ok((actual, bytes.to_vec()))
+        Ok((actual, fetched.bytes))
     }
 
     async fn resolve_on(&self, i: usize) -> Result<Resolved, RegistryError> {
         let ep = &self.endpoints[i];
         let host = &ep.endpoint.host;
-        ep.client
+        let token = ep
+            .client
             .auth(&ep.reference, &ep.auth, RegistryOperation::Pull)
             .await
             .map_err(|e| classify(host, "authentication", e))?;
-        let (digest, bytes) = self.fetch_manifest(ep, &ep.reference).await?;
+        let auth = Auth::after(token, &ep.auth);
+        let (digest, bytes) = self.fetch_manifest(ep, &auth, &ep.reference).await?;
         let mt = media_type_of(&bytes)?;
         let (index, manifest_digest, manifest_bytes) =
             if mt == OCI_INDEX || mt == DOCKER_MANIFEST_LIST {
@@ -369,8 +418,16 @@ impl Remote {
                             .collect::<Vec<_>>()
                             .join(", "),
                     })?;
+                if chosen.size() > MAX_MANIFEST_BYTES {
+                    return Err(RegistryError::TooLarge {
+                        what: format!("manifest {}", chosen.digest()),
+                        size: chosen.size(),
+                        more: false,
+                        limit: MAX_MANIFEST_BYTES,
+                    });
+                }
                 let child = ep.reference.clone_with_digest(chosen.digest().to_string());
-                let (md, mb) = self.fetch_manifest(ep, &child).await?;
+                let (md, mb) = self.fetch_manifest(ep, &auth, &child).await?;
                 (Some((digest, bytes)), md, mb)
             } else if mt == OCI_MANIFEST || mt == DOCKER_MANIFEST {
                 (None, digest, bytes)
@@ -447,8 +504,20 @@ impl Remote {
                 .await
             {
                 Ok(stream) => {
-                    store.write_stream(digest, size, stream, on_bytes).await?;
-                    return Ok(());
+                    if let Some(n) = stream.content_length.filter(|&n| n > size) {
+                        // Refused before reading: the registry announces more than the descriptor.
+                        return Err(ContentError::SizeMismatch {
+                            digest: digest.clone(),
+                            expected: size,
+                            actual: n,
+                            more: false,
+                        }
+                        .into());
+                    }
+                    return store
+                        .write_stream(digest, size, stream, on_bytes)
+                        .await
+                        .map_err(|e| verification(digest, e).into());
                 }
                 Err(e) => last = Some(classify(&ep.endpoint.host, &format!("blob {digest}"), e)),
             }
