@@ -8,6 +8,7 @@ Exits non-zero with a message on the first failed check; prints one "ok" line pe
 """
 
 import os
+import socket
 import sys
 import time
 
@@ -74,9 +75,23 @@ def main():
     images.pull_image(IMAGE)
     check(images.get_image(IMAGE) is not None, "image pulled and listed")
 
+    # What a minimal client relies on: idempotent stops, the runtime handlers, bad configs refused
+    # at once (before any VM boots) with the field named.
+    runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id="f" * 64))
+    runtime.StopContainer(cri.StopContainerRequest(container_id="f" * 64))
+    check(True, "StopPodSandbox and StopContainer of unknown ids succeed")
+    handlers = [h.name for h in runtime.Status(cri.StatusRequest()).runtime_handlers]
+    check(handlers == ["", "podvisor"], f"runtime handlers {handlers}")
+    start = time.monotonic()
+    expect_code(lambda: runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="bad"),
+        dns_config=cri.DNSConfig(servers=["not-an-ip"])))),
+        grpc.StatusCode.INVALID_ARGUMENT, "config.dns_config.servers[0]")
+    check(time.monotonic() - start < 30, "refused before any VM boot")
+
+    # No hostname, as crictl and critest send: the pod gets the node's (containerd's default).
     pod_config = cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name="py-pod", uid="py-uid", namespace="py", attempt=0),
-        hostname="py-pod",
         log_directory=LOG_DIR,
         labels={"client": "python"},
     )
@@ -113,6 +128,11 @@ def main():
 
     out = runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", "echo $((1+2)); exit 4"], timeout=120))
     check(out.stdout == b"3\n" and out.exit_code == 4, f"ExecSync stdout {out.stdout!r} exit {out.exit_code}")
+    out = runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["hostname"], timeout=120))
+    node = socket.gethostname()
+    check(out.stdout.decode().strip() == node, f"the node's hostname {node!r}: {out.stdout!r}")
+    st = runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+    check(st.log_path == os.path.join(LOG_DIR, "app.log"), f"absolute log path {st.log_path!r}")
 
     # Streaming exec through the URL from Exec, with the Kubernetes Python client's WebSocket code.
     url = runtime.Exec(cri.ExecRequest(container_id=cid, cmd=["sh", "-c", "read x; echo got-$x; echo e >&2; exit 6"],

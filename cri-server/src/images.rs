@@ -99,9 +99,9 @@ impl Images {
 
 /// Maps an image error to the gRPC status kubelet and crictl see: one code per [`ErrorKind`], the
 /// classification `ImageError::kind` makes (see image-service/README.md). `InvalidArgument` is only the
-/// request's `image.image` reference.
+/// request's `image.image` reference. The message is bounded ([`crate::text::bounded`]).
 pub fn status_of(e: &ImageError) -> Status {
-    let msg = e.to_string();
+    let msg = crate::text::bounded(&e.to_string());
     match e.kind() {
         ErrorKind::InvalidArgument => Status::invalid_argument(format!("image.image: {msg}")),
         ErrorKind::NotFound => Status::not_found(msg),
