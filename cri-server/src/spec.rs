@@ -253,30 +253,6 @@ pub fn resources_at(
     Ok(resources)
 }
 
-/// The OCI `process` of an exec in the container whose spec is `container_spec_json`: the
-/// container's process with `cmd` as args and a terminal iff `tty`.
-pub fn exec_process(
-    container_spec_json: &[u8],
-    cmd: &[String],
-    tty: bool,
-) -> Result<Vec<u8>, SpecError> {
-    if cmd.first().is_none_or(|c| c.is_empty()) {
-        return Err(invalid("cmd", "no command specified"));
-    }
-    let spec: Spec = serde_json::from_slice(container_spec_json)
-        .map_err(|e| SpecError::Internal(format!("container spec does not parse: {e}")))?;
-    let mut process = spec
-        .process()
-        .clone()
-        .ok_or_else(|| SpecError::Internal("container spec has no process".into()))?;
-    process
-        .set_args(Some(cmd.to_vec()))
-        .set_terminal(Some(tty))
-        .set_console_size(None);
-    serde_json::to_vec(&process)
-        .map_err(|e| SpecError::Internal(format!("serializing the exec process: {e}")))
-}
-
 /// Docker's rules: CRI command replaces Entrypoint (and drops Cmd), CRI args replace Cmd.
 fn process_args(config: &ContainerConfig, image: &ImageDefaults) -> Result<Vec<String>, SpecError> {
     let mut args = config.command.clone();

@@ -1,11 +1,14 @@
 //! End to end on a real KVM VM: the guest agent runs OCI containers (youki's libcontainer) from a busybox
 //! block image built offline. One boot, many checks: sandbox setup, create/start, stdout streaming, exec
-//! with and without a tty, stats and processes, SIGTERM with and without a handler, an OOM kill reported as
+//! with and without a tty, the container's user, capabilities and seccomp filter applied to exec'd processes,
+//! stats and processes, SIGTERM with and without a handler, an OOM kill reported as
 //! an event and in the exit status, bad requests, and removal. Prints how long each agent RPC took.
 
 mod common;
+#[path = "vm_containers/exec_security.rs"]
+mod exec_security;
 
-use common::oci::{busybox_image, process, spec};
+use common::oci::{busybox_image, spec};
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -72,6 +75,16 @@ fn create(id: &str, spec: Vec<u8>) -> pb::CreateContainerRequest {
         image_storage_id: "busybox".into(),
         writable_layer_bytes: 16 << 20,
         user: String::new(),
+    }
+}
+
+/// Runs `args` in container `c` as exec `e`: the agent derives the rest from the container's process.
+fn exec_req(c: &str, e: &str, args: &[&str], terminal: bool) -> pb::ExecProcessRequest {
+    pb::ExecProcessRequest {
+        container_id: c.into(),
+        exec_id: e.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        terminal,
     }
 }
 
@@ -212,18 +225,16 @@ async fn scenario(mut agent: AgentClient<Channel>) {
     .unwrap();
 
     // exec without a tty: output, hostname, resolv.conf, seccomp (mkdir denied), exit code.
-    let exec = pb::ExecProcessRequest {
-        container_id: "c1".into(),
-        exec_id: "e1".into(),
-        process_json: process(
-            &[
-                "sh",
-                "-c",
-                "echo hello; hostname; cat /etc/resolv.conf; mkdir /tmp/d || echo mkdir-denied; exit 3",
-            ],
-            false,
-        ),
-    };
+    let exec = exec_req(
+        "c1",
+        "e1",
+        &[
+            "sh",
+            "-c",
+            "echo hello; hostname; cat /etc/resolv.conf; mkdir /tmp/d || echo mkdir-denied; exit 3",
+        ],
+        false,
+    );
     t.time("ExecProcess", agent.exec_process(exec))
         .await
         .unwrap();
@@ -255,11 +266,12 @@ async fn scenario(mut agent: AgentClient<Channel>) {
     );
 
     // exec with a tty.
-    let exec = pb::ExecProcessRequest {
-        container_id: "c1".into(),
-        exec_id: "tty".into(),
-        process_json: process(&["sh", "-c", "tty; read line; echo got:$line"], true),
-    };
+    let exec = exec_req(
+        "c1",
+        "tty",
+        &["sh", "-c", "tty; read line; echo got:$line"],
+        true,
+    );
     agent.exec_process(exec).await.unwrap();
     let tty_out = collect(&agent, "c1", "tty", pb::OutputStream::Stdout);
     t.time(
@@ -313,11 +325,7 @@ async fn scenario(mut agent: AgentClient<Channel>) {
         .await
         .unwrap();
     let paused = agent
-        .exec_process(pb::ExecProcessRequest {
-            container_id: "c1".into(),
-            exec_id: "while-paused".into(),
-            process_json: process(&["true"], false),
-        })
+        .exec_process(exec_req("c1", "while-paused", &["true"], false))
         .await
         .unwrap_err();
     assert_eq!(paused.code(), Code::FailedPrecondition, "{paused:?}");
@@ -463,6 +471,10 @@ async fn scenario(mut agent: AgentClient<Channel>) {
         "{out:?}"
     );
 
+    // Exec'd processes get the container's user (resolved by name), capabilities and seccomp filter.
+    t.time("exec security", exec_security::exec_security(&mut agent))
+        .await;
+
     // Bad requests: clear codes, nothing left behind.
     let code =
         |r: Result<tonic::Response<pb::CreateContainerResponse>, tonic::Status>| r.unwrap_err();
@@ -510,11 +522,7 @@ async fn scenario(mut agent: AgentClient<Channel>) {
         "a failed create leaves no container"
     );
     let e = agent
-        .exec_process(pb::ExecProcessRequest {
-            container_id: "zz".into(),
-            exec_id: "e".into(),
-            process_json: process(&["true"], false),
-        })
+        .exec_process(exec_req("zz", "e", &["true"], false))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);

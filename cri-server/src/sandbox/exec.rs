@@ -23,6 +23,39 @@ pub struct ExecOutput {
     pub exit_code: i32,
 }
 
+/// Checks an exec command (CRI `cmd`): not empty, a program name first, no NUL bytes.
+pub(super) fn check_command(cmd: &[String]) -> Result<(), SandboxError> {
+    if cmd.first().is_none_or(|c| c.is_empty()) {
+        return Err(SandboxError::InvalidArgument(
+            "cmd: no command specified".into(),
+        ));
+    }
+    if let Some(i) = cmd.iter().position(|a| a.contains('\0')) {
+        return Err(SandboxError::InvalidArgument(format!(
+            "cmd[{i}]: contains a NUL byte"
+        )));
+    }
+    Ok(())
+}
+
+/// The agent request running `cmd` (checked by [`check_command`]) as exec `exec_id`. Only what differs
+/// from the container's own process travels: the agent derives the rest (resolved user and groups, env,
+/// capabilities, no_new_privileges, seccomp...) from the container's process, as containerd does. ExecSync
+/// and the streaming Exec both use it.
+pub(super) fn exec_request(
+    container_id: &str,
+    exec_id: &str,
+    cmd: &[String],
+    tty: bool,
+) -> pb::ExecProcessRequest {
+    pb::ExecProcessRequest {
+        container_id: container_id.into(),
+        exec_id: exec_id.into(),
+        args: cmd.to_vec(),
+        terminal: tty,
+    }
+}
+
 impl Manager {
     /// ExecSync: runs `cmd` in the container, collects its output, and kills it after `timeout`
     /// seconds answering DeadlineExceeded (0 or negative: no timeout, as in containerd).
@@ -32,11 +65,9 @@ impl Manager {
         cmd: &[String],
         timeout: i64,
     ) -> Result<ExecOutput, SandboxError> {
-        if cmd.is_empty() {
-            return Err(SandboxError::InvalidArgument("cmd: empty".into()));
+        check_command(cmd)?;
         }
         let (record, live, _) = self.running_process(id).await?;
-        let process = crate::spec::exec_process(&record.spec_json, cmd, false)?;
         let exec_id = super::new_id()?[..16].to_string();
         let read = |stream: pb::OutputStream| {
             let mut agent = live.agent();
@@ -66,11 +97,7 @@ impl Manager {
         // deadline is killed as soon as it exists.
         let mut started = tokio::spawn({
             let mut agent = live.agent();
-            let req = pb::ExecProcessRequest {
-                container_id: record.id.clone(),
-                exec_id: exec_id.clone(),
-                process_json: process,
-            };
+            let req = exec_request(&record.id, &exec_id, cmd, false);
             async move { agent.exec_process(req).await }
         });
         let run = async {
@@ -136,5 +163,40 @@ impl Manager {
             stderr,
             exit_code: exit.exit_code,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn exec_requests_carry_only_the_command_and_terminal() {
+        let cmd = strings(&["sh", "-c", "id"]);
+        check_command(&cmd).unwrap();
+        let req = exec_request("c1", "e1", &cmd, true);
+        assert_eq!(
+            req,
+            pb::ExecProcessRequest {
+                container_id: "c1".into(),
+                exec_id: "e1".into(),
+                args: cmd,
+                terminal: true,
+            }
+        );
+        for (bad, field) in [
+            (strings(&[]), "cmd:"),
+            (strings(&[""]), "cmd:"),
+            (strings(&["sh", "a\0b"]), "cmd[1]:"),
+        ] {
+            assert!(
+                matches!(check_command(&bad), Err(SandboxError::InvalidArgument(m)) if m.starts_with(field)),
+                "{bad:?}"
+            );
+        }
     }
 }

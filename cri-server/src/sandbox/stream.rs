@@ -107,16 +107,11 @@ impl Backend for Manager {
             .running_process(container_id)
             .await
             .map_err(backend_err)?;
-        let process = crate::spec::exec_process(&record.spec_json, cmd, io.tty)
-            .map_err(|e| BackendError(e.to_string()))?;
+        super::exec::check_command(cmd).map_err(backend_err)?;
         let exec_id = super::new_id().map_err(backend_err)?[..16].to_string();
         let mut agent = live.agent();
         agent
-            .exec_process(pb::ExecProcessRequest {
-                container_id: record.id.clone(),
-                exec_id: exec_id.clone(),
-                process_json: process,
-            })
+            .exec_process(super::exec::exec_request(&record.id, &exec_id, cmd, io.tty))
             .await
             .map_err(|s| BackendError(format!("exec: {}", s.message())))?;
         let out = pump_output(

@@ -14,16 +14,15 @@ use std::path::{Path, PathBuf};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
-use libcontainer::workload::default::DefaultExecutor;
-use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
     SockFlag, SockType, UnixAddr,
 };
-use oci_spec::runtime::{LinuxSeccomp, Spec};
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Mutex;
+
+pub mod seccomp;
 
 /// Largest encoded request or reply.
 const MAX_MESSAGE: usize = 64 * 1024;
@@ -76,8 +75,8 @@ pub enum Request {
         process: PathBuf,
         /// Stdio of the process.
         stdio: Stdio,
-        /// The container's seccomp profile, applied to the process too.
-        seccomp: Option<LinuxSeccomp>,
+        /// The container's seccomp profile, applied to the process too (see [`seccomp::prepare`]).
+        seccomp: Option<seccomp::SeccompExec>,
     },
     /// Freeze the container.
     Pause {
@@ -223,7 +222,7 @@ fn handle(root: &Path, request: Request, mut fds: Vec<OwnedFd>) -> Result<Reply,
         } => {
             let mut b = with_stdio(builder(&id)?, &stdio, &mut fds)?;
             if let Some(seccomp) = seccomp {
-                b = b.with_executor(SeccompExec(seccomp));
+                b = b.with_executor(seccomp);
             }
             let pid = b
                 .as_tenant()
@@ -251,34 +250,6 @@ fn handle(root: &Path, request: Request, mut fds: Vec<OwnedFd>) -> Result<Reply,
                 .map(|()| Reply::Done)
                 .map_err(|e| e.to_string())
         }
-    }
-}
-
-/// Runs an exec'd process under its container's seccomp profile. libcontainer 0.7's tenant builder drops
-/// `linux.seccomp` from the spec it execs with; runc applies the container's profile to exec'd processes.
-#[derive(Clone)]
-struct SeccompExec(LinuxSeccomp);
-
-impl Executor for SeccompExec {
-    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
-        match libcontainer::seccomp::initialize_seccomp(&self.0) {
-            Ok(None) => {}
-            Ok(Some(_)) => {
-                return Err(ExecutorError::Other(
-                    "seccomp notify actions are not supported for exec".into(),
-                ))
-            }
-            Err(e) => {
-                return Err(ExecutorError::Other(format!(
-                    "installing the container's seccomp profile: {e}"
-                )))
-            }
-        }
-        DefaultExecutor {}.exec(spec)
-    }
-
-    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
-        DefaultExecutor {}.validate(spec)
     }
 }
 

@@ -15,9 +15,33 @@ use crate::network::{Network, NetworkError};
 use crate::sandbox::Sandbox;
 use crate::storage::{StorageError, StorageManager, StorageSpec};
 
+/// Most bytes of an error message sent to the host.
+pub const MAX_STATUS_MESSAGE: usize = 4096;
+
+/// An error message fit for a gRPC status: control characters dropped (libcontainer pads the errors of
+/// exec'd processes with NUL bytes) except newlines and tabs, surrounding whitespace trimmed, at most
+/// [`MAX_STATUS_MESSAGE`] bytes.
+pub fn status_message(e: &dyn std::fmt::Display) -> String {
+    let raw = e.to_string();
+    let mut msg: String = raw
+        .chars()
+        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
+        .collect();
+    msg.truncate(msg.trim_end().len());
+    let msg = msg.trim_start();
+    if msg.len() <= MAX_STATUS_MESSAGE {
+        return msg.to_string();
+    }
+    let mut end = MAX_STATUS_MESSAGE - '…'.len_utf8();
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &msg[..end])
+}
+
 impl From<NetworkError> for Status {
     fn from(e: NetworkError) -> Self {
-        let msg = e.to_string();
+        let msg = status_message(&e);
         match e {
             NetworkError::InvalidArgument(_) => Status::invalid_argument(msg),
             NetworkError::NotFound(_) => Status::not_found(msg),
@@ -28,7 +52,7 @@ impl From<NetworkError> for Status {
 
 impl From<ContainerError> for Status {
     fn from(e: ContainerError) -> Self {
-        let msg = e.to_string();
+        let msg = status_message(&e);
         match e {
             ContainerError::InvalidArgument(_) => Status::invalid_argument(msg),
             ContainerError::NotFound(_) => Status::not_found(msg),
@@ -46,7 +70,7 @@ impl From<ContainerError> for Status {
 
 impl From<FileError> for Status {
     fn from(e: FileError) -> Self {
-        let msg = e.to_string();
+        let msg = status_message(&e);
         match e {
             FileError::InvalidArgument { .. } => Status::invalid_argument(msg),
             FileError::NotFound(_) => Status::not_found(msg),
@@ -59,7 +83,7 @@ impl From<FileError> for Status {
 
 impl From<StorageError> for Status {
     fn from(e: StorageError) -> Self {
-        let msg = e.to_string();
+        let msg = status_message(&e);
         match e {
             StorageError::InvalidArgument { .. } => Status::invalid_argument(msg),
             StorageError::AlreadyExists(_) => Status::already_exists(msg),

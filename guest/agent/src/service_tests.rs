@@ -168,3 +168,27 @@ async fn storage_status_codes() {
     assert!(!remove("a").await.unwrap().into_inner().removed);
     assert_eq!(remove("").await.unwrap_err().code(), Code::InvalidArgument);
 }
+
+#[test]
+fn error_messages_carry_no_nul_bytes_and_are_bounded() {
+    // libcontainer's exec errors arrive padded with NUL bytes (it reads them 3 bytes at a time).
+    let engine = crate::engine::EngineError::Failed(
+        "installing the container's seccomp profile: failed to load seccomp context\0\0\n".into(),
+    );
+    let status = Status::from(ContainerError::Engine(engine));
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(
+        status.message(),
+        "installing the container's seccomp profile: failed to load seccomp context"
+    );
+    let status = Status::from(ContainerError::Internal("a\u{1b}[31mb\tc\nd\u{7f}".into()));
+    assert_eq!(status.message(), "a[31mb\tc\nd");
+    let long = ContainerError::InvalidArgument(format!("args: {}", "é".repeat(5000)));
+    let msg = Status::from(long).message().to_string();
+    assert!(
+        msg.len() <= MAX_STATUS_MESSAGE && msg.ends_with('…'),
+        "{}",
+        msg.len()
+    );
+    assert!(msg.starts_with("args: éé"));
+}

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 /// Busybox applets linked in the image.
-const APPLETS: [&str; 14] = [
+const APPLETS: [&str; 17] = [
     "sh", "echo", "sleep", "cat", "dd", "hostname", "id", "tty", "mkdir", "ls", "true", "head",
-    "wc", "ps",
+    "wc", "ps", "grep", "chmod", "touch",
 ];
 
 /// A busybox root filesystem image: static busybox, applet links, passwd/group.
@@ -25,12 +25,13 @@ pub fn busybox_image(dir: &Path) -> PathBuf {
     }
     std::fs::write(
         root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n\
+         nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
     )
     .unwrap();
     std::fs::write(
         root.join("etc/group"),
-        "root:x:0:\napp:x:1000:\nvideo:x:44:app\n",
+        "root:x:0:\napp:x:1000:\nvideo:x:44:app\nusers:x:100:nobody\nnogroup:x:65534:\n",
     )
     .unwrap();
     let image = dir.join("busybox.ext4");
@@ -93,16 +94,4 @@ pub fn spec(args: &[&str], memory_limit: Option<i64>) -> Vec<u8> {
         }
     });
     serde_json::to_vec(&v).unwrap()
-}
-
-/// An OCI process (exec) running `args` as root.
-pub fn process(args: &[&str], terminal: bool) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "terminal": terminal,
-        "user": {"uid": 0, "gid": 0},
-        "args": args,
-        "env": ["PATH=/bin"],
-        "cwd": "/"
-    }))
-    .unwrap()
 }

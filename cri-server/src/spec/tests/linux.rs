@@ -327,37 +327,6 @@ fn annotations_carry_cri_metadata() {
 }
 
 #[test]
-fn exec_process_inherits_the_container_process() {
-    let c = with_sc(LinuxContainerSecurityContext {
-        run_as_user: Some(Int64Value { value: 33 }),
-        no_new_privs: true,
-        ..Default::default()
-    });
-    let (_, built) = build(&ContainerConfig { tty: true, ..c });
-    let json = exec_process(&built.oci_spec_json, &strings(&["ls", "-l"]), false).unwrap();
-    let p: Process = serde_json::from_slice(&json).unwrap();
-    assert_eq!(p.args().clone().unwrap(), strings(&["ls", "-l"]));
-    assert_eq!(p.terminal(), Some(false));
-    assert_eq!(p.user().uid(), 33);
-    assert_eq!(p.no_new_privileges(), Some(true));
-    assert_eq!(p.cwd(), Path::new("/work"));
-    assert!(p
-        .env()
-        .clone()
-        .unwrap()
-        .contains(&"HOSTNAME=web-0".to_string()));
-    assert!(p.capabilities().is_some());
-    assert!(matches!(
-        exec_process(&built.oci_spec_json, &[], true),
-        Err(SpecError::InvalidArgument(m)) if m.starts_with("cmd")
-    ));
-    assert!(matches!(
-        exec_process(b"{", &strings(&["x"]), true),
-        Err(SpecError::Internal(_))
-    ));
-}
-
-#[test]
 fn errors_map_to_grpc_codes() {
     let s: tonic::Status = SpecError::Unimplemented("config.devices: no".into()).into();
     assert_eq!(s.code(), tonic::Code::Unimplemented);

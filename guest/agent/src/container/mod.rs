@@ -89,9 +89,10 @@ pub struct Container {
     execs: Mutex<HashMap<String, Arc<Process>>>,
     state: Arc<Mutex<State>>,
     own_pid_ns: bool,
-    /// The container's seccomp profile and no_new_privileges, inherited by exec'd processes.
+    /// The container's process as created (user resolved): exec'd processes are derived from it.
+    process: OciProcess,
+    /// The container's seccomp profile, applied to exec'd processes too.
     seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
-    no_new_privileges: Option<bool>,
     watch: Watch,
     ops: tokio::sync::Mutex<()>,
 }
@@ -326,24 +327,11 @@ impl ContainerManager {
         if !req.user.is_empty() {
             let user = spec::resolve_user(&rootfs, &req.user)?;
             let process = spec.process_mut().as_mut().expect("checked by prepare");
-            let mut oci_user = process.user().clone();
-            oci_user.set_uid(user.uid);
-            oci_user.set_gid(user.gid);
-            oci_user.set_additional_gids(Some(user.additional_gids));
-            process.set_user(oci_user);
-            let mut env = process.env().clone().unwrap_or_default();
-            if !env.iter().any(|e| e.starts_with("HOME=")) {
-                env.push(format!("HOME={}", user.home));
-                process.set_env(Some(env));
-            }
+            spec::apply_user(process, user);
         }
-        let terminal = spec
-            .process()
-            .as_ref()
-            .and_then(|p| p.terminal())
-            .unwrap_or(false);
+        let process = spec.process().clone().expect("checked by prepare");
+        let terminal = process.terminal().unwrap_or(false);
         let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
-        let no_new_privileges = spec.process().as_ref().and_then(|p| p.no_new_privileges());
         let json = serde_json::to_vec_pretty(&spec)
             .map_err(|e| ContainerError::Internal(e.to_string()))?;
         std::fs::write(bundle.join("config.json"), json)?;
@@ -393,8 +381,8 @@ impl ContainerManager {
             execs: Mutex::new(HashMap::new()),
             state,
             own_pid_ns,
+            process,
             seccomp,
-            no_new_privileges,
             watch,
             ops: tokio::sync::Mutex::new(()),
         });
@@ -428,9 +416,11 @@ impl ContainerManager {
     pub async fn exec(&self, req: &pb::ExecProcessRequest) -> Result<u32, ContainerError> {
         let c = self.get(&req.container_id)?;
         validate_id("exec_id", &req.exec_id)?;
-        let mut process: OciProcess = serde_json::from_slice(&req.process_json)
-            .map_err(|e| ContainerError::InvalidArgument(format!("process_json: {e}")))?;
-        spec::check_process("process_json", &process)?;
+        let mut process = spec::exec_process(&c.process, &req.args, req.terminal)?;
+        let seccomp = c
+            .seccomp
+            .clone()
+            .map(|profile| crate::engine::seccomp::prepare(&mut process, profile));
         let _op = c.ops.lock().await;
         if c.state() != State::Running {
             return Err(ContainerError::FailedPrecondition(format!(
@@ -450,12 +440,6 @@ impl ContainerManager {
                 req.exec_id
             )));
         }
-        if process.no_new_privileges().is_none() {
-            process.set_no_new_privileges(c.no_new_privileges);
-        }
-        if self.pod.lock().expect("pod lock").avx_unsafe {
-            spec::avoid_avx(&mut process);
-        }
         let file = c.bundle.join(format!("exec-{}.json", req.exec_id));
         std::fs::write(
             &file,
@@ -469,7 +453,7 @@ impl ContainerManager {
             id: c.id.clone(),
             process: file.clone(),
             stdio: engine_stdio,
-            seccomp: c.seccomp.clone(),
+            seccomp,
         };
         let pid = self.engine.call(&request, &raw).await;
         let _ = std::fs::remove_file(&file);

@@ -202,6 +202,44 @@ pub fn check_process(field: &str, process: &Process) -> Result<(), ContainerErro
     Ok(())
 }
 
+/// Makes `process` run as `user`: uid, gid, supplementary groups (replacing the spec's), and HOME unless
+/// the environment sets it.
+pub fn apply_user(process: &mut Process, user: ResolvedUser) {
+    let mut oci_user = process.user().clone();
+    oci_user.set_uid(user.uid);
+    oci_user.set_gid(user.gid);
+    oci_user.set_additional_gids(Some(user.additional_gids));
+    process.set_user(oci_user);
+    let mut env = process.env().clone().unwrap_or_default();
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", user.home));
+        process.set_env(Some(env));
+    }
+}
+
+/// The process of an exec in a container whose own process (as created: user resolved, HOME set) is
+/// `container`: everything the container's process has (user and groups, env, cwd, capabilities,
+/// no_new_privileges, rlimits, oom_score_adj, apparmor/selinux, umask...) with `args` and `terminal`
+/// replaced, as containerd builds exec processes. `args` is checked (field `args`).
+pub fn exec_process(
+    container: &Process,
+    args: &[String],
+    terminal: bool,
+) -> Result<Process, ContainerError> {
+    if args.first().is_none_or(|a| a.is_empty()) {
+        return Err(invalid("args", "empty"));
+    }
+    if let Some(i) = args.iter().position(|a| a.contains('\0')) {
+        return Err(invalid(&format!("args[{i}]"), "contains a NUL byte"));
+    }
+    let mut process = container.clone();
+    process
+        .set_args(Some(args.to_vec()))
+        .set_terminal(Some(terminal))
+        .set_console_size(None);
+    Ok(process)
+}
+
 fn check_mount(field: &str, m: &Mount) -> Result<(), ContainerError> {
     check_absolute(&format!("{field}.destination"), m.destination())?;
     let bind = m.typ().as_deref() == Some("bind")

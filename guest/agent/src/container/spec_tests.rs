@@ -245,3 +245,71 @@ fn users_resolve_from_the_image() {
         );
     }
 }
+
+#[test]
+fn exec_processes_are_the_container_process_with_other_args_and_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("etc")).unwrap();
+    std::fs::write(
+        dir.path().join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("etc/group"),
+        "root:x:0:\nnogroup:x:65534:\nusers:x:100:nobody\n",
+    )
+    .unwrap();
+    let mut v = base();
+    v["process"]["terminal"] = serde_json::json!(true);
+    v["process"]["consoleSize"] = serde_json::json!({"height": 24, "width": 80});
+    v["process"]["noNewPrivileges"] = serde_json::json!(true);
+    v["process"]["capabilities"] =
+        serde_json::json!({"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"]});
+    v["process"]["rlimits"] =
+        serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": 64, "soft": 32}]);
+    v["process"]["apparmorProfile"] = serde_json::json!("runtime/default");
+    v["process"]["selinuxLabel"] = serde_json::json!("system_u:system_r:container_t:s0");
+    v["process"]["oomScoreAdj"] = serde_json::json!(500);
+    let mut spec = prep(&v, &pod()).unwrap();
+    let process = spec.process_mut().as_mut().unwrap();
+    apply_user(process, resolve_user(dir.path(), "nobody").unwrap());
+    let container = process.clone();
+
+    let args = vec!["id".to_string(), "-G".to_string()];
+    let exec = exec_process(&container, &args, false).unwrap();
+    assert_eq!(exec.args().as_deref(), Some(&args[..]));
+    assert_eq!((exec.terminal(), exec.console_size()), (Some(false), None));
+    let user = exec.user();
+    assert_eq!(
+        (user.uid(), user.gid(), user.additional_gids().as_deref()),
+        (65534, 65534, Some(&[100][..]))
+    );
+    assert_eq!(
+        exec.env().as_deref().unwrap(),
+        ["PATH=/bin", "HOME=/nonexistent"]
+    );
+    // Everything else is the container's.
+    let mut same = exec.clone();
+    same.set_args(container.args().clone())
+        .set_terminal(Some(true))
+        .set_console_size(container.console_size().clone());
+    assert_eq!(same, container);
+    assert_eq!(exec.no_new_privileges(), Some(true));
+    assert!(exec.rlimits().is_some() && exec.capabilities().is_some());
+    assert_eq!(
+        exec_process(&container, &args, true).unwrap().terminal(),
+        Some(true)
+    );
+
+    for (bad, field) in [
+        (vec![], "args:"),
+        (vec![String::new()], "args:"),
+        (vec!["sh".into(), "a\0b".into()], "args[1]:"),
+    ] {
+        assert!(
+            matches!(exec_process(&container, &bad, false), Err(ContainerError::InvalidArgument(m)) if m.starts_with(field)),
+            "{bad:?}"
+        );
+    }
+}
