@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::cri_metrics;
 use common::net::TestNetwork;
 use common::{
     connect, container_config, create_container, pod_config, pod_prerequisites, podvisor_cmd,
@@ -248,12 +249,12 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
     let sleeper = create_container(
         &mut rt,
         &pod,
-        with_volumes(container_config(
+        with_volumes(with_cpu_quota(container_config(
             "sleeper",
             &image,
             &["sh", "-c", sleeper_cmd],
             64 << 20,
-        )),
+        ))),
         &config_a,
     )
     .await;
@@ -426,12 +427,43 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
         .unwrap()
         .into_inner();
     assert_eq!(ps.stats.unwrap().linux.unwrap().containers.len(), 2);
-    let metrics = rt
-        .list_pod_sandbox_metrics(ListPodSandboxMetricsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(metrics.pod_metrics[0].container_metrics.len(), 2);
+    // Metrics: about 2 s of CPU in the talker and a ping of the gateway (network traffic), then every
+    // cAdvisor name critest expects, with plausible values.
+    let burn = "timeout 4 sh -c 'while :; do :; done'; \
+                ping -c 2 -W 2 $(ip route | awk '/^default/ {print $3}') >/dev/null; true";
+    rt.exec_sync(ExecSyncRequest {
+        container_id: talker.clone(),
+        cmd: vec!["sh".into(), "-c".into(), burn.into()],
+        timeout: 60,
+    })
+    .await
+    .expect("ExecSync burn");
+    let (pod_level, per) = cri_metrics::check(&mut rt, &pod, &[&talker, &sleeper]).await;
+    let value = cri_metrics::value;
+    assert!(
+        value(
+            &pod_level,
+            "container_network_receive_bytes_total",
+            &["eth0"]
+        ) > Some(0)
+    );
+    let cpu = value(
+        &per[&talker],
+        "container_cpu_usage_seconds_total",
+        &["total"],
+    );
+    assert!(cpu >= Some(1), "{cpu:?}");
+    assert!(value(&per[&talker], "container_memory_working_set_bytes", &[]) > Some(0));
+    let sleeper_m = &per[&sleeper];
+    assert_eq!(
+        value(sleeper_m, "container_spec_memory_limit_bytes", &[]),
+        Some(64 << 20)
+    );
+    assert_eq!(
+        value(sleeper_m, "container_spec_cpu_quota", &[]),
+        Some(50_000)
+    );
+    assert!(value(sleeper_m, "container_cpu_cfs_periods_total", &[]).is_some());
     rt.update_container_resources(UpdateContainerResourcesRequest {
         container_id: sleeper.clone(),
         linux: Some(LinuxContainerResources {
@@ -731,4 +763,15 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// `c` limited to half a CPU (a CFS quota, so that the cfs metrics have values).
+fn with_cpu_quota(mut c: ContainerConfig) -> ContainerConfig {
+    let r = c
+        .linux
+        .get_or_insert_with(Default::default)
+        .resources
+        .get_or_insert_with(Default::default);
+    (r.cpu_period, r.cpu_quota) = (100_000, 50_000);
+    c
 }

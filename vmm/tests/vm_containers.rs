@@ -347,6 +347,8 @@ async fn scenario(mut agent: AgentClient<Channel>) {
         stats.memory_usage_bytes > 0 && stats.pids >= 2 && stats.pids_limit == 48,
         "{stats:?}"
     );
+    t.time("StatsSandbox", common::guest_stats::check(&mut agent, "c1"))
+        .await;
     let procs = t
         .time(
             "ListProcesses",

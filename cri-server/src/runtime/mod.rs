@@ -3,6 +3,7 @@
 //! `images`.
 
 mod convert;
+mod metrics;
 mod stats;
 
 use std::path::PathBuf;
@@ -610,7 +611,7 @@ impl RuntimeService for Runtime {
         _request: Request<ListMetricDescriptorsRequest>,
     ) -> Result<ListMetricDescriptorsResponse> {
         ok(ListMetricDescriptorsResponse {
-            descriptors: convert::metric_descriptors(),
+            descriptors: metrics::metric_descriptors(),
         })
     }
 

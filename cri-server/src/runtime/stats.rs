@@ -3,7 +3,7 @@
 use k8s_cri::v1::*;
 use tonic::Status;
 
-use super::{convert, to_status, Runtime};
+use super::{convert, metrics, to_status, Runtime};
 use crate::sandbox::SandboxError;
 use crate::state::{labels_match, ContainerState, PodState};
 
@@ -75,22 +75,31 @@ impl Runtime {
         Ok(stats)
     }
 
-    /// ListPodSandboxMetrics: the metrics of every ready pod.
+    /// ListPodSandboxMetrics: the metrics of every ready pod, one agent call per pod. A pod whose agent
+    /// fails is left out (logged), so one sick VM does not blank a whole scrape.
     pub(super) async fn list_pod_metrics(&self) -> Result<Vec<PodSandboxMetrics>, Status> {
-        let pods = self
-            .manager
-            .store()
-            .pods()
-            .map_err(|e| to_status(e.into()))?;
+        let store = self.manager.store();
+        let pods = store.pods().map_err(|e| to_status(e.into()))?;
         let mut pod_metrics = Vec::new();
         for p in pods.iter().filter(|p| p.state == PodState::Ready) {
-            let s = match self.pod_stats(&p.id).await {
-                Ok(s) => s,
-                // Removed while listing.
-                Err(SandboxError::NotFound(_)) => continue,
-                Err(e) => return Err(to_status(e)),
+            let containers: Vec<_> = store
+                .pod_containers(&p.id)
+                .map_err(|e| to_status(e.into()))?
+                .into_iter()
+                .filter(|c| c.state == ContainerState::Running)
+                .collect();
+            let ids = containers.iter().map(|c| c.id.clone()).collect();
+            let s = match self.manager.sandbox_stats(&p.id, ids).await {
+                Ok(Some(s)) => s,
+                // Stopped or removed while listing.
+                Ok(None) | Err(SandboxError::NotFound(_)) => continue,
+                Err(e) => {
+                    tracing::warn!(pod = %p.id, "pod metrics: {e}");
+                    continue;
+                }
             };
-            pod_metrics.push(convert::pod_metrics(&p.id, &s));
+            let now = crate::sandbox::now_ns();
+            pod_metrics.push(metrics::pod_metrics(p, &containers, &s, now));
         }
         Ok(pod_metrics)
     }

@@ -538,6 +538,25 @@ impl Manager {
         Ok((record, Some(stats)))
     }
 
+    /// Usage of containers `ids` of ready pod `pod_id` and of its guest network interfaces, in one agent
+    /// call; `None` when the pod is not ready.
+    pub async fn sandbox_stats(
+        &self,
+        pod_id: &str,
+        ids: Vec<String>,
+    ) -> Result<Option<pb::StatsSandboxResponse>, SandboxError> {
+        let Ok((_, live)) = self.ready_pod(pod_id) else {
+            return Ok(None);
+        };
+        let stats = live
+            .agent()
+            .stats_sandbox(pb::StatsSandboxRequest { container_ids: ids })
+            .await
+            .map_err(agent_err("StatsSandbox"))?
+            .into_inner();
+        Ok(Some(stats))
+    }
+
     /// UpdateContainerResources: applies new limits in the guest and records them.
     pub async fn update_resources(
         &self,

@@ -66,7 +66,6 @@ impl Manager {
         timeout: i64,
     ) -> Result<ExecOutput, SandboxError> {
         check_command(cmd)?;
-        }
         let (record, live, _) = self.running_process(id).await?;
         let exec_id = super::new_id()?[..16].to_string();
         let read = |stream: pb::OutputStream| {

@@ -1,6 +1,7 @@
 //! Shared by the daemon tests: start the real `podvisor` binary and connect to its CRI socket.
 #![allow(dead_code)]
 
+pub mod cri_metrics;
 pub mod net;
 pub mod procfs;
 

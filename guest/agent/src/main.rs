@@ -10,6 +10,7 @@ mod events;
 mod exits;
 mod files;
 mod init;
+mod netdev;
 mod network;
 mod portforward;
 mod sandbox;

@@ -39,6 +39,9 @@ pub fn status_message(e: &dyn std::fmt::Display) -> String {
     format!("{}…", &msg[..end])
 }
 
+/// Most containers one StatsSandbox call may name.
+const MAX_STATS_CONTAINERS: usize = 256;
+
 impl From<NetworkError> for Status {
     fn from(e: NetworkError) -> Self {
         let msg = status_message(&e);
@@ -382,6 +385,36 @@ impl pb::Agent for AgentService {
         Ok(Response::new(
             self.containers()?.stats(&req.get_ref().container_id)?,
         ))
+    }
+
+    async fn stats_sandbox(
+        &self,
+        req: Request<pb::StatsSandboxRequest>,
+    ) -> Result<Response<pb::StatsSandboxResponse>, Status> {
+        let ids = &req.get_ref().container_ids;
+        if ids.len() > MAX_STATS_CONTAINERS {
+            return Err(Status::invalid_argument(format!(
+                "container_ids: {} ids, at most {MAX_STATS_CONTAINERS}",
+                ids.len()
+            )));
+        }
+        let manager = self.containers()?;
+        let mut containers = Vec::with_capacity(ids.len());
+        for id in ids {
+            match manager.stats(id) {
+                Ok(stats) => containers.push(pb::ContainerStats {
+                    container_id: id.clone(),
+                    stats: Some(stats),
+                }),
+                // Removed meanwhile: left out.
+                Err(ContainerError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Response::new(pb::StatsSandboxResponse {
+            containers,
+            interfaces: crate::netdev::interfaces(std::path::Path::new("/proc")),
+        }))
     }
 
     async fn list_processes(

@@ -1,6 +1,7 @@
 //! Helpers shared by the VM integration tests and the boot benchmark.
 #![allow(dead_code)]
 
+pub mod guest_stats;
 pub mod netns;
 pub mod oci;
 pub mod qemu;

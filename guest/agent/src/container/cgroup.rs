@@ -1,4 +1,4 @@
-//! A container's guest cgroup (v2): usage stats, OOM kill count, its processes, resource updates.
+//! A container's guest cgroup (v2): OOM kill count, its processes, resource updates (usage: `stats`).
 
 use std::path::{Path, PathBuf};
 
@@ -64,52 +64,6 @@ impl Cgroup {
                 freezer_state: None,
             })
             .map_err(|e| ContainerError::InvalidArgument(format!("resources_json: {e}")))
-    }
-
-    /// Usage numbers from the cgroup v2 files; the writable layer figures are filled in by the caller.
-    /// (Read directly: libcgroups' stats also need PSI files, which the guest kernel leaves out.)
-    pub fn stats(&self) -> Result<pb::StatsContainerResponse, ContainerError> {
-        let dir = self.dir();
-        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-        if !dir.exists() {
-            return Err(ContainerError::Internal(format!(
-                "cgroup {} is gone",
-                dir.display()
-            )));
-        }
-        let single = |f: &str| read(f).trim().parse::<u64>().unwrap_or(0);
-        // "max" (unlimited) parses as 0, which is what the response uses for "no limit".
-        let cpu = read("cpu.stat");
-        let mem = read("memory.stat");
-        let (mut io_read, mut io_write) = (0, 0);
-        for line in read("io.stat").lines() {
-            for field in line.split_whitespace().skip(1) {
-                match field.split_once('=') {
-                    Some(("rbytes", v)) => io_read += v.parse::<u64>().unwrap_or(0),
-                    Some(("wbytes", v)) => io_write += v.parse::<u64>().unwrap_or(0),
-                    _ => {}
-                }
-            }
-        }
-        let usage = single("memory.current");
-        let stat = |k: &str| keyed(&mem, k).unwrap_or(0);
-        Ok(pb::StatsContainerResponse {
-            cpu_usage_ns: keyed(&cpu, "usage_usec").unwrap_or(0).saturating_mul(1000),
-            cpu_user_ns: keyed(&cpu, "user_usec").unwrap_or(0).saturating_mul(1000),
-            cpu_system_ns: keyed(&cpu, "system_usec").unwrap_or(0).saturating_mul(1000),
-            memory_usage_bytes: usage,
-            memory_working_set_bytes: usage.saturating_sub(stat("inactive_file")),
-            memory_rss_bytes: stat("anon"),
-            memory_limit_bytes: single("memory.max"),
-            page_faults: stat("pgfault"),
-            major_page_faults: stat("pgmajfault"),
-            oom_kills: self.oom_kills(),
-            pids: single("pids.current"),
-            pids_limit: single("pids.max"),
-            io_read_bytes: io_read,
-            io_write_bytes: io_write,
-            ..Default::default()
-        })
     }
 
     /// Kills every process in the cgroup (cgroup.kill, or SIGKILL one by one on older kernels).
@@ -224,62 +178,6 @@ mod tests {
         assert_eq!(
             process_info(dir.path(), 42).unwrap().cmdline,
             "[my (odd) cmd]"
-        );
-    }
-
-    #[test]
-    fn stats_from_cgroup_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let cg = Cgroup::new(dir.path(), "podvisor/c1");
-        assert!(cg.stats().is_err(), "no cgroup directory");
-        let d = cg.dir();
-        std::fs::create_dir_all(&d).unwrap();
-        for (f, v) in [
-            (
-                "cpu.stat",
-                "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n",
-            ),
-            ("memory.current", "4096000\n"),
-            ("memory.max", "max\n"),
-            (
-                "memory.stat",
-                "anon 1000\nfile 5000\ninactive_file 96000\npgfault 7\npgmajfault 1\n",
-            ),
-            ("memory.events", "oom 1\noom_kill 1\n"),
-            ("pids.current", "3\n"),
-            ("pids.max", "64\n"),
-            (
-                "io.stat",
-                "254:0 rbytes=100 wbytes=10 rios=1 wios=1\n254:16 rbytes=1 wbytes=2\n",
-            ),
-        ] {
-            std::fs::write(d.join(f), v).unwrap();
-        }
-        let s = cg.stats().unwrap();
-        assert_eq!(
-            (s.cpu_usage_ns, s.cpu_user_ns, s.cpu_system_ns),
-            (1_500_000, 1_000_000, 500_000)
-        );
-        assert_eq!(
-            (
-                s.memory_usage_bytes,
-                s.memory_working_set_bytes,
-                s.memory_rss_bytes
-            ),
-            (4_096_000, 4_000_000, 1000)
-        );
-        assert_eq!(
-            (
-                s.memory_limit_bytes,
-                s.page_faults,
-                s.major_page_faults,
-                s.oom_kills
-            ),
-            (0, 7, 1, 1)
-        );
-        assert_eq!(
-            (s.pids, s.pids_limit, s.io_read_bytes, s.io_write_bytes),
-            (3, 64, 101, 12)
         );
     }
 

@@ -6,6 +6,7 @@ pub mod io;
 pub mod process;
 pub mod rootfs;
 pub mod spec;
+pub mod stats;
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -562,14 +563,11 @@ impl ContainerManager {
     /// StatsContainer.
     pub fn stats(&self, id: &str) -> Result<pb::StatsContainerResponse, ContainerError> {
         let c = self.get(id)?;
-        let mut stats = c.cgroup.stats()?;
-        if let Ok(fs) = nix::sys::statvfs::statvfs(&c.bundle.join("layer")) {
-            let frag = fs.fragment_size();
-            stats.writable_layer_used_bytes = fs.blocks().saturating_sub(fs.blocks_free()) * frag;
-            stats.writable_layer_inodes_used = fs.files().saturating_sub(fs.files_free());
-        }
-        stats.timestamp_unix_ns = process::unix_ns(std::time::SystemTime::now());
-        Ok(stats)
+        let roots = stats::Roots {
+            proc: &self.paths.proc,
+            sys: Path::new("/sys"),
+        };
+        stats::read(&c.cgroup, &c.bundle.join("layer"), roots)
     }
 
     /// ListProcesses.
