@@ -103,6 +103,7 @@ fn pod() -> PodRecord {
         released: false,
         network: None,
         cgroups: None,
+        runtime_handler: String::new(),
     }
 }
 
@@ -132,6 +133,7 @@ fn container(id: &str, name: &str) -> ContainerRecord {
         reason: String::new(),
         message: String::new(),
         resources: Vec::new(),
+        log_path: String::new(),
     }
 }
 
