@@ -133,6 +133,20 @@ pub struct ContainerRecord {
     /// The absolute CRI log file (`<pod log_directory>/<log_path>`), empty without one.
     #[serde(default)]
     pub log_path: String,
+    /// The identity its process runs with, as the guest resolved it (None before it was created).
+    #[serde(default)]
+    pub user: Option<ContainerUser>,
+}
+
+/// A container process's identity (CRI `ContainerStatus.user`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerUser {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub additional_gids: Vec<u32>,
 }
 
 /// Host resources of a pod that could not be released when it stopped, was removed or failed to start

@@ -159,7 +159,13 @@ pub fn container_status(manager: &Manager, c: &ContainerRecord) -> ContainerStat
             windows: None,
         }),
         image_id: c.image_id.clone(),
-        user: None,
+        user: c.user.as_ref().map(|u| ContainerUser {
+            linux: Some(LinuxContainerUser {
+                uid: u.uid.into(),
+                gid: u.gid.into(),
+                supplemental_groups: u.additional_gids.iter().map(|&g| g.into()).collect(),
+            }),
+        }),
     }
 }
 

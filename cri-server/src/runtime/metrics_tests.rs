@@ -134,6 +134,7 @@ fn container(id: &str, name: &str) -> ContainerRecord {
         message: String::new(),
         resources: Vec::new(),
         log_path: String::new(),
+        user: None,
     }
 }
 

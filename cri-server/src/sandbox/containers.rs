@@ -119,6 +119,7 @@ impl Manager {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
+            user: None,
         };
         store.put_container(&record)?;
         let result = self
@@ -210,7 +211,8 @@ impl Manager {
         super::mounts::copy_mounts(&live.agent(), &built.mounts).await?;
         let live_container = Arc::new(LiveContainer::new(log));
         lock(&self.inner.containers).insert(record.id.clone(), live_container.clone());
-        live.agent()
+        let created = live
+            .agent()
             .create_container(pb::CreateContainerRequest {
                 container_id: record.id.clone(),
                 oci_spec_json: record.spec_json.clone(),
@@ -224,8 +226,14 @@ impl Manager {
                     SandboxError::InvalidArgument(format!("config: {}", status.message()))
                 }
                 _ => agent_err("CreateContainer")(status),
-            })?;
+            })?
+            .into_inner();
         live_container.start_log_copiers(&live.agent(), &record.id, config.tty);
+        record.user = Some(crate::state::ContainerUser {
+            uid: created.uid,
+            gid: created.gid,
+            additional_gids: created.additional_gids,
+        });
         record.state = ContainerState::Created;
         self.inner.store.put_container(record)?;
         Ok(())

@@ -124,6 +124,12 @@ pub async fn check_statuses(rt: &mut Rt, pod: &str, ctr: &str, image: &str) {
     assert!(s.reason.is_empty() && s.message.is_empty(), "{s:?}");
     assert!(s.log_path.is_empty(), "no log without a log directory");
     assert!(s.mounts.is_empty());
+    let user = s
+        .user
+        .as_ref()
+        .and_then(|u| u.linux.as_ref())
+        .expect("user");
+    assert_eq!((user.uid, user.gid), (0, 0), "the image's root: {user:?}");
     let listed = rt
         .list_containers(ListContainersRequest {
             filter: Some(ContainerFilter {

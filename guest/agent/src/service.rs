@@ -318,13 +318,14 @@ impl pb::Agent for AgentService {
         req: Request<pb::CreateContainerRequest>,
     ) -> Result<Response<pb::CreateContainerResponse>, Status> {
         let started = Instant::now();
-        let pid = self.containers()?.create(req.get_ref()).await?;
+        let created = self.containers()?.create(req.get_ref()).await?;
         crate::log(&format!(
-            "container {} created: pid {pid} in {} ms",
+            "container {} created: pid {} in {} ms",
             req.get_ref().container_id,
+            created.pid,
             started.elapsed().as_millis()
         ));
-        Ok(Response::new(pb::CreateContainerResponse { pid }))
+        Ok(Response::new(created))
     }
 
     async fn start_container(

@@ -265,7 +265,10 @@ impl ContainerManager {
     }
 
     /// CreateContainer.
-    pub async fn create(&self, req: &pb::CreateContainerRequest) -> Result<u32, ContainerError> {
+    pub async fn create(
+        &self,
+        req: &pb::CreateContainerRequest,
+    ) -> Result<pb::CreateContainerResponse, ContainerError> {
         validate_id("container_id", &req.container_id)?;
         let id = req.container_id.clone();
         let _serial = self.create.lock().await;
@@ -314,7 +317,7 @@ impl ContainerManager {
         bundle: &Path,
         image: &Path,
         layer_bytes: u64,
-    ) -> Result<u32, ContainerError> {
+    ) -> Result<pb::CreateContainerResponse, ContainerError> {
         if bundle.exists() {
             // Left over from a failed remove: clean it first.
             rootfs::teardown(bundle);
@@ -325,12 +328,15 @@ impl ContainerManager {
         let pod = self.pod.lock().expect("pod lock").clone();
         let mut spec = spec::prepare(&req.oci_spec_json, &cgroup_rel, &pod)?;
         let own_pid_ns = pod.pid_namespace.is_none();
-        if !req.user.is_empty() {
-            let user = spec::resolve_user(&rootfs, &req.user)?;
+        {
             let process = spec.process_mut().as_mut().expect("checked by prepare");
-            spec::apply_user(process, user);
+            if !req.user.is_empty() {
+                spec::apply_user(process, spec::resolve_user(&rootfs, &req.user)?);
+            }
+            spec::default_home(process, &rootfs);
         }
         let process = spec.process().clone().expect("checked by prepare");
+        let identity = process.user().clone();
         let terminal = process.terminal().unwrap_or(false);
         let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
         let json = serde_json::to_vec_pretty(&spec)
@@ -391,7 +397,12 @@ impl ContainerManager {
             .lock()
             .expect("containers lock")
             .insert(id.to_string(), container);
-        Ok(pid as u32)
+        Ok(pb::CreateContainerResponse {
+            pid: pid as u32,
+            uid: identity.uid(),
+            gid: identity.gid(),
+            additional_gids: identity.additional_gids().clone().unwrap_or_default(),
+        })
     }
 
     /// StartContainer.

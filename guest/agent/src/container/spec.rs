@@ -202,19 +202,44 @@ pub fn check_process(field: &str, process: &Process) -> Result<(), ContainerErro
     Ok(())
 }
 
-/// Makes `process` run as `user`: uid, gid, supplementary groups (replacing the spec's), and HOME unless
-/// the environment sets it.
+/// Makes `process` run as `user`: uid, gid, supplementary groups (the spec's — CRI supplemental groups
+/// and fsGroup — merged with the user's groups in the image, containerd's default `Merge` policy), and
+/// HOME unless the environment sets it.
 pub fn apply_user(process: &mut Process, user: ResolvedUser) {
     let mut oci_user = process.user().clone();
+    let mut gids = oci_user.additional_gids().clone().unwrap_or_default();
+    gids.extend(user.additional_gids);
+    gids.sort_unstable();
+    gids.dedup();
     oci_user.set_uid(user.uid);
     oci_user.set_gid(user.gid);
-    oci_user.set_additional_gids(Some(user.additional_gids));
+    oci_user.set_additional_gids(Some(gids));
     process.set_user(oci_user);
     let mut env = process.env().clone().unwrap_or_default();
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         env.push(format!("HOME={}", user.home));
         process.set_env(Some(env));
     }
+}
+
+/// Sets HOME, when the environment has none, to the home directory of the process's uid in the image's
+/// /etc/passwd under `rootfs`, else `/` (as runc does).
+pub fn default_home(process: &mut Process, rootfs: &Path) {
+    let mut env = process.env().clone().unwrap_or_default();
+    if env.iter().any(|e| e.starts_with("HOME=")) {
+        return;
+    }
+    let uid = process.user().uid().to_string();
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let home = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 7 && f[2] == uid)
+        .map(|f| f[5].to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "/".into());
+    env.push(format!("HOME={home}"));
+    process.set_env(Some(env));
 }
 
 /// The process of an exec in a container whose own process (as created: user resolved, HOME set) is

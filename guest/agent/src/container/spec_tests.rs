@@ -313,3 +313,44 @@ fn exec_processes_are_the_container_process_with_other_args_and_terminal() {
         );
     }
 }
+
+#[test]
+fn supplemental_groups_merge_and_home_defaults_from_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("etc")).unwrap();
+    std::fs::write(
+        dir.path().join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("etc/group"), "root:x:0:\nwheel:x:10:app\n").unwrap();
+    // CRI supplemental groups (fsGroup 2000, 3000) stay, the image's (wheel) are added.
+    let mut v = base();
+    v["process"]["user"] = serde_json::json!({"uid": 0, "gid": 0, "additionalGids": [3000, 2000]});
+    let mut spec = prep(&v, &pod()).unwrap();
+    let process = spec.process_mut().as_mut().unwrap();
+    apply_user(process, resolve_user(dir.path(), "1000").unwrap());
+    assert_eq!(
+        process.user().additional_gids().as_deref(),
+        Some(&[10, 2000, 3000][..])
+    );
+    // A numeric user given in the spec (no name to resolve) gets its passwd home; unknown uids "/".
+    for (uid, home) in [(1000, "HOME=/home/app"), (4242, "HOME=/")] {
+        let mut v = base();
+        v["process"]["user"] = serde_json::json!({"uid": uid, "gid": uid});
+        let mut spec = prep(&v, &pod()).unwrap();
+        let process = spec.process_mut().as_mut().unwrap();
+        default_home(process, dir.path());
+        assert!(
+            process.env().as_ref().unwrap().iter().any(|e| e == home),
+            "{uid}"
+        );
+    }
+    // An explicit HOME wins.
+    let mut v = base();
+    v["process"]["env"] = serde_json::json!(["HOME=/mine"]);
+    let mut spec = prep(&v, &pod()).unwrap();
+    let process = spec.process_mut().as_mut().unwrap();
+    default_home(process, dir.path());
+    assert_eq!(process.env().as_deref().unwrap(), ["HOME=/mine"]);
+}
