@@ -76,7 +76,7 @@ pub enum Request {
         /// Stdio of the process.
         stdio: Stdio,
         /// The container's seccomp profile, applied to the process too (see [`seccomp::prepare`]).
-        seccomp: Option<seccomp::SeccompExec>,
+        seccomp: Option<Box<seccomp::SeccompExec>>,
     },
     /// Freeze the container.
     Pause {
@@ -222,7 +222,7 @@ fn handle(root: &Path, request: Request, mut fds: Vec<OwnedFd>) -> Result<Reply,
         } => {
             let mut b = with_stdio(builder(&id)?, &stdio, &mut fds)?;
             if let Some(seccomp) = seccomp {
-                b = b.with_executor(seccomp);
+                b = b.with_executor(*seccomp);
             }
             let pid = b
                 .as_tenant()

@@ -432,7 +432,7 @@ impl ContainerManager {
         let seccomp = c
             .seccomp
             .clone()
-            .map(|profile| crate::engine::seccomp::prepare(&mut process, profile));
+            .map(|profile| Box::new(crate::engine::seccomp::prepare(&mut process, profile)));
         let _op = c.ops.lock().await;
         if c.state() != State::Running {
             return Err(ContainerError::FailedPrecondition(format!(

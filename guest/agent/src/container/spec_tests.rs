@@ -293,7 +293,7 @@ fn exec_processes_are_the_container_process_with_other_args_and_terminal() {
     let mut same = exec.clone();
     same.set_args(container.args().clone())
         .set_terminal(Some(true))
-        .set_console_size(container.console_size().clone());
+        .set_console_size(container.console_size());
     assert_eq!(same, container);
     assert_eq!(exec.no_new_privileges(), Some(true));
     assert!(exec.rlimits().is_some() && exec.capabilities().is_some());
