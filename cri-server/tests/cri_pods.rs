@@ -427,14 +427,14 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
         .unwrap()
         .into_inner();
     assert_eq!(ps.stats.unwrap().linux.unwrap().containers.len(), 2);
-    // Metrics: about 2 s of CPU in the talker and a ping of the gateway (network traffic), then every
+    // Metrics: seconds of CPU in the talker and a ping of the gateway (network traffic), then every
     // cAdvisor name critest expects, with plausible values.
-    let burn = "timeout 4 sh -c 'while :; do :; done'; \
+    let burn = "timeout 6 sh -c 'while :; do :; done'; \
                 ping -c 2 -W 2 $(ip route | awk '/^default/ {print $3}') >/dev/null; true";
     rt.exec_sync(ExecSyncRequest {
         container_id: talker.clone(),
         cmd: vec!["sh".into(), "-c".into(), burn.into()],
-        timeout: 60,
+        timeout: 180,
     })
     .await
     .expect("ExecSync burn");
