@@ -5,13 +5,9 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 /// Busybox applets linked in the image.
-const APPLETS: [&str; 17] = [
+const APPLETS: [&str; 19] = [
     "sh", "echo", "sleep", "cat", "dd", "hostname", "id", "tty", "mkdir", "ls", "true", "head",
-<<<<<<< HEAD
-    "wc", "ps", "grep", "chmod", "touch",
-=======
-    "wc", "ps", "ip", "brctl", "grep",
->>>>>>> h-kernel
+    "wc", "ps", "grep", "chmod", "touch", "ip", "brctl",
 ];
 
 /// The host's iptables multi-binaries (Debian's `iptables` package) and their links in the image.
