@@ -191,20 +191,20 @@ fn handle(root: &Path, request: Request, mut fds: Vec<OwnedFd>) -> Result<Reply,
     let builder = |id: &str| {
         ContainerBuilder::new(id.to_string(), SyscallType::Linux)
             .with_root_path(root)
-            .map_err(|e| e.to_string())
+            .map_err(|e| first_cause(&e))
     };
-    let load = |id: &str| Container::load(root.join(id)).map_err(|e| e.to_string());
+    let load = |id: &str| Container::load(root.join(id)).map_err(|e| first_cause(&e));
     match request {
         Request::Create { id, bundle, stdio } => {
             let container = with_stdio(builder(&id)?, &stdio, &mut fds)?
                 .validate_id()
-                .map_err(|e| e.to_string())?
+                .map_err(|e| first_cause(&e))?
                 .as_init(bundle)
                 .with_systemd(false)
                 .with_detach(true)
                 .as_sibling(true)
                 .build()
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| first_cause(&e))?;
             let pid = container
                 .pid()
                 .ok_or_else(|| "libcontainer reported no init pid".to_string())?;
@@ -213,7 +213,7 @@ fn handle(root: &Path, request: Request, mut fds: Vec<OwnedFd>) -> Result<Reply,
         Request::Start { id } => load(&id)?
             .start()
             .map(|()| Reply::Done)
-            .map_err(|e| e.to_string()),
+            .map_err(|e| first_cause(&e)),
         Request::Exec {
             id,
             process,
@@ -230,17 +230,17 @@ fn handle(root: &Path, request: Request, mut fds: Vec<OwnedFd>) -> Result<Reply,
                 .with_detach(true)
                 .as_sibling(true)
                 .build()
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| first_cause(&e))?;
             Ok(Reply::Pid(pid.as_raw()))
         }
         Request::Pause { id } => load(&id)?
             .pause()
             .map(|()| Reply::Done)
-            .map_err(|e| e.to_string()),
+            .map_err(|e| first_cause(&e)),
         Request::Resume { id } => load(&id)?
             .resume()
             .map(|()| Reply::Done)
-            .map_err(|e| e.to_string()),
+            .map_err(|e| first_cause(&e)),
         Request::Delete { id } => {
             if !root.join(&id).exists() {
                 return Ok(Reply::Done);
@@ -248,9 +248,26 @@ fn handle(root: &Path, request: Request, mut fds: Vec<OwnedFd>) -> Result<Reply,
             load(&id)?
                 .delete(true)
                 .map(|()| Reply::Done)
-                .map_err(|e| e.to_string())
+                .map_err(|e| first_cause(&e))
         }
     }
+}
+
+/// An error with its chain of sources, outermost first, each source shown once: a libcontainer
+/// failure ("failed to create container") then names its first cause (a mount, a missing file) even
+/// where the outer message leaves it out.
+fn first_cause(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
 }
 
 impl EngineClient {
@@ -436,6 +453,28 @@ impl tracing::Subscriber for ConsoleLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("failed to create container")]
+        Create(#[source] std::io::Error),
+        #[error("wrapped: {0}")]
+        Shown(#[source] std::io::Error),
+    }
+
+    #[test]
+    fn errors_name_their_first_cause_once() {
+        let cause = || std::io::Error::other("mount /etc/linked: no such file or directory");
+        assert_eq!(
+            first_cause(&Outer::Create(cause())),
+            "failed to create container: mount /etc/linked: no such file or directory"
+        );
+        // A source the message already shows is not repeated.
+        assert_eq!(
+            first_cause(&Outer::Shown(cause())),
+            "wrapped: mount /etc/linked: no such file or directory"
+        );
+    }
 
     #[test]
     fn messages_and_descriptors_cross_the_channel() {

@@ -235,7 +235,13 @@ impl<'a> Harness<'a> {
     /// Whether the device's extra fd becomes readable within `ms`.
     pub fn extra_readable(&self, ms: i32) -> bool {
         let mut events = [EpollEvent::default(); 1];
-        self.epoll.wait(ms, &mut events).unwrap() > 0
+        // A signal (EINTR) on a loaded host is not an answer: wait again.
+        loop {
+            match self.epoll.wait(ms, &mut events) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return r.unwrap() > 0,
+            }
+        }
     }
 
     /// Runs the device's rx side until at least `n` new used rx entries appear; returns them.
