@@ -249,11 +249,8 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
     let sleeper = create_container(
         &mut rt,
         &pod,
-        with_volumes(with_cpu_quota(container_config(
-            "sleeper",
-            &image,
-            &["sh", "-c", sleeper_cmd],
-            64 << 20,
+        with_volumes(with_cpu_quota(as_app_with_runtime_default(
+            container_config("sleeper", &image, &["sh", "-c", sleeper_cmd], 64 << 20),
         ))),
         &config_a,
     )
@@ -332,7 +329,10 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
                 "-c".into(),
                 "echo out; echo err >&2; hostname; cat /etc/resolv.conf /proc/cpuinfo; \
                  cat /etc/config/greeting /shared/t /etc/linked/greeting; \
-                 (echo x > /etc/config/x) 2>/dev/null || echo config-read-only; exit 3"
+                 (echo x > /etc/config/x) 2>/dev/null || echo config-read-only; \
+                 echo \"uid=$(id -u) groups=$(id -G)\"; \
+                 while read k v; do [ \"$k\" = Seccomp: ] && echo seccomp=$v; done < /proc/self/status; \
+                 exit 3"
                     .into(),
             ],
             timeout: 120,
@@ -357,6 +357,11 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
     ] {
         assert!(stdout.contains(want), "{want:?} in {stdout}");
     }
+    // The exec runs as the container's user given by name, under its RuntimeDefault filter (mode 2).
+    assert!(
+        stdout.contains("uid=1000 groups=1000\n") && stdout.contains("seccomp=2\n"),
+        "{stdout}"
+    );
     assert_eq!(
         stdout.matches("hi from a config map").count(),
         2,
@@ -766,6 +771,22 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
 }
 
 /// `c` limited to half a CPU (a CFS quota, so that the cfs metrics have values).
+/// Runs as the image's `app` user, given by name, under the RuntimeDefault seccomp profile, without
+/// no_new_privs (what a "baseline" pod sends; exec into it must keep both).
+fn as_app_with_runtime_default(mut c: ContainerConfig) -> ContainerConfig {
+    let sc = c
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default);
+    sc.run_as_username = "app".into();
+    sc.seccomp = Some(SecurityProfile {
+        profile_type: security_profile::ProfileType::RuntimeDefault as i32,
+        localhost_ref: String::new(),
+    });
+    c
+}
+
 fn with_cpu_quota(mut c: ContainerConfig) -> ContainerConfig {
     let r = c
         .linux

@@ -21,16 +21,11 @@ pub fn pod_config(name: &str, uid: &str) -> PodSandboxConfig {
 
 /// A container config with only metadata, image and command.
 pub fn container_config(name: &str, image: &str, command: &[&str]) -> ContainerConfig {
+    let full = super::common::container_config(name, image, command, 0);
     ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        }),
-        command: command.iter().map(|s| s.to_string()).collect(),
+        metadata: full.metadata,
+        image: full.image,
+        command: full.command,
         ..Default::default()
     }
 }
