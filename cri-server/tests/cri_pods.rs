@@ -8,13 +8,14 @@ mod common;
 mod invalid;
 #[path = "cri_pods/minimal.rs"]
 mod minimal;
+#[path = "cri_pods/stats.rs"]
+mod stats;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cri_metrics;
 use common::net::TestNetwork;
 use common::{
     connect, container_config, create_container, pod_config, pod_prerequisites, podvisor_cmd,
@@ -406,112 +407,8 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
     let rotated = wait_log(&talker_log, &["stdout F tick"], Duration::from_secs(60)).await;
     assert!(rotated.contains("stdout F tick"), "{rotated}");
 
-    // Stats and resources.
-    let s = rt
-        .container_stats(ContainerStatsRequest {
-            container_id: talker.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .stats
-        .unwrap();
-    assert!(s.cpu.unwrap().usage_core_nano_seconds.unwrap().value > 0);
-    assert!(s.memory.unwrap().working_set_bytes.unwrap().value > 0);
-    let all = rt
-        .list_container_stats(ListContainerStatsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(all.stats.len(), 2, "{all:?}");
-    let ps = rt
-        .pod_sandbox_stats(PodSandboxStatsRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(ps.stats.unwrap().linux.unwrap().containers.len(), 2);
-    // Metrics: seconds of CPU in the talker and a ping of the gateway (network traffic), then every
-    // cAdvisor name critest expects, with plausible values.
-    let burn = "timeout 6 sh -c 'while :; do :; done'; \
-                ping -c 2 -W 2 $(ip route | awk '/^default/ {print $3}') >/dev/null; true";
-    rt.exec_sync(ExecSyncRequest {
-        container_id: talker.clone(),
-        cmd: vec!["sh".into(), "-c".into(), burn.into()],
-        timeout: 180,
-    })
-    .await
-    .expect("ExecSync burn");
-    let (pod_level, per) = cri_metrics::check(&mut rt, &pod, &[&talker, &sleeper]).await;
-    let value = cri_metrics::value;
-    assert!(
-        value(
-            &pod_level,
-            "container_network_receive_bytes_total",
-            &["eth0"]
-        ) > Some(0)
-    );
-    let cpu = value(
-        &per[&talker],
-        "container_cpu_usage_seconds_total",
-        &["total"],
-    );
-    assert!(cpu >= Some(1), "{cpu:?}");
-    assert!(value(&per[&talker], "container_memory_working_set_bytes", &[]) > Some(0));
-    let sleeper_m = &per[&sleeper];
-    assert_eq!(
-        value(sleeper_m, "container_spec_memory_limit_bytes", &[]),
-        Some(64 << 20)
-    );
-    assert_eq!(
-        value(sleeper_m, "container_spec_cpu_quota", &[]),
-        Some(50_000)
-    );
-    assert!(value(sleeper_m, "container_cpu_cfs_periods_total", &[]).is_some());
-    rt.update_container_resources(UpdateContainerResourcesRequest {
-        container_id: sleeper.clone(),
-        linux: Some(LinuxContainerResources {
-            memory_limit_in_bytes: 96 << 20,
-            cpu_shares: 512,
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("UpdateContainerResources");
-    let res = status(&mut rt, &sleeper)
-        .await
-        .resources
-        .unwrap()
-        .linux
-        .unwrap();
-    assert_eq!(res.memory_limit_in_bytes, 96 << 20);
-    let (c, m) = code(
-        rt.update_container_resources(UpdateContainerResourcesRequest {
-            container_id: sleeper.clone(),
-            linux: Some(LinuxContainerResources {
-                memory_limit_in_bytes: 1,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await,
-    );
-    assert_eq!(c, Code::InvalidArgument, "{m}");
-    assert!(m.starts_with("linux.memory_limit_in_bytes"), "{m}");
-    let (c, m) = code(
-        rt.update_container_resources(UpdateContainerResourcesRequest {
-            container_id: sleeper.clone(),
-            linux: Some(LinuxContainerResources {
-                cpu_quota: -7,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await,
-    );
-    assert_eq!(c, Code::InvalidArgument, "{m}");
+    // Stats, metrics and resource updates.
+    stats::stats_and_resources(&mut rt, &pod, &talker, &sleeper).await;
 
     // OOM: 64 MiB buffers under a 16 MiB limit.
     let hog = create_container(
@@ -685,33 +582,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
 
     // The name of the interrupted pod B is free again and the restarted daemon runs pods, for a
     // minimal client too (crictl, critest: metadata only, no hostname, DNS or log directory).
-    let config_b = minimal::pod_config("db", "uid-b");
-    let pod_b = run_pod(&mut rt, &config_b).await;
-    let c = create_container(
-        &mut rt,
-        &pod_b,
-        minimal::container_config(
-            "once",
-            &image,
-            &["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"],
-        ),
-        &config_b,
-    )
-    .await;
-    rt.start_container(StartContainerRequest {
-        container_id: c.clone(),
-    })
-    .await
-    .unwrap();
-    minimal::check_statuses(&mut rt, &pod_b, &c, &image).await;
-    rt.stop_container(StopContainerRequest {
-        container_id: c.clone(),
-        timeout: 30,
-    })
-    .await
-    .unwrap();
-    let s = wait_exited(&mut rt, &c, Duration::from_secs(180)).await;
-    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"), "{s:?}");
+    let pod_b = minimal::minimal_pod(&mut rt, &image).await;
 
     for p in [&pod, &pod_b] {
         rt.stop_pod_sandbox(StopPodSandboxRequest {

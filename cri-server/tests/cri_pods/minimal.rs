@@ -2,9 +2,36 @@
 //! as crictl and critest configure them (metadata, image and command only: no hostname, DNS config,
 //! log directory or resources), and every status read back complete, with containerd's defaults.
 
+use std::time::Duration;
+
 use k8s_cri::v1::*;
 
-use super::Rt;
+use super::common::{create_container, run_pod};
+use super::{wait_exited, Rt};
+
+/// Runs pod `db` (uid `uid-b`) as a minimal client configures it, with one minimal container from
+/// `image`; checks every status, stops the container (exit 0 on SIGTERM) and returns the pod id.
+pub async fn minimal_pod(rt: &mut Rt, image: &str) -> String {
+    let config = pod_config("db", "uid-b");
+    let pod = run_pod(rt, &config).await;
+    let command = ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"];
+    let c = create_container(rt, &pod, container_config("once", image, &command), &config).await;
+    rt.start_container(StartContainerRequest {
+        container_id: c.clone(),
+    })
+    .await
+    .unwrap();
+    check_statuses(rt, &pod, &c, image).await;
+    rt.stop_container(StopContainerRequest {
+        container_id: c.clone(),
+        timeout: 30,
+    })
+    .await
+    .unwrap();
+    let s = wait_exited(rt, &c, Duration::from_secs(180)).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"), "{s:?}");
+    pod
+}
 
 /// A pod config with only metadata.
 pub fn pod_config(name: &str, uid: &str) -> PodSandboxConfig {
