@@ -1,4 +1,5 @@
 //! `podvisor`: the node daemon (CRI v1 over a unix socket), its host check and `podvisor pull`.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

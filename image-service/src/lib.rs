@@ -3,7 +3,7 @@
 //!
 //! [`ImageService`] is the entry point; the modules below it are usable on their own (the layer applier,
 //! the content store, registry host configuration).
-
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod apply;

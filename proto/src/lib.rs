@@ -4,6 +4,7 @@
 //! With the `client` feature (default), [`client::connect_hybrid_vsock`] opens a client through the VMM's
 //! hybrid-vsock unix socket.
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 /// Generated code for package `podvisor.agent.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -17,6 +17,7 @@
 pub mod arch;
 mod config;
 pub mod devices;
+mod exit;
 pub mod host;
 mod thread;
 mod vcpu;
@@ -26,9 +27,10 @@ pub use config::{
     BlockSlotConfig, ConfigError, NetConfig, VmConfig, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB,
 };
 pub use devices::virtio::net::{NetStats, Tap, TapError};
+pub use exit::ExitReason;
 pub use host::{HostKind, KvmHost};
 pub use thread::{ThreadKind, VmThread};
-pub use vm::{Error, ExitReason, ExitWatch, Vm, VmState};
+pub use vm::{Error, ExitWatch, Vm, VmState};
 
 /// The kernel command line podvisor boots guests with on `host` (serial console, reboot ends the VM,
 /// no PCI/ACPI probing), plus what the host's KVM kind needs (see [`KvmHost::guest_cmdline_args`]).

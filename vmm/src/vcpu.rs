@@ -20,7 +20,7 @@ use crate::arch::layout::{MMIO_BASE, MMIO_WINDOW};
 use crate::devices::serial::{SerialConsole, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
 use crate::devices::virtio::worker::{lock, panic_message};
 use crate::devices::BusDevice;
-use crate::vm::ExitReason;
+use crate::exit::ExitReason;
 
 /// i8042 command port; writing 0xfe to it pulses the CPU reset line.
 const I8042_COMMAND_PORT: u16 = 0x64;

@@ -30,6 +30,7 @@ use crate::devices::virtio::vsock::{VsockDevice, VsockError};
 use crate::devices::virtio::worker::{self, lock, WorkerError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::BusDevice;
+use crate::exit::ExitReason;
 use crate::host::{HostKind, KvmHost};
 use crate::thread::{self, ThreadKind, VmThread};
 use crate::vcpu::{install_kick_handler, run_vcpu, IoBus, Shared};
@@ -102,55 +103,6 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
-}
-
-/// Why a VM stopped running.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    /// The host stopped it ([`Vm::stop`]).
-    Stopped,
-    /// The guest rebooted or triple-faulted (guests boot with `reboot=t`, so a reboot ends the VM).
-    GuestReset,
-    /// The guest powered off.
-    GuestShutdown,
-    /// The guest reported a crash (pvpanic-style system event).
-    GuestPanic,
-    /// KVM could not emulate a guest instruction. Under PVM a guest poweroff ends this way.
-    InternalError {
-        /// `kvm_run.internal.suberror`.
-        suberror: u32,
-    },
-    /// KVM refused to enter the guest.
-    EntryFailure {
-        /// Hardware entry failure reason.
-        reason: u64,
-    },
-    /// KVM_RUN failed.
-    KvmError(String),
-    /// A vCPU or device thread panicked; only this VM is affected.
-    VmmPanic(String),
-    /// An exit the VMM does not handle.
-    Unexpected(String),
-}
-
-impl fmt::Display for ExitReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExitReason::Stopped => write!(f, "stopped by the host"),
-            ExitReason::GuestReset => write!(f, "guest reset (reboot or triple fault)"),
-            ExitReason::GuestShutdown => write!(f, "guest powered off"),
-            ExitReason::GuestPanic => write!(f, "guest crashed"),
-            ExitReason::InternalError { suberror } => {
-                write!(f, "KVM internal error (suberror {suberror})")
-            }
-            ExitReason::EntryFailure { reason } => {
-                write!(f, "KVM entry failure (reason {reason:#x})")
-            }
-            ExitReason::KvmError(e) => write!(f, "KVM_RUN failed: {e}"),
-            ExitReason::VmmPanic(e) => write!(f, "VMM thread panicked: {e}"),
-            ExitReason::Unexpected(e) => write!(f, "unhandled VM exit: {e}"),
-        }
-    }
 }
 
 /// Observes a VM's exit from another thread; valid after the VM is dropped.

@@ -4,6 +4,7 @@
 //! Every entry has mtime 0, uid/gid 0 and sequential inode numbers, so the same inputs give the same bytes.
 //! Parent directories are created on demand (the kernel does not create missing parents while unpacking).
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeSet;
 use std::io::Write;

@@ -4,6 +4,7 @@
 //! `/dev/console` and `/dev/null` are in the archive because, with an initramfs, the kernel opens
 //! `/dev/console` for init's stdio before anything has mounted devtmpfs, and a Rust program whose stdio is
 //! closed reopens it on `/dev/null` at startup, or aborts if it cannot.
+#![forbid(unsafe_code)]
 
 use std::io::BufWriter;
 use std::os::unix::fs::PermissionsExt;
