@@ -373,13 +373,9 @@ impl Manager {
     /// the container. Stopping a container that is not running, or unknown, succeeds (CRI: the call
     /// is idempotent), as in containerd.
     pub async fn stop_container(&self, id: &str, timeout: i64) -> Result<(), SandboxError> {
-        let id = match self.resolve_container("container_id", id) {
-            Ok(id) => id,
-            Err(SandboxError::NotFound(m)) => {
-                tracing::info!("StopContainer of an unknown container succeeds: {m}");
-                return Ok(());
-            }
-            Err(e) => return Err(e),
+        let resolved = self.resolve_container("container_id", id);
+        let Some(id) = super::known(resolved, "StopContainer")? else {
+            return Ok(());
         };
         let Some(record) = self.inner.store.container(&id)? else {
             return Ok(());
@@ -431,10 +427,9 @@ impl Manager {
     /// RemoveContainer: kills it if running, removes it from the guest, detaches its image when no
     /// other container of the pod uses it, releases its image lease and record. Unknown ids succeed.
     pub async fn remove_container(&self, id: &str) -> Result<(), SandboxError> {
-        let id = match self.resolve_container("container_id", id) {
-            Ok(id) => id,
-            Err(SandboxError::NotFound(_)) => return Ok(()),
-            Err(e) => return Err(e),
+        let resolved = self.resolve_container("container_id", id);
+        let Some(id) = super::known(resolved, "RemoveContainer")? else {
+            return Ok(());
         };
         if let Err(e) = self.stop_container(&id, 0).await {
             // The agent's RemoveContainer below kills whatever is left.

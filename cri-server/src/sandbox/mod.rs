@@ -118,6 +118,22 @@ pub(crate) fn agent_err(call: &'static str) -> impl FnOnce(tonic::Status) -> San
     move |status| SandboxError::Agent { call, status }
 }
 
+/// An id resolved for an idempotent operation (stop, remove): None when it names nothing, which CRI
+/// answers with success (kubelet retries these after restarts), as containerd does.
+fn known(
+    resolved: Result<String, SandboxError>,
+    rpc: &str,
+) -> Result<Option<String>, SandboxError> {
+    match resolved {
+        Ok(id) => Ok(Some(id)),
+        Err(SandboxError::NotFound(m)) => {
+            tracing::info!("{rpc} of something unknown succeeds: {m}");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// SIGKILL.
 const SIGKILL: i32 = 9;
 

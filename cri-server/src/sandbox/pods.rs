@@ -205,13 +205,9 @@ impl Manager {
     /// StopPodSandbox: kills the containers (with the VM) and releases the VM. Idempotent: stopping
     /// an unknown pod succeeds (CRI; kubelet retries stops after restarts), as in containerd.
     pub async fn stop_pod(&self, id: &str) -> Result<(), SandboxError> {
-        let id = match self.resolve_pod("pod_sandbox_id", id) {
-            Ok(id) => id,
-            Err(SandboxError::NotFound(m)) => {
-                tracing::info!("StopPodSandbox of an unknown pod succeeds: {m}");
-                return Ok(());
-            }
-            Err(e) => return Err(e),
+        let Some(id) = super::known(self.resolve_pod("pod_sandbox_id", id), "StopPodSandbox")?
+        else {
+            return Ok(());
         };
         // Stop the VM before waiting for the pod lock: an operation stuck on an unresponsive guest
         // then fails and releases the lock.
@@ -276,10 +272,9 @@ impl Manager {
     /// RemovePodSandbox: stops the pod if needed, removes its containers, files and record.
     /// Removing an unknown pod succeeds (kubelet retries).
     pub async fn remove_pod(&self, id: &str) -> Result<(), SandboxError> {
-        let id = match self.resolve_pod("pod_sandbox_id", id) {
-            Ok(id) => id,
-            Err(SandboxError::NotFound(_)) => return Ok(()),
-            Err(e) => return Err(e),
+        let Some(id) = super::known(self.resolve_pod("pod_sandbox_id", id), "RemovePodSandbox")?
+        else {
+            return Ok(());
         };
         let pod_lock = self.pod_lock(&id);
         let _guard = pod_lock.lock().await;

@@ -44,15 +44,10 @@ pub fn vm_size(
     let mut declared_overhead = false;
     for (field, r) in parts {
         let Some(r) = r else { continue };
-        // The checks CreateContainer applies (signs, CFS ranges, the memory floor), with this field's name.
+        // The checks CreateContainer applies (signs, CFS ranges, quota only with a period, the memory
+        // floor), with this field's name.
         crate::spec::resources_at(field, r)?;
         if r.cpu_quota > 0 {
-            if r.cpu_period == 0 {
-                return Err(invalid(
-                    &format!("{field}.cpu_period"),
-                    "must be set with cpu_quota",
-                ));
-            }
             cpus += r.cpu_quota as f64 / r.cpu_period as f64;
         }
         if field.ends_with("resources") {

@@ -250,14 +250,14 @@ pub fn check_host_cpusets(config: &PodSandboxConfig) -> Result<(), SandboxError>
             let wanted = cpuset(list)
                 .ok_or_else(|| invalid(&field, format!("{} is not a list", echo(list))))?;
             // A host without NUMA information has node 0 only.
-            let host = std::fs::read_to_string(online).unwrap_or_else(|_| "0".into());
-            let host = cpuset(&host).unwrap_or_default();
+            let text = std::fs::read_to_string(online).unwrap_or_else(|_| "0".into());
+            let host = cpuset(&text).unwrap_or_default();
             if let Some(missing) = wanted.iter().find(|c| !host.contains(c)) {
                 return Err(invalid(
                     &field,
                     format!(
                         "{missing} is not online on this node (online: {})",
-                        echo(std::fs::read_to_string(online).unwrap_or_default().trim())
+                        echo(text.trim())
                     ),
                 ));
             }

@@ -36,12 +36,7 @@ pub async fn minimal_pod(rt: &mut Rt, image: &str) -> String {
 /// A pod config with only metadata.
 pub fn pod_config(name: &str, uid: &str) -> PodSandboxConfig {
     PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: uid.into(),
-            namespace: "e2e".into(),
-            attempt: 0,
-        }),
+        metadata: super::common::pod_config(name, uid, std::path::Path::new("")).metadata,
         ..Default::default()
     }
 }
