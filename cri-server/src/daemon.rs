@@ -218,13 +218,15 @@ pub fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
 fn manager_config(args: &DaemonArgs) -> ManagerConfig {
     let p = &args.pods;
     ManagerConfig {
-        kernel: args.guest_dir.join("vmlinux"),
-        initramfs: args.guest_dir.join("initramfs.cpio"),
-        cmdline: vmm::default_cmdline(&vmm::KvmHost::detect()),
+        guest: crate::pod::vm::GuestConfig {
+            kernel: args.guest_dir.join("vmlinux"),
+            initramfs: args.guest_dir.join("initramfs.cpio"),
+            cmdline: vmm::default_cmdline(&vmm::KvmHost::detect()),
+            image_slots: p.image_slots,
+            boot_timeout: std::time::Duration::from_secs(p.boot_timeout_secs),
+        },
         pods_dir: args.state_dir.join("pods"),
         run_dir: args.run_dir.clone(),
-        image_slots: p.image_slots,
-        boot_timeout: std::time::Duration::from_secs(p.boot_timeout_secs),
         default_mem_mib: p.default_pod_memory_mib,
         guest_overhead_mib: p.guest_overhead_mib,
         writable_layer_bytes: p.writable_layer_mib << 20,

@@ -14,6 +14,7 @@ mod images;
 mod logs;
 mod metrics;
 mod network;
+mod pod;
 mod pull;
 mod runtime;
 mod sandbox;

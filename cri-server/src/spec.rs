@@ -75,9 +75,9 @@ pub enum SpecError {
     /// The request is valid CRI but a pod VM cannot do it; the message names the field.
     #[error("{0}")]
     Unimplemented(String),
-    /// A container spec given back to us does not parse (or ours does not serialize).
-    #[error("{0}")]
-    Internal(String),
+    /// Our OCI spec does not serialize.
+    #[error("serializing the OCI spec: {0}")]
+    Serialize(#[source] serde_json::Error),
 }
 
 impl From<SpecError> for tonic::Status {
@@ -85,7 +85,7 @@ impl From<SpecError> for tonic::Status {
         match e {
             SpecError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             SpecError::Unimplemented(m) => tonic::Status::unimplemented(m),
-            SpecError::Internal(m) => tonic::Status::internal(m),
+            e @ SpecError::Serialize(_) => tonic::Status::internal(e.to_string()),
         }
     }
 }
@@ -222,8 +222,7 @@ pub fn container_spec(
         .set_mounts(Some(mounts))
         .set_annotations(Some(annotations(config, pod)))
         .set_linux(Some(linux));
-    let oci_spec_json = serde_json::to_vec(&spec)
-        .map_err(|e| SpecError::Internal(format!("serializing the OCI spec: {e}")))?;
+    let oci_spec_json = serde_json::to_vec(&spec).map_err(SpecError::Serialize)?;
     Ok(BuiltSpec {
         oci_spec_json,
         user: to_resolve,

@@ -50,20 +50,23 @@ fn status_of(e: SandboxError) -> Status {
         SandboxError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
         SandboxError::ResourceExhausted(m) => Status::resource_exhausted(m),
         SandboxError::Image(e) => crate::images::status_of(&e),
-        SandboxError::Agent { call, status } => {
-            let code = match status.code() {
-                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
-                    tonic::Code::Unavailable
-                }
-                _ => tonic::Code::Internal,
-            };
-            Status::new(code, format!("guest agent {call}: {}", status.message()))
-        }
+        SandboxError::Pod(e) => match e.agent_status() {
+            // An unreachable agent is a transient condition kubelet retries.
+            Some(status) => {
+                let code = match status.code() {
+                    tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
+                        tonic::Code::Unavailable
+                    }
+                    _ => tonic::Code::Internal,
+                };
+                Status::new(code, e.to_string())
+            }
+            None => Status::internal(e.to_string()),
+        },
         e @ (SandboxError::State(_)
-        | SandboxError::Vm(_)
         | SandboxError::Io { .. }
-        | SandboxError::Network(_)
-        | SandboxError::Cgroup(_)) => Status::internal(e.to_string()),
+        | SandboxError::Spec(_)
+        | SandboxError::Log { .. }) => Status::internal(e.to_string()),
     }
 }
 

@@ -8,9 +8,11 @@ use k8s_cri::v1::{ContainerConfig, LinuxContainerResources};
 use podvisor_proto as pb;
 use prost::Message;
 
-use super::live::{LiveContainer, LivePod};
-use super::{agent_err, lock, now_ns, EventKind, Manager, SandboxError};
+use super::{now_ns, EventKind, Manager, SandboxError};
 use crate::logs::LogWriter;
+use crate::pod::container::LiveContainer;
+use crate::pod::process::{Process, SIGKILL};
+use crate::pod::{ImageDisk, NewContainer, Pod, PodError};
 use crate::spec::SpecError;
 use crate::state::{ContainerRecord, ContainerState, PodRecord};
 use crate::text::echo;
@@ -25,7 +27,7 @@ impl From<SpecError> for SandboxError {
         match e {
             SpecError::InvalidArgument(m) => SandboxError::InvalidArgument(m),
             SpecError::Unimplemented(m) => SandboxError::Unimplemented(m),
-            SpecError::Internal(m) => SandboxError::Vm(format!("building the OCI spec: {m}")),
+            e @ SpecError::Serialize(_) => SandboxError::Spec(e),
         }
     }
 }
@@ -52,6 +54,17 @@ fn log_file(log_directory: &str, log_path: &str) -> Result<std::path::PathBuf, S
     Ok(dir.join(rel))
 }
 
+/// A pod error, with a request the agent refused as invalid (`InvalidArgument`, or one of `also`)
+/// reported as the client's error on `field`.
+fn refused_field(e: PodError, field: &str, also: &[tonic::Code]) -> SandboxError {
+    match e.agent_status() {
+        Some(s) if s.code() == tonic::Code::InvalidArgument || also.contains(&s.code()) => {
+            SandboxError::InvalidArgument(format!("{field}: {}", s.message()))
+        }
+        _ => e.into(),
+    }
+}
+
 impl Manager {
     /// CreateContainer: attaches the image to the pod VM (once per image), builds the OCI spec and has
     /// the agent create the container; its output goes to the CRI log file.
@@ -73,7 +86,7 @@ impl Manager {
         // The pod's stored config is authoritative (kubelet resends the same one with each request).
         let pod_config = pod.cri_config();
         let name_key = super::validate::container_name_key(&config, &pod_config)?;
-        let images = &self.inner.images;
+        let images = self.images();
         let image = images.status(&image_ref)?.ok_or_else(|| {
             SandboxError::NotFound(format!(
                 "config.image.image: image {} not found",
@@ -88,7 +101,7 @@ impl Manager {
             ("", _) | (_, "") => None,
             (dir, rel) => Some(log_file(dir, rel)?),
         };
-        let store = &self.inner.store;
+        let store = self.store();
         store
             .reserve_name(&name_key, &id)
             .map_err(|e| SandboxError::AlreadyExists(format!("container {e}")))?;
@@ -139,12 +152,7 @@ impl Manager {
             }
             Err(e) => {
                 tracing::warn!(container = %id, "CreateContainer failed: {e}");
-                let _ = live
-                    .agent()
-                    .remove_container(pb::ContainerRequest {
-                        container_id: id.clone(),
-                    })
-                    .await;
+                let _ = live.remove_container(&id).await;
                 if let Err(e2) = self.forget_container(&record).await {
                     tracing::error!(container = %id, "rolling back: {e2}");
                 }
@@ -159,48 +167,40 @@ impl Manager {
     async fn create_in_guest(
         &self,
         pod: &mut PodRecord,
-        live: &Arc<LivePod>,
+        live: &Arc<dyn Pod>,
         record: &mut ContainerRecord,
         config: &ContainerConfig,
         built: &crate::spec::BuiltSpec,
         log_path: Option<&std::path::Path>,
     ) -> Result<(), SandboxError> {
-        let images = &self.inner.images;
+        let images = self.images();
         let image = images.lease(&record.image_id, &record.id).await?;
         let storage_id = image.id.hex().to_string();
         let slot = match pod.slots.iter().find(|(_, i)| **i == record.image_id) {
             Some((slot, _)) => *slot,
             None => {
-                let slot = (0..self.inner.config.image_slots)
+                let slot = (0..self.config().guest.image_slots)
                     .find(|s| !pod.slots.contains_key(s))
                     .ok_or_else(|| {
                         SandboxError::ResourceExhausted(format!(
                             "config.image: the pod already runs {} distinct images, the most a pod VM \
                              can attach",
-                            self.inner.config.image_slots
+                            self.config().guest.image_slots
                         ))
                     })?;
                 pod.slots.insert(slot, record.image_id.clone());
-                self.inner.store.put_pod(pod)?;
-                let path = images.block_image_path(&image);
-                live.with_vm(move |vm| vm.attach_block(slot as usize, &path, true))
-                    .await?;
-                live.agent()
-                    .add_storage(pb::AddStorageRequest {
-                        id: storage_id.clone(),
-                        block_slot: slot,
-                        fstype: image.fs_type.extension().into(),
-                        read_only: true,
-                        mount_point: None,
-                        timeout_ms: pb::DEFAULT_STORAGE_TIMEOUT_MS,
-                    })
-                    .await
-                    .map_err(agent_err("AddStorage"))?;
+                self.store().put_pod(pod)?;
+                let disk = ImageDisk {
+                    path: images.block_image_path(&image),
+                    fstype: image.fs_type.extension().into(),
+                    storage_id: storage_id.clone(),
+                };
+                live.add_image(slot, &disk).await?;
                 slot
             }
         };
         record.slot = slot;
-        self.inner.store.put_container(record)?;
+        self.store().put_container(record)?;
         let log = match log_path {
             None => None,
             Some(path) => Some(
@@ -208,34 +208,27 @@ impl Manager {
                     .map_err(|e| SandboxError::InvalidArgument(format!("config.log_path: {e}")))?,
             ),
         };
-        super::mounts::copy_mounts(&live.agent(), &built.mounts).await?;
+        crate::pod::files::copy_mounts(&**live, &built.mounts).await?;
         let live_container = Arc::new(LiveContainer::new(log));
-        lock(&self.inner.containers).insert(record.id.clone(), live_container.clone());
+        self.insert_live_container(&record.id, live_container.clone());
         let created = live
-            .agent()
-            .create_container(pb::CreateContainerRequest {
-                container_id: record.id.clone(),
+            .create_container(NewContainer {
+                id: record.id.clone(),
                 oci_spec_json: record.spec_json.clone(),
                 image_storage_id: storage_id,
-                writable_layer_bytes: self.inner.config.writable_layer_bytes,
+                writable_layer_bytes: self.config().writable_layer_bytes,
                 user: built.user.clone(),
             })
             .await
-            .map_err(|status| match status.code() {
-                tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
-                    SandboxError::InvalidArgument(format!("config: {}", status.message()))
-                }
-                _ => agent_err("CreateContainer")(status),
-            })?
-            .into_inner();
-        live_container.start_log_copiers(&live.agent(), &record.id, config.tty);
+            .map_err(|e| refused_field(e, "config", &[tonic::Code::FailedPrecondition]))?;
+        live_container.start_log_copiers(&**live, &record.id, config.tty);
         record.user = Some(crate::state::ContainerUser {
             uid: created.uid,
             gid: created.gid,
             additional_gids: created.additional_gids,
         });
         record.state = ContainerState::Created;
-        self.inner.store.put_container(record)?;
+        self.store().put_container(record)?;
         Ok(())
     }
 
@@ -244,12 +237,12 @@ impl Manager {
         &self,
         field: &str,
         id: &str,
-    ) -> Result<(ContainerRecord, Arc<LivePod>, Arc<LiveContainer>), SandboxError> {
+    ) -> Result<(ContainerRecord, Arc<dyn Pod>, Arc<LiveContainer>), SandboxError> {
         let id = self.resolve_container(field, id)?;
-        let record =
-            self.inner.store.container(&id)?.ok_or_else(|| {
-                SandboxError::NotFound(format!("{field}: container {id} not found"))
-            })?;
+        let record = self
+            .store()
+            .container(&id)?
+            .ok_or_else(|| SandboxError::NotFound(format!("{field}: container {id} not found")))?;
         let (_, live) = self.ready_pod(&record.pod_id)?;
         let lc = self.live_container(&id).ok_or_else(|| {
             SandboxError::FailedPrecondition(format!("container {id} is not running"))
@@ -262,7 +255,7 @@ impl Manager {
     pub(super) async fn running_process(
         &self,
         id: &str,
-    ) -> Result<(ContainerRecord, Arc<LivePod>, Arc<LiveContainer>), SandboxError> {
+    ) -> Result<(ContainerRecord, Arc<dyn Pod>, Arc<LiveContainer>), SandboxError> {
         let parts = self.running_parts("container_id", id).await?;
         if parts.0.state != ContainerState::Running {
             return Err(SandboxError::FailedPrecondition(format!(
@@ -279,7 +272,7 @@ impl Manager {
         let lock = self.pod_lock(&record.pod_id);
         let _guard = lock.lock().await;
         // Re-read under the pod lock: a concurrent start or stop may have changed it.
-        let mut record = self.inner.store.container(&record.id)?.ok_or_else(|| {
+        let mut record = self.store().container(&record.id)?.ok_or_else(|| {
             SandboxError::NotFound(format!("container {} was removed", record.id))
         })?;
         if record.state != ContainerState::Created {
@@ -288,44 +281,24 @@ impl Manager {
                 record.id, record.state
             )));
         }
-        live.agent()
-            .start_container(pb::ContainerRequest {
-                container_id: record.id.clone(),
-            })
-            .await
-            .map_err(agent_err("StartContainer"))?;
+        live.start_container(&record.id, record.cri_config().stdin)
+            .await?;
         record.state = ContainerState::Running;
         record.started_at = now_ns();
-        self.inner.store.put_container(&record)?;
-        if !record.cri_config().stdin {
-            // Without `stdin` the process reads EOF, as from /dev/null with other runtimes.
-            let _ = live
-                .agent()
-                .close_stdin(pb::ProcessRequest {
-                    container_id: record.id.clone(),
-                    exec_id: String::new(),
-                })
-                .await;
-        }
+        self.store().put_container(&record)?;
         self.emit(&record.id, &record.pod_id, EventKind::Started);
         self.watch_exit(record.id.clone(), record.pod_id.clone(), live, lc);
         Ok(())
     }
 
     /// Waits for the init process's exit in the guest and records it.
-    fn watch_exit(&self, id: String, pod_id: String, live: Arc<LivePod>, lc: Arc<LiveContainer>) {
+    fn watch_exit(&self, id: String, pod_id: String, live: Arc<dyn Pod>, lc: Arc<LiveContainer>) {
         let me = self.clone();
         tokio::spawn(async move {
+            let process = Process::main(&*live, &id);
             let exit = loop {
-                let waited = live
-                    .agent()
-                    .wait_process(pb::ProcessRequest {
-                        container_id: id.clone(),
-                        exec_id: String::new(),
-                    })
-                    .await;
-                match waited {
-                    Ok(exit) => break exit.into_inner(),
+                match process.wait().await {
+                    Ok(exit) => break exit,
                     // The pod is stopping or stopped: stopping records the exit itself.
                     Err(_) if live.stopping() || me.live_pod(&pod_id).is_none() => return,
                     Err(e) => {
@@ -339,7 +312,7 @@ impl Manager {
             let lock = me.pod_lock(&pod_id);
             let _guard = lock.lock().await;
             lc.drain_logs(LOG_DRAIN).await;
-            let store = &me.inner.store;
+            let store = &me.store();
             let Ok(Some(mut record)) = store.container(&id) else {
                 lc.set_exited();
                 return;
@@ -377,7 +350,7 @@ impl Manager {
         let Some(id) = super::known(resolved, "StopContainer")? else {
             return Ok(());
         };
-        let Some(record) = self.inner.store.container(&id)? else {
+        let Some(record) = self.store().container(&id)? else {
             return Ok(());
         };
         if record.state != ContainerState::Running {
@@ -390,37 +363,26 @@ impl Manager {
         let Some(lc) = self.live_container(&id) else {
             return Ok(());
         };
-        let signal = |sig: i32, all: bool| {
-            let mut agent = live.agent();
-            let id = id.clone();
-            async move {
-                agent
-                    .signal_process(pb::SignalProcessRequest {
-                        container_id: id,
-                        exec_id: String::new(),
-                        signal: sig as u32,
-                        all,
-                    })
-                    .await
-            }
-        };
+        let process = Process::main(&*live, &id);
         if timeout > 0 {
-            if let Err(e) = signal(record.stop_signal, false).await {
+            if let Err(e) = process.signal(record.stop_signal, false).await {
                 tracing::info!(container = %id, "stop signal: {e}");
             }
             if lc.wait_exited(Duration::from_secs(timeout as u64)).await {
                 return Ok(());
             }
         }
-        if let Err(e) = signal(super::SIGKILL, true).await {
+        if let Err(e) = process.signal(SIGKILL, true).await {
             tracing::info!(container = %id, "SIGKILL: {e}");
         }
         if lc.wait_exited(KILL_WAIT).await {
             Ok(())
         } else {
-            Err(SandboxError::Vm(format!(
-                "container {id} did not exit within {KILL_WAIT:?} of SIGKILL"
-            )))
+            Err(PodError::KillTimeout {
+                container: id,
+                waited: KILL_WAIT,
+            }
+            .into())
         }
     }
 
@@ -435,19 +397,14 @@ impl Manager {
             // The agent's RemoveContainer below kills whatever is left.
             tracing::warn!(container = %id, "stopping before removal: {e}");
         }
-        let Some(record) = self.inner.store.container(&id)? else {
+        let Some(record) = self.store().container(&id)? else {
             return Ok(());
         };
         let lock = self.pod_lock(&record.pod_id);
         let _guard = lock.lock().await;
         let live = self.ready_pod(&record.pod_id).ok().map(|(_, live)| live);
         if let Some(live) = &live {
-            live.agent()
-                .remove_container(pb::ContainerRequest {
-                    container_id: id.clone(),
-                })
-                .await
-                .map_err(agent_err("RemoveContainer"))?;
+            live.remove_container(&id).await?;
         }
         self.forget_container(&record).await?;
         if let Some(live) = &live {
@@ -460,8 +417,8 @@ impl Manager {
     /// Detaches the image slots of pod `pod_id` that no container uses any more (after a removal or a
     /// failed create), unmounting them in the guest first. Steps that find nothing to undo (the
     /// storage was never mounted, the slot never filled) are not errors. Call with the pod lock held.
-    async fn prune_slots(&self, pod_id: &str, live: &Arc<LivePod>) -> Result<(), SandboxError> {
-        let store = &self.inner.store;
+    async fn prune_slots(&self, pod_id: &str, live: &Arc<dyn Pod>) -> Result<(), SandboxError> {
+        let store = self.store();
         let Some(mut pod) = store.pod(pod_id)? else {
             return Ok(());
         };
@@ -477,19 +434,8 @@ impl Manager {
             .map(|(slot, image)| (*slot, image.clone()))
             .collect();
         for (slot, image) in unused {
-            let storage = image.rsplit(':').next().unwrap_or_default().to_string();
-            match live
-                .agent()
-                .remove_storage(pb::RemoveStorageRequest { id: storage })
-                .await
-            {
-                Ok(_) => {}
-                Err(s) if s.code() == tonic::Code::NotFound => {}
-                Err(s) => return Err(agent_err("RemoveStorage")(s)),
-            }
-            if let Err(e) = live.with_vm(move |vm| vm.detach_block(slot as usize)).await {
-                tracing::info!(pod = %pod_id, slot, "detach: {e}");
-            }
+            let storage = image.rsplit(':').next().unwrap_or_default();
+            live.remove_image(slot, storage).await?;
             pod.slots.remove(&slot);
             store.put_pod(&pod)?;
         }
@@ -502,11 +448,11 @@ impl Manager {
         &self,
         record: &ContainerRecord,
     ) -> Result<(), SandboxError> {
-        if let Some(lc) = lock(&self.inner.containers).remove(&record.id) {
+        if let Some(lc) = self.take_live_container(&record.id) {
             lc.set_exited();
         }
-        self.inner.images.release(&record.id).await?;
-        let store = &self.inner.store;
+        self.images().release(&record.id).await?;
+        let store = self.store();
         store.delete_container(&record.id)?;
         store.release_name(&record.name_key, &record.id)?;
         Ok(())
@@ -518,7 +464,7 @@ impl Manager {
         id: &str,
     ) -> Result<(ContainerRecord, Option<pb::StatsContainerResponse>), SandboxError> {
         let id = self.resolve_container("container_id", id)?;
-        let record = self.inner.store.container(&id)?.ok_or_else(|| {
+        let record = self.store().container(&id)?.ok_or_else(|| {
             SandboxError::NotFound(format!("container_id: container {id} not found"))
         })?;
         if !matches!(
@@ -530,14 +476,7 @@ impl Manager {
         let Ok((_, live)) = self.ready_pod(&record.pod_id) else {
             return Ok((record, None));
         };
-        let stats = live
-            .agent()
-            .stats_container(pb::ContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .map_err(agent_err("StatsContainer"))?
-            .into_inner();
+        let stats = live.container_stats(&id).await?;
         Ok((record, Some(stats)))
     }
 
@@ -551,13 +490,7 @@ impl Manager {
         let Ok((_, live)) = self.ready_pod(pod_id) else {
             return Ok(None);
         };
-        let stats = live
-            .agent()
-            .stats_sandbox(pb::StatsSandboxRequest { container_ids: ids })
-            .await
-            .map_err(agent_err("StatsSandbox"))?
-            .into_inner();
-        Ok(Some(stats))
+        Ok(Some(live.sandbox_stats(ids).await?))
     }
 
     /// UpdateContainerResources: applies new limits in the guest and records them.
@@ -570,33 +503,26 @@ impl Manager {
         let oci = crate::spec::oci_resources(&resources)?;
         let lock = self.pod_lock(&record.pod_id);
         let _guard = lock.lock().await;
-        live.agent()
-            .update_container(pb::UpdateContainerRequest {
-                container_id: record.id.clone(),
-                resources_json: serde_json::to_vec(&oci).expect("resources serialize"),
-            })
+        let json = serde_json::to_vec(&oci).expect("resources serialize");
+        live.update_container(&record.id, json)
             .await
-            .map_err(|status| match status.code() {
-                tonic::Code::InvalidArgument => {
-                    SandboxError::InvalidArgument(format!("linux: {}", status.message()))
-                }
-                _ => agent_err("UpdateContainer")(status),
-            })?;
+            .map_err(|e| refused_field(e, "linux", &[]))?;
         // Re-read: the container may have exited (or been removed) meanwhile; only the resources change.
-        if let Some(mut current) = self.inner.store.container(&record.id)? {
+        if let Some(mut current) = self.store().container(&record.id)? {
             current.resources = resources.encode_to_vec();
-            self.inner.store.put_container(&current)?;
+            self.store().put_container(&current)?;
         }
         Ok(())
     }
 
     /// ReopenContainerLog: the log file was rotated; write to a new file at the same path.
     pub async fn reopen_log(&self, id: &str) -> Result<(), SandboxError> {
-        let (_, _, lc) = self.running_process(id).await?;
+        let (record, _, lc) = self.running_process(id).await?;
         match &lc.log {
-            Some(log) => log
-                .reopen()
-                .map_err(|e| SandboxError::Vm(format!("reopening the container log: {e}"))),
+            Some(log) => log.reopen().map_err(|source| SandboxError::Log {
+                container: record.id,
+                source,
+            }),
             None => Ok(()),
         }
     }

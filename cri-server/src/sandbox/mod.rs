@@ -8,9 +8,6 @@
 
 mod containers;
 mod exec;
-mod live;
-mod mounts;
-mod network;
 mod pods;
 mod release;
 mod size;
@@ -20,16 +17,19 @@ mod validate;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use image_service::{ImageError, ImageService};
 use tokio::sync::broadcast;
 
-pub use live::{LiveContainer, LivePod};
 pub use stream::backend;
 
 use crate::cgroups::{CgroupConfig, CgroupError};
 use crate::network::{Network, NetworkConfig, NetworkError};
+use crate::pod::container::LiveContainer;
+use crate::pod::vm::GuestConfig;
+use crate::pod::{Pod, PodError};
+use crate::spec::SpecError;
 use crate::state::{StateError, StateStore};
 use crate::text::echo;
 
@@ -63,23 +63,20 @@ pub enum SandboxError {
     /// The image service failed.
     #[error(transparent)]
     Image(#[from] ImageError),
-    /// The VM could not be booted or driven.
-    #[error("pod VM: {0}")]
-    Vm(String),
-    /// Pod networking failed: a CNI plugin, the namespace, the tap or tc.
-    #[error("pod network: {0}")]
-    Network(String),
-    /// A host cgroup of the pod could not be created, joined or removed.
-    #[error("{0}")]
-    Cgroup(String),
-    /// The guest agent answered an error or could not be reached.
-    #[error("guest agent {call}: {status}")]
-    Agent {
-        /// The agent RPC.
-        call: &'static str,
-        /// Its status.
-        status: tonic::Status,
+    /// The OCI spec could not be built from a valid request.
+    #[error(transparent)]
+    Spec(SpecError),
+    /// A container's CRI log file could not be reopened.
+    #[error("container {container} log: {source}")]
+    Log {
+        /// The container.
+        container: String,
+        /// The error.
+        source: crate::logs::LogError,
     },
+    /// The pod (its VM, agent, network, cgroups or files) failed.
+    #[error(transparent)]
+    Pod(PodError),
     /// A host file operation failed.
     #[error("{path}: {source}")]
     Io {
@@ -90,32 +87,36 @@ pub enum SandboxError {
     },
 }
 
-impl From<NetworkError> for SandboxError {
-    fn from(e: NetworkError) -> Self {
+/// The pod layer's errors, by the CRI class of their cause: what the client can fix is reported as its
+/// own (bad field, missing file, too big), the rest as the pod's failure.
+impl From<PodError> for SandboxError {
+    fn from(e: PodError) -> Self {
         match e {
-            NetworkError::InvalidArgument(m) => SandboxError::InvalidArgument(m),
-            NetworkError::NotConfigured(m) => {
+            PodError::Network(NetworkError::InvalidArgument(m)) => SandboxError::InvalidArgument(m),
+            PodError::Network(NetworkError::NotConfigured(m)) => {
                 SandboxError::FailedPrecondition(format!("pod network is not ready: {m}"))
             }
-            e @ (NetworkError::Plugin { .. } | NetworkError::Host(_)) => {
-                SandboxError::Network(e.to_string())
+            e @ PodError::Cgroup(CgroupError::InvalidParent { .. }) => {
+                SandboxError::InvalidArgument(e.to_string())
             }
+            e @ PodError::MountSource { .. } => SandboxError::FailedPrecondition(e.to_string()),
+            e @ PodError::MountTooBig { .. } => SandboxError::ResourceExhausted(e.to_string()),
+            e @ PodError::Stopped => SandboxError::FailedPrecondition(e.to_string()),
+            e => SandboxError::Pod(e),
         }
+    }
+}
+
+impl From<NetworkError> for SandboxError {
+    fn from(e: NetworkError) -> Self {
+        PodError::Network(e).into()
     }
 }
 
 impl From<CgroupError> for SandboxError {
     fn from(e: CgroupError) -> Self {
-        match e {
-            e @ CgroupError::InvalidParent { .. } => SandboxError::InvalidArgument(e.to_string()),
-            e @ CgroupError::Host { .. } => SandboxError::Cgroup(e.to_string()),
-        }
+        PodError::Cgroup(e).into()
     }
-}
-
-/// Maps an agent error to a [`SandboxError`] tagged with the call.
-pub(crate) fn agent_err(call: &'static str) -> impl FnOnce(tonic::Status) -> SandboxError {
-    move |status| SandboxError::Agent { call, status }
 }
 
 /// An id resolved for an idempotent operation (stop, remove): None when it names nothing, which CRI
@@ -134,27 +135,16 @@ fn known(
     }
 }
 
-/// SIGKILL.
-const SIGKILL: i32 = 9;
-
 /// Settings of the manager.
 #[derive(Clone, Debug)]
 pub struct ManagerConfig {
-    /// Guest kernel (vmlinux).
-    pub kernel: PathBuf,
-    /// Guest initramfs.
-    pub initramfs: PathBuf,
-    /// Kernel command line.
-    pub cmdline: String,
+    /// The guest every VM pod boots.
+    pub guest: GuestConfig,
     /// Per-pod directories (console log): `<state dir>/pods`.
     pub pods_dir: PathBuf,
     /// Runtime files (the VMs' vsock sockets, `<run dir>/vm/<pod id>.vsock`): short paths, as unix
     /// socket paths are limited to 108 bytes.
     pub run_dir: PathBuf,
-    /// Image block slots per VM (distinct images a pod can run).
-    pub image_slots: u32,
-    /// How long a booting VM has to bring its agent up.
-    pub boot_timeout: Duration,
     /// Guest memory of a pod without memory limits, MiB.
     pub default_mem_mib: u32,
     /// Guest memory added to a pod's limits for the guest kernel and agent, MiB.
@@ -204,7 +194,7 @@ struct Inner {
     store: StateStore,
     images: ImageService,
     network: Network,
-    pods: Mutex<HashMap<String, Arc<LivePod>>>,
+    pods: Mutex<HashMap<String, Arc<dyn Pod>>>,
     containers: Mutex<HashMap<String, Arc<LiveContainer>>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     events: broadcast::Sender<ContainerEvent>,
@@ -255,6 +245,18 @@ impl Manager {
         &self.inner.store
     }
 
+    fn config(&self) -> &ManagerConfig {
+        &self.inner.config
+    }
+
+    fn network(&self) -> &Network {
+        &self.inner.network
+    }
+
+    fn images(&self) -> &ImageService {
+        &self.inner.images
+    }
+
     /// The stored image `id` (None if it is gone or unreadable).
     pub fn image_record(&self, id: &str) -> Option<image_service::ImageRecord> {
         self.inner.images.status(id).ok().flatten()
@@ -299,12 +301,28 @@ impl Manager {
         }
     }
 
-    fn live_pod(&self, id: &str) -> Option<Arc<LivePod>> {
+    fn live_pod(&self, id: &str) -> Option<Arc<dyn Pod>> {
         lock(&self.inner.pods).get(id).cloned()
     }
 
     fn live_container(&self, id: &str) -> Option<Arc<LiveContainer>> {
         lock(&self.inner.containers).get(id).cloned()
+    }
+
+    fn insert_live_pod(&self, id: &str, pod: Arc<dyn Pod>) {
+        lock(&self.inner.pods).insert(id.into(), pod);
+    }
+
+    fn take_live_pod(&self, id: &str) -> Option<Arc<dyn Pod>> {
+        lock(&self.inner.pods).remove(id)
+    }
+
+    fn insert_live_container(&self, id: &str, c: Arc<LiveContainer>) {
+        lock(&self.inner.containers).insert(id.into(), c);
+    }
+
+    fn take_live_container(&self, id: &str) -> Option<Arc<LiveContainer>> {
+        lock(&self.inner.containers).remove(id)
     }
 
     /// Resolves a full pod id or a unique prefix; `field` names the request field for errors.

@@ -8,10 +8,11 @@ use k8s_cri::v1::PodSandboxConfig;
 use podvisor_proto as pb;
 use prost::Message;
 
-use super::live::LivePod;
 use super::size::vm_size;
 use super::validate;
-use super::{agent_err, lock, now_ns, Manager, SandboxError};
+use super::{now_ns, Manager, SandboxError};
+use crate::pod::vm::{VmPod, VmShape};
+use crate::pod::{net, Pod, PodError};
 use crate::state::{ContainerState, PodRecord, PodState};
 
 impl Manager {
@@ -29,11 +30,11 @@ impl Manager {
         // The pod's hostname from here on (containers' HOSTNAME too): the node's when it has none.
         config.hostname = sandbox.hostname.clone();
         let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        let c = &self.inner.config;
+        let c = &self.config();
         let (vcpus, mem_mib) =
             vm_size(&config, c.default_mem_mib, c.guest_overhead_mib, host_cpus)?;
         validate::check_host_cpusets(&config)?;
-        for file in [&c.kernel, &c.initramfs] {
+        for file in [&c.guest.kernel, &c.guest.initramfs] {
             if !file.is_file() {
                 return Err(SandboxError::FailedPrecondition(format!(
                     "the runtime is not ready: the guest file {} is missing",
@@ -44,12 +45,8 @@ impl Manager {
         let id = super::new_id()?;
         let cgroups = c.cgroups.plan(&id, &config)?;
         // Validates the port mappings and loads the CNI configuration before anything is reserved.
-        let network = self
-            .inner
-            .network
-            .prepare(&super::network::pod_network(&id, &config))?;
-        self.inner
-            .store
+        let network = self.network().prepare(&net::pod_network(&id, &config))?;
+        self.store()
             .reserve_name(&name_key, &id)
             .map_err(|e| SandboxError::AlreadyExists(format!("pod sandbox {e}")))?;
         let lock = self.pod_lock(&id);
@@ -69,17 +66,17 @@ impl Manager {
             cgroups,
             runtime_handler: runtime_handler.into(),
         };
-        self.inner.store.put_pod(&record)?;
+        self.store().put_pod(&record)?;
         match self.boot_pod(&config, sandbox, &mut record).await {
             Ok(live) => {
                 record.state = PodState::Ready;
-                if let Err(e) = self.inner.store.put_pod(&record) {
+                if let Err(e) = self.store().put_pod(&record) {
                     live.stop().await;
                     self.discard_pod(&record).await;
                     self.forget_lock(&id, &lock);
                     return Err(e.into());
                 }
-                lock_insert(self, &id, live);
+                self.insert_live_pod(&id, live);
                 tracing::info!(pod = %id, vcpus, mem_mib, "pod sandbox ready");
                 Ok(id)
             }
@@ -92,17 +89,17 @@ impl Manager {
         }
     }
 
-    /// Attaches the pod network, boots the VM with it and sets up the guest (sandbox, interface).
+    /// Attaches the pod network, boots the VM with it and sets up the guest (sandbox, interface). Each
+    /// host resource is recorded before it is created, so a failure here is rolled back by the caller.
     async fn boot_pod(
         &self,
         config: &PodSandboxConfig,
         mut sandbox: pb::CreateSandboxRequest,
         record: &mut PodRecord,
-    ) -> Result<Arc<LivePod>, SandboxError> {
+    ) -> Result<Arc<dyn Pod>, SandboxError> {
         let id = record.id.clone();
         let dir = self.pod_dir(&id);
-        let vsock = self.vsock_path(&id);
-        for d in [&dir, &self.inner.config.run_dir.join("vm")] {
+        for d in [&dir, &self.config().run_dir.join("vm")] {
             std::fs::create_dir_all(d).map_err(|source| SandboxError::Io {
                 path: d.to_path_buf(),
                 source,
@@ -110,9 +107,18 @@ impl Manager {
         }
         if let Some(cgroups) = record.cgroups.clone() {
             let limits = crate::cgroups::limits(config);
-            blocking(move || cgroups.create(&limits)).await?;
+            crate::pod::blocking("cgroup", move || cgroups.create(&limits)).await?;
         }
-        let (attachment, net) = self.attach_network(record).await?;
+        let network = self.network();
+        let intent = record.network.clone().ok_or_else(|| {
+            let missing =
+                crate::network::NetworkError::Host("the pod record has no network intent".into());
+            SandboxError::Pod(PodError::Network(missing))
+        })?;
+        let attachment = net::attach(network, &intent).await?;
+        record.network = Some(attachment.record().clone());
+        self.store().put_pod(record)?;
+        let nic = net::vm_nic(network, &attachment).await?;
         // kubelet always sends the pod's DNS config; without one, the CNI result's applies, or the
         // node's when CNI has none (checked before the boot like the rest of the request).
         if config.dns_config.is_none() {
@@ -129,48 +135,42 @@ impl Manager {
             }
             validate::check_sandbox(&sandbox, false)?;
         }
-        let c = &self.inner.config;
-        let vm = super::live::VmShape {
+        let shape = VmShape {
             vcpus: record.vcpus,
             mem_mib: record.mem_mib,
-            net: Some(net),
+            dir,
+            vsock: self.vsock_path(&id),
+            nic: Some(nic),
             cgroups: record.cgroups.clone(),
         };
-        let live = Arc::new(LivePod::boot(c, &dir, &vsock, vm).await?);
-        let mut entropy = [0u8; 64];
-        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-            let _ = std::io::Read::read_exact(&mut f, &mut entropy);
-        }
+        let vm = VmPod::boot(&self.config().guest, shape).await?;
         sandbox.time_unix_ns = now_ns() as u64;
-        sandbox.entropy = entropy.to_vec();
-        if let Err(status) = live.agent().create_sandbox(sandbox).await {
-            live.stop().await;
+        sandbox.entropy = entropy();
+        if let Err(e) = vm.set_up(sandbox, &attachment).await {
+            vm.stop().await;
             // The agent names the field of the sandbox request it refused.
-            return Err(match status.code() {
-                tonic::Code::InvalidArgument => {
-                    SandboxError::InvalidArgument(format!("config: {}", status.message()))
+            return Err(match e.agent_status() {
+                Some(s) if s.code() == tonic::Code::InvalidArgument => {
+                    SandboxError::InvalidArgument(format!("config: {}", s.message()))
                 }
-                _ => agent_err("CreateSandbox")(status),
+                _ => e.into(),
             });
         }
-        if let Err(e) = self.configure_guest_network(&live, &attachment).await {
-            live.stop().await;
-            return Err(e);
-        }
-        self.watch_vm(&id, live.clone());
-        Ok(live)
+        let pod: Arc<dyn Pod> = Arc::new(vm);
+        self.watch_pod(&id, pod.clone());
+        Ok(pod)
     }
 
-    /// Marks the pod NOTREADY and its containers EXITED if its VM ends without being asked to.
-    fn watch_vm(&self, id: &str, live: Arc<LivePod>) {
+    /// Marks the pod NOTREADY and its containers EXITED if it ends without being asked to.
+    fn watch_pod(&self, id: &str, live: Arc<dyn Pod>) {
         let me = self.clone();
         let id = id.to_string();
         tokio::spawn(async move {
             let Some(reason) = live.wait_unexpected_exit().await else {
                 return;
             };
-            tracing::warn!(pod = %id, "pod VM ended: {reason}");
-            // Release the dead VM first: RPCs holding the pod lock then fail fast instead of waiting.
+            tracing::warn!(pod = %id, "pod ended: {reason}");
+            // Release the dead pod first: RPCs holding the pod lock then fail fast instead of waiting.
             live.stop().await;
             let lock = me.pod_lock(&id);
             let _guard = lock.lock().await;
@@ -193,7 +193,7 @@ impl Manager {
                 tracing::error!(pod = %record.id, "removing {}: {e}", dir.display());
             }
         }
-        let store = &self.inner.store;
+        let store = self.store();
         if let Err(e) = store
             .delete_pod(&record.id)
             .and_then(|_| store.release_name(&record.name_key, &record.id))
@@ -222,11 +222,11 @@ impl Manager {
     /// Stops pod `id` with its lock held: stops the VM, marks running containers exited with `why`,
     /// releases host resources once.
     async fn stop_locked(&self, id: &str, why: &str) -> Result<(), SandboxError> {
-        let store = &self.inner.store;
+        let store = self.store();
         let Some(mut record) = store.pod(id)? else {
             return Ok(());
         };
-        let live = lock(&self.inner.pods).remove(id);
+        let live = self.take_live_pod(id);
         if let Some(live) = live {
             live.stop().await;
         }
@@ -279,7 +279,7 @@ impl Manager {
         let pod_lock = self.pod_lock(&id);
         let _guard = pod_lock.lock().await;
         self.stop_locked(&id, "pod sandbox removed").await?;
-        let store = &self.inner.store;
+        let store = self.store();
         for c in store.pod_containers(&id)? {
             self.forget_container(&c).await?;
         }
@@ -298,11 +298,10 @@ impl Manager {
         Ok(())
     }
 
-    /// The live VM of a pod that must be ready.
-    pub(super) fn ready_pod(&self, id: &str) -> Result<(PodRecord, Arc<LivePod>), SandboxError> {
+    /// The live pod of a pod that must be ready.
+    pub(super) fn ready_pod(&self, id: &str) -> Result<(PodRecord, Arc<dyn Pod>), SandboxError> {
         let record = self
-            .inner
-            .store
+            .store()
             .pod(id)?
             .ok_or_else(|| SandboxError::NotFound(format!("pod sandbox {id} not found")))?;
         match (record.state, self.live_pod(id)) {
@@ -318,14 +317,23 @@ impl Manager {
         }
     }
 
+    /// CNI CHECK of a ready pod's network (None when the pod is not ready or has no result).
+    pub async fn check_network(&self, pod: &PodRecord) -> Option<Result<(), String>> {
+        let net = pod.network.as_ref().filter(|n| n.result.is_some())?;
+        if pod.state != PodState::Ready {
+            return None;
+        }
+        Some(self.network().check(net).await.map_err(|e| e.to_string()))
+    }
+
     /// After a restart: no VM survived. Pods that were being created are discarded (the client never
     /// got their id), ready pods become NOTREADY with their containers EXITED, and host resources are
     /// released once. Returns how many pods were touched.
     pub async fn reconcile(&self) -> Result<usize, SandboxError> {
-        let store = &self.inner.store;
+        let store = self.store();
         let mut touched = 0;
         // No VM outlives the daemon: every socket left in the VM socket directory is stale.
-        let vm_dir = self.inner.config.run_dir.join("vm");
+        let vm_dir = self.config().run_dir.join("vm");
         for entry in std::fs::read_dir(&vm_dir).into_iter().flatten().flatten() {
             if let Err(e) = std::fs::remove_file(entry.path()) {
                 tracing::warn!("removing stale {}: {e}", entry.path().display());
@@ -379,16 +387,11 @@ impl Manager {
     }
 }
 
-/// Runs a blocking host cgroup operation off the async threads.
-pub(super) async fn blocking(
-    f: impl FnOnce() -> Result<(), crate::cgroups::CgroupError> + Send + 'static,
-) -> Result<(), SandboxError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| SandboxError::Cgroup(format!("cgroup task: {e}")))?
-        .map_err(SandboxError::from)
-}
-
-fn lock_insert(m: &Manager, id: &str, live: Arc<LivePod>) {
-    lock(&m.inner.pods).insert(id.into(), live);
+/// 64 random bytes for the guest's entropy pool.
+fn entropy() -> Vec<u8> {
+    let mut entropy = [0u8; 64];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut entropy);
+    }
+    entropy.to_vec()
 }

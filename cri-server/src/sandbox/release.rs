@@ -64,7 +64,7 @@ impl Manager {
                     name = %pending.pod_name,
                     "host resources of the pod were not released (retrying in the background): {e}"
                 );
-                self.inner.store.put_release(&pending)?;
+                self.store().put_release(&pending)?;
                 Ok(false)
             }
         }
@@ -87,7 +87,9 @@ impl Manager {
             None => Ok(()),
         };
         let cgroups = match cgroups {
-            Some(cgroups) => super::pods::blocking(move || cgroups.remove()).await,
+            Some(cgroups) => crate::pod::blocking("cgroup", move || cgroups.remove())
+                .await
+                .map_err(SandboxError::from),
             None => Ok(()),
         };
         network.and(cgroups)
@@ -95,7 +97,7 @@ impl Manager {
 
     /// Retries the pending releases that are due; returns how many remain.
     pub async fn retry_releases(&self) -> Result<usize, SandboxError> {
-        let store = &self.inner.store;
+        let store = self.store();
         let mut remaining = 0;
         for mut pending in store.releases()? {
             if pending.retry_at > now_ns() {

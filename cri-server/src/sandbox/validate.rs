@@ -114,7 +114,10 @@ fn hosts_file(hostname: &str) -> String {
 /// The node's hostname: what containerd gives a pod without one.
 pub fn node_hostname() -> Result<String, SandboxError> {
     nix::unistd::gethostname()
-        .map_err(|e| SandboxError::Vm(format!("reading the node's hostname: {e}")))
+        .map_err(|e| SandboxError::Io {
+            path: "gethostname(2)".into(),
+            source: e.into(),
+        })
         .map(|h| h.to_string_lossy().into_owned())
 }
 

@@ -23,36 +23,14 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use k8s_cri::v1::{AttachRequest, ExecRequest, PortForwardRequest};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use tokens::{CachedRequest, RequestCache, TokenError};
+
+use crate::sandbox::SandboxError;
 pub use tokens::{Clock, SystemClock};
 
-/// A terminal size sent by the client (JSON `{"Width":..,"Height":..}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TerminalSize {
-    /// Columns.
-    #[serde(rename = "Width", alias = "width")]
-    pub width: u16,
-    /// Rows.
-    #[serde(rename = "Height", alias = "height")]
-    pub height: u16,
-}
-
-/// The process end of an exec/attach session; the server does all protocol framing.
-pub struct ProcessIo {
-    /// Client input; `None` when stdin was not requested, the channel closing means EOF.
-    pub stdin: Option<mpsc::Receiver<Bytes>>,
-    /// Process output; `None` when not requested. A send error means the client is gone.
-    pub stdout: Option<mpsc::Sender<Bytes>>,
-    /// Process error output; always `None` with a tty.
-    pub stderr: Option<mpsc::Sender<Bytes>>,
-    /// Whether the client asked for a terminal.
-    pub tty: bool,
-    /// Terminal resizes (only ever sent with a tty; ends when the client stops sending them).
-    pub resize: mpsc::Receiver<TerminalSize>,
-}
+pub use crate::pod::process::{ProcessIo, TerminalSize};
 
 /// How an exec'd process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,11 +38,6 @@ pub struct ExitInfo {
     /// Exit status (0 is success).
     pub exit_code: i32,
 }
-
-/// A failure the backend reports; the client receives its text on the error stream.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct BackendError(pub String);
 
 /// What the runtime provides to the streaming server.
 #[async_trait::async_trait]
@@ -76,10 +49,10 @@ pub trait Backend: Send + Sync + 'static {
         container_id: &str,
         cmd: &[String],
         io: ProcessIo,
-    ) -> Result<ExitInfo, BackendError>;
+    ) -> Result<ExitInfo, SandboxError>;
     /// Attaches `io` to the container's main process until the client or the process is done
     /// (like kubelet, the client is told success whatever the process's exit code).
-    async fn attach(&self, container_id: &str, io: ProcessIo) -> Result<(), BackendError>;
+    async fn attach(&self, container_id: &str, io: ProcessIo) -> Result<(), SandboxError>;
     /// Connects `stream` to `port` inside the sandbox's network namespace until either side
     /// closes. EOF on `stream` means the client finished sending.
     async fn port_forward(
@@ -87,7 +60,7 @@ pub trait Backend: Send + Sync + 'static {
         pod_sandbox_id: &str,
         port: u16,
         stream: tokio::io::DuplexStream,
-    ) -> Result<(), BackendError>;
+    ) -> Result<(), SandboxError>;
 }
 
 /// Tunables; [`Config::default`] matches kubelet's streaming defaults.

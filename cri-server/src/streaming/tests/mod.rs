@@ -14,10 +14,8 @@ use k8s_cri::v1::{AttachRequest, ExecRequest, PortForwardRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::tokens::ManualClock;
-use super::{
-    Backend, BackendError, Config, ExitInfo, ProcessIo, StreamingError, StreamingServer,
-    TerminalSize,
-};
+use super::{Backend, Config, ExitInfo, ProcessIo, StreamingError, StreamingServer, TerminalSize};
+use crate::sandbox::SandboxError;
 
 /// Test backend.
 ///
@@ -48,7 +46,7 @@ impl Backend for TestBackend {
         _container_id: &str,
         cmd: &[String],
         mut io: ProcessIo,
-    ) -> Result<ExitInfo, BackendError> {
+    ) -> Result<ExitInfo, SandboxError> {
         match cmd.first().map(String::as_str) {
             Some("echo") => {
                 echo(&mut io).await;
@@ -67,11 +65,11 @@ impl Backend for TestBackend {
                 }
                 Ok(ExitInfo { exit_code: 0 })
             }
-            _ => Err(BackendError("boom".into())),
+            _ => Err(SandboxError::FailedPrecondition("boom".into())),
         }
     }
 
-    async fn attach(&self, _container_id: &str, mut io: ProcessIo) -> Result<(), BackendError> {
+    async fn attach(&self, _container_id: &str, mut io: ProcessIo) -> Result<(), SandboxError> {
         echo(&mut io).await;
         Ok(())
     }
@@ -81,16 +79,18 @@ impl Backend for TestBackend {
         _pod_sandbox_id: &str,
         port: u16,
         mut stream: tokio::io::DuplexStream,
-    ) -> Result<(), BackendError> {
+    ) -> Result<(), SandboxError> {
         if port == 9 {
-            return Err(BackendError("connection refused".into()));
+            return Err(SandboxError::FailedPrecondition(
+                "connection refused".into(),
+            ));
         }
         let mut buf = [0u8; 4096];
         loop {
             let n = stream
                 .read(&mut buf)
                 .await
-                .map_err(|e| BackendError(e.to_string()))?;
+                .map_err(|e| SandboxError::FailedPrecondition(e.to_string()))?;
             if n == 0 {
                 return Ok(());
             }
@@ -99,7 +99,7 @@ impl Backend for TestBackend {
             stream
                 .write_all(&reply)
                 .await
-                .map_err(|e| BackendError(e.to_string()))?;
+                .map_err(|e| SandboxError::FailedPrecondition(e.to_string()))?;
         }
     }
 }

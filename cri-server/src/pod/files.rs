@@ -11,7 +11,7 @@ use pb::AgentClient;
 use podvisor_proto as pb;
 use tonic::transport::Channel;
 
-use super::{agent_err, SandboxError};
+use super::{agent_err, Pod, PodError};
 use crate::spec::HostMount;
 
 /// Bytes one mount may copy into the guest (the copy lives in guest memory).
@@ -26,22 +26,22 @@ struct Copier<'a> {
 }
 
 impl Copier<'_> {
-    fn too_big(&self) -> SandboxError {
-        SandboxError::ResourceExhausted(format!(
-            "{}.host_path: more than {MAX_MOUNT_BYTES} bytes to copy into the pod VM",
-            self.field
-        ))
+    fn too_big(&self) -> PodError {
+        PodError::MountTooBig {
+            field: self.field.to_string(),
+            limit: MAX_MOUNT_BYTES,
+        }
     }
 
-    fn host_err(&self, path: &Path, e: std::io::Error) -> SandboxError {
-        SandboxError::FailedPrecondition(format!(
-            "{}.host_path: {}: {e}",
-            self.field,
-            path.display()
-        ))
+    fn host_err(&self, path: &Path, source: std::io::Error) -> PodError {
+        PodError::MountSource {
+            field: self.field.to_string(),
+            path: path.to_path_buf(),
+            source,
+        }
     }
 
-    async fn send(&mut self, req: pb::CopyFileRequest) -> Result<(), SandboxError> {
+    async fn send(&mut self, req: pb::CopyFileRequest) -> Result<(), PodError> {
         self.agent
             .copy_file(req)
             .await
@@ -50,7 +50,7 @@ impl Copier<'_> {
     }
 
     /// Copies `host` (file, directory or symlink) to `guest`.
-    async fn copy(&mut self, host: &Path, guest: &str) -> Result<(), SandboxError> {
+    async fn copy(&mut self, host: &Path, guest: &str) -> Result<(), PodError> {
         let meta = std::fs::symlink_metadata(host).map_err(|e| self.host_err(host, e))?;
         let base = pb::CopyFileRequest {
             path: guest.to_string(),
@@ -117,10 +117,8 @@ impl Copier<'_> {
 /// Copies every mount's host content into the guest. A host path that does not exist (or a symlink
 /// to nothing) is created as an empty directory in the guest (containerd creates missing host paths
 /// as directories).
-pub async fn copy_mounts(
-    agent: &AgentClient<Channel>,
-    mounts: &[HostMount],
-) -> Result<(), SandboxError> {
+pub async fn copy_mounts(pod: &dyn Pod, mounts: &[HostMount]) -> Result<(), PodError> {
+    let agent = pod.agent();
     for (i, m) in mounts.iter().enumerate() {
         let field = format!("config.mounts[{i}]");
         let mut copier = Copier {

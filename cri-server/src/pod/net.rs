@@ -1,4 +1,4 @@
-//! A pod's network, between the network service and the VM: the CNI attachment, the tap the VM's
+//! A pod's network, between the network service and the pod: the CNI attachment, the tap a VM's
 //! virtio-net device uses (created in the pod's namespace and redirected to the CNI interface with
 //! tc), and the guest interface the agent configures from the CNI result.
 
@@ -8,10 +8,12 @@ use std::sync::Arc;
 use k8s_cri::v1::{PodSandboxConfig, Protocol};
 use podvisor_proto as pb;
 
-use super::live::LivePod;
-use super::{agent_err, Manager, SandboxError};
-use crate::network::{Attachment, PodDns, PodNetwork, PortMapping, Route};
-use crate::state::PodRecord;
+use pb::AgentClient;
+use tonic::transport::Channel;
+
+use super::{agent_err, PodError};
+pub use crate::network::Attachment;
+use crate::network::{Network, NetworkRecord, PodDns, PodNetwork, PortMapping, Route};
 
 /// The tap's name in the pod's namespace (one VM per namespace).
 const TAP_NAME: &str = "tap0";
@@ -85,78 +87,63 @@ fn guest_routes(routes: &[Route], gateway: Option<IpAddr>) -> Vec<pb::Route> {
         .collect()
 }
 
-impl Manager {
-    /// CNI ADD for a pod whose intent is in `record.network`, then the tap and the tc redirect.
-    /// Persists the CNI result before anything uses it. Returns the VM's net device.
-    pub(super) async fn attach_network(
-        &self,
-        record: &mut PodRecord,
-    ) -> Result<(Attachment, vmm::NetConfig), SandboxError> {
-        let intent = record
-            .network
-            .clone()
-            .ok_or_else(|| SandboxError::Network("the pod record has no network intent".into()))?;
-        let att = self.inner.network.setup(&intent).await?;
-        record.network = Some(att.record().clone());
-        self.inner.store.put_pod(record)?;
-        let netns = att.netns.clone();
-        let tap = tokio::task::spawn_blocking(move || vmm::Tap::open(TAP_NAME, Some(&netns)))
-            .await
-            .map_err(|e| SandboxError::Network(format!("tap task: {e}")))?
-            .map_err(|e| SandboxError::Network(format!("tap {TAP_NAME}: {e}")))?;
-        self.inner.network.connect_tap(&att, TAP_NAME).await?;
-        let mtu = u16::try_from(att.mtu).unwrap_or(u16::MAX);
-        let net = vmm::NetConfig {
+/// A pod VM's network device: a tap in the pod's namespace, redirected to the CNI interface.
+pub struct PodNic {
+    /// The VMM's net device configuration.
+    pub device: vmm::NetConfig,
+}
+
+/// CNI ADD for the pod network `intent`. The caller persists the attachment's record before using it.
+pub async fn attach(network: &Network, intent: &NetworkRecord) -> Result<Attachment, PodError> {
+    Ok(network.setup(intent).await?)
+}
+
+/// The tap a VM uses in the attachment's namespace, redirected to the CNI interface with tc.
+pub async fn vm_nic(network: &Network, att: &Attachment) -> Result<PodNic, PodError> {
+    let netns = att.netns.clone();
+    let tap = tokio::task::spawn_blocking(move || vmm::Tap::open(TAP_NAME, Some(&netns)))
+        .await
+        .map_err(|source| PodError::Task {
+            what: "tap",
+            source,
+        })?
+        .map_err(|e| crate::network::NetworkError::Host(format!("tap {TAP_NAME}: {e}")))?;
+    network.connect_tap(att, TAP_NAME).await?;
+    let mtu = u16::try_from(att.mtu).unwrap_or(u16::MAX);
+    Ok(PodNic {
+        device: vmm::NetConfig {
             tap: Arc::new(tap),
             mac: att.mac,
             mtu,
-        };
-        Ok((att, net))
-    }
+        },
+    })
+}
 
-    /// Has the agent give the guest interface the pod's addresses and routes.
-    pub(super) async fn configure_guest_network(
-        &self,
-        live: &LivePod,
-        att: &Attachment,
-    ) -> Result<(), SandboxError> {
-        let mut agent = live.agent();
-        let interface = pb::Interface {
-            hw_addr: mac_string(&att.mac),
-            name: GUEST_IFNAME.into(),
-            ip_addresses: att.ips.iter().map(|(ip, p)| format!("{ip}/{p}")).collect(),
-            mtu: att.mtu,
-        };
+/// Has the agent give the guest interface the attachment's addresses and routes.
+pub async fn configure_guest(
+    agent: &mut AgentClient<Channel>,
+    att: &Attachment,
+) -> Result<(), PodError> {
+    let interface = pb::Interface {
+        hw_addr: mac_string(&att.mac),
+        name: GUEST_IFNAME.into(),
+        ip_addresses: att.ips.iter().map(|(ip, p)| format!("{ip}/{p}")).collect(),
+        mtu: att.mtu,
+    };
+    agent
+        .update_interface(pb::UpdateInterfaceRequest {
+            interface: Some(interface),
+        })
+        .await
+        .map_err(agent_err("UpdateInterface"))?;
+    let routes = guest_routes(&att.routes, att.gateway);
+    if !routes.is_empty() {
         agent
-            .update_interface(pb::UpdateInterfaceRequest {
-                interface: Some(interface),
-            })
+            .update_routes(pb::UpdateRoutesRequest { routes })
             .await
-            .map_err(agent_err("UpdateInterface"))?;
-        let routes = guest_routes(&att.routes, att.gateway);
-        if !routes.is_empty() {
-            agent
-                .update_routes(pb::UpdateRoutesRequest { routes })
-                .await
-                .map_err(agent_err("UpdateRoutes"))?;
-        }
-        Ok(())
+            .map_err(agent_err("UpdateRoutes"))?;
     }
-
-    /// CNI CHECK of a ready pod's network (None when the pod is not ready or has no result).
-    pub async fn check_network(&self, pod: &PodRecord) -> Option<Result<(), String>> {
-        let net = pod.network.as_ref().filter(|n| n.result.is_some())?;
-        if pod.state != crate::state::PodState::Ready {
-            return None;
-        }
-        Some(
-            self.inner
-                .network
-                .check(net)
-                .await
-                .map_err(|e| e.to_string()),
-        )
-    }
+    Ok(())
 }
 
 #[cfg(test)]
