@@ -168,9 +168,18 @@ pub enum DaemonError {
     /// The image store could not be opened.
     #[error("image store: {0}")]
     Images(#[from] OpenError),
-    /// The pod state could not be opened or reconciled, or the streaming server not started.
-    #[error("{0}")]
-    State(String),
+    /// The pod state could not be opened.
+    #[error("pod state: {0}")]
+    State(#[from] crate::state::StateError),
+    /// The host cgroups configured for pods are unusable.
+    #[error("host cgroups: {0}")]
+    Cgroups(#[source] crate::cgroups::CgroupError),
+    /// Reconciling the pods of the previous run failed.
+    #[error("reconciling pods: {0}")]
+    Reconcile(#[source] crate::sandbox::SandboxError),
+    /// The streaming server could not start.
+    #[error(transparent)]
+    Streaming(#[from] crate::streaming::StreamingError),
     /// The metrics address could not be bound.
     #[error("metrics address {0}: {1}")]
     Metrics(std::net::SocketAddr, std::io::Error),
@@ -244,17 +253,11 @@ async fn serve(args: DaemonArgs) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&args.state_dir).map_err(io_err(&args.state_dir))?;
     let db = open_db(&args.state_dir)?;
     let store = open_store(&db, &args.state_dir, &args.images)?;
-    let state = StateStore::open(&db).map_err(|e| DaemonError::State(format!("pod state: {e}")))?;
+    let state = StateStore::open(&db)?;
     let config = manager_config(&args);
-    config
-        .cgroups
-        .validate()
-        .map_err(|e| DaemonError::State(format!("host cgroups: {e}")))?;
+    config.cgroups.validate().map_err(DaemonError::Cgroups)?;
     let manager = Manager::new(config, state, store.clone());
-    let touched = manager
-        .reconcile()
-        .await
-        .map_err(|e| DaemonError::State(format!("reconciling pods: {e}")))?;
+    let touched = manager.reconcile().await.map_err(DaemonError::Reconcile)?;
     if touched > 0 {
         tracing::info!(pods = touched, "reconciled pods left by the previous run");
     }
@@ -278,9 +281,8 @@ async fn serve(args: DaemonArgs) -> Result<(), DaemonError> {
     };
     let listener = bind(&args.socket)?;
     tracing::info!(socket = %args.socket.display(), state = %args.state_dir.display(), "podvisor serving CRI v1");
-    let streaming = StreamingServer::start(args.streaming_addr, crate::sandbox::backend(&manager))
-        .await
-        .map_err(|e| DaemonError::State(e.to_string()))?;
+    let streaming =
+        StreamingServer::start(args.streaming_addr, crate::sandbox::backend(&manager)).await?;
     tracing::info!(addr = %streaming.addr(), "streaming server (exec, attach, port-forward) listening");
     let runtime = Runtime::new(args.guest_dir.clone(), manager, Arc::new(streaming));
     let shutdown = async {

@@ -3,6 +3,7 @@
 //! `images`.
 
 mod convert;
+mod error;
 mod metrics;
 mod stats;
 
@@ -20,6 +21,7 @@ use crate::sandbox::{Manager, SandboxError};
 use crate::state::{labels_match, ContainerState, PodState};
 use crate::streaming::StreamingServer;
 use convert::{container_status, cri_container, cri_pod, pod_status, Stats};
+pub use error::to_status;
 
 /// CRI API version served.
 pub const CRI_API_VERSION: &str = "v1";
@@ -33,41 +35,6 @@ pub struct Runtime {
     manager: Manager,
     streaming: Arc<StreamingServer>,
     stats: Stats,
-}
-
-/// Maps a manager error to the gRPC status the CRI client gets (message bounded, see [`crate::text`]).
-pub fn to_status(e: SandboxError) -> Status {
-    crate::text::bounded_status(status_of(e))
-}
-
-fn status_of(e: SandboxError) -> Status {
-    match e {
-        SandboxError::InvalidArgument(m) => Status::invalid_argument(m),
-        SandboxError::NotFound(m) => Status::not_found(m),
-        SandboxError::AlreadyExists(m) => Status::already_exists(m),
-        SandboxError::FailedPrecondition(m) => Status::failed_precondition(m),
-        SandboxError::Unimplemented(m) => Status::unimplemented(m),
-        SandboxError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
-        SandboxError::ResourceExhausted(m) => Status::resource_exhausted(m),
-        SandboxError::Image(e) => crate::images::status_of(&e),
-        SandboxError::Pod(e) => match e.agent_status() {
-            // An unreachable agent is a transient condition kubelet retries.
-            Some(status) => {
-                let code = match status.code() {
-                    tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
-                        tonic::Code::Unavailable
-                    }
-                    _ => tonic::Code::Internal,
-                };
-                Status::new(code, e.to_string())
-            }
-            None => Status::internal(e.to_string()),
-        },
-        e @ (SandboxError::State(_)
-        | SandboxError::Io { .. }
-        | SandboxError::Spec(_)
-        | SandboxError::Log { .. }) => Status::internal(e.to_string()),
-    }
 }
 
 type Result<T> = std::result::Result<Response<T>, Status>;
