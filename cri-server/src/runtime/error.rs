@@ -72,7 +72,7 @@ mod tests {
         assert_eq!(code_of(unready).0, Code::FailedPrecondition);
         let parent = PodError::Cgroup(CgroupError::InvalidParent {
             parent: "x/../y".into(),
-            why: "not a cgroup path".into(),
+            why: "not a cgroup path",
         });
         let (code, msg) = code_of(parent);
         assert_eq!(code, Code::InvalidArgument);
