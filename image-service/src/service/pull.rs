@@ -170,8 +170,8 @@ impl Inner {
                 self.blobs_fetched.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let config: ImageConfiguration = serde_json::from_slice(&self.content.read(&id)?)
-            .map_err(|e| ImageError::BadImage(format!("image config: {e}")))?;
+        let config: ImageConfiguration =
+            serde_json::from_slice(&self.content.read(&id)?).map_err(ImageError::BadConfig)?;
         if config.os().to_string() != "linux" || config.architecture().to_string() != "amd64" {
             return Err(ImageError::BadImage(format!(
                 "image is for {}/{}, not linux/amd64",
@@ -236,8 +236,7 @@ impl Inner {
         let (tmp, built, uncompressed) = tokio::task::spawn_blocking(move || {
             this.build(&layers_c, &diff_ids_c, &id_c, p.as_ref())
         })
-        .await
-        .map_err(|e| ImageError::Internal(e.to_string()))??;
+        .await??;
 
         let _commit = self.commit.lock().await;
         let dest = self.blocks.join(&block_image);
