@@ -1,5 +1,6 @@
 //! The image service: coalesced pulls, image lookup by tag, digest reference or id, removal with garbage
-//! collection, leases that keep images in use from being removed, and store usage.
+//! collection, leases that keep images in use from being removed, and store usage. A pull's steps are in
+//! `pull/` (resolve, verify, fetch, unpack, build, commit); the error and its classification in `error.rs`.
 //!
 //! On-disk layout under `<state dir>/images`: `content/` (blobs), `blocks/<id hex>.<ext>` (block images),
 //! `tmp/` (builds in progress, wiped at open).
