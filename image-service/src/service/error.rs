@@ -124,6 +124,7 @@ fn registry_kind(e: &RegistryError) -> ErrorKind {
         }
         RegistryError::Unauthorized { .. } => ErrorKind::Unauthenticated,
         RegistryError::Unsupported(_)
+        | RegistryError::Malformed { .. }
         | RegistryError::TooLarge { .. }
         | RegistryError::Hosts(_) => ErrorKind::FailedPrecondition,
         RegistryError::Content(c) => content_kind(c),
@@ -190,6 +191,22 @@ mod tests {
             format!("bad image: image config: {json_msg}")
         );
         let source = bad.source().expect("the serde_json error is the source");
+        assert!(source.is::<serde_json::Error>(), "{source:?}");
+
+        let json = serde_json::from_slice::<serde_json::Value>(b"[").unwrap_err();
+        let json_msg = json.to_string();
+        let malformed = ImageError::Registry(RegistryError::Malformed {
+            what: "bad image index",
+            source: json,
+        });
+        assert_eq!(malformed.kind(), ErrorKind::FailedPrecondition);
+        assert_eq!(
+            malformed.to_string(),
+            format!("unsupported manifest: bad image index: {json_msg}")
+        );
+        let source = malformed
+            .source()
+            .expect("transparent: the registry error's source");
         assert!(source.is::<serde_json::Error>(), "{source:?}");
 
         let join = tokio::spawn(async { panic!("boom") }).await.unwrap_err();
