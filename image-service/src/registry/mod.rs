@@ -94,6 +94,14 @@ pub enum RegistryError {
     /// The manifest is of a kind podvisor does not pull.
     #[error("unsupported manifest: {0}")]
     Unsupported(String),
+    /// A manifest or index does not parse.
+    #[error("unsupported manifest: {what}: {source}")]
+    Malformed {
+        /// What was parsed (`manifest is not JSON`, `bad image index`, `bad image manifest`).
+        what: &'static str,
+        /// The parse error.
+        source: serde_json::Error,
+    },
     /// The index has no linux/amd64 image.
     #[error("{reference}: no linux/amd64 image in the index (has: {available})")]
     NoPlatform {
@@ -280,9 +288,13 @@ fn platform_ok(p: Option<&oci_spec::image::Platform>) -> bool {
     p.is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
 }
 
+fn malformed(what: &'static str) -> impl FnOnce(serde_json::Error) -> RegistryError {
+    move |source| RegistryError::Malformed { what, source }
+}
+
 fn media_type_of(bytes: &[u8]) -> Result<String, RegistryError> {
-    let v: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| RegistryError::Unsupported(format!("manifest is not JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(malformed("manifest is not JSON"))?;
     if v.get("schemaVersion").and_then(|s| s.as_u64()) != Some(2) {
         return Err(RegistryError::Unsupported(
             "only schema version 2 manifests are supported (Docker schema 1 is not)".into(),
@@ -392,8 +404,8 @@ impl Remote {
         let mt = media_type_of(&bytes)?;
         let (index, manifest_digest, manifest_bytes) =
             if mt == OCI_INDEX || mt == DOCKER_MANIFEST_LIST {
-                let idx: ImageIndex = serde_json::from_slice(&bytes)
-                    .map_err(|e| RegistryError::Unsupported(format!("bad image index: {e}")))?;
+                let idx: ImageIndex =
+                    serde_json::from_slice(&bytes).map_err(malformed("bad image index"))?;
                 let candidates: Vec<_> = idx
                     .manifests()
                     .iter()
@@ -440,8 +452,8 @@ impl Remote {
                 "index entry is {mt}, not an image manifest"
             )));
         }
-        let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
-            .map_err(|e| RegistryError::Unsupported(format!("bad image manifest: {e}")))?;
+        let manifest: ImageManifest =
+            serde_json::from_slice(&manifest_bytes).map_err(malformed("bad image manifest"))?;
         Ok(Resolved {
             endpoint: i,
             index,
@@ -461,9 +473,11 @@ impl Remote {
             }
             match self.resolve_on(i).await {
                 Ok(r) => return Ok(r),
-                Err(e @ (RegistryError::Content(_) | RegistryError::Unsupported(_))) => {
-                    return Err(e)
-                }
+                Err(
+                    e @ (RegistryError::Content(_)
+                    | RegistryError::Unsupported(_)
+                    | RegistryError::Malformed { .. }),
+                ) => return Err(e),
                 Err(e) => {
                     tracing::debug!(host = %ep.endpoint.host, error = %e, "endpoint failed, trying the next");
                     // Prefer an answer from a registry over "unreachable" when reporting.
@@ -530,52 +544,4 @@ impl Remote {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn references_are_normalized_and_validated() {
-        let r = parse_reference("busybox").unwrap();
-        assert_eq!(r.whole(), "docker.io/library/busybox:latest");
-        assert!(parse_reference("library/UPPER").is_err());
-        assert!(parse_reference("busybox:bad tag").is_err());
-        assert!(parse_reference("").is_err());
-    }
-
-    #[test]
-    fn schema1_and_garbage_manifests_are_unsupported() {
-        assert!(media_type_of(br#"{"schemaVersion":1,"fsLayers":[]}"#).is_err());
-        assert!(media_type_of(b"<html>").is_err());
-        assert_eq!(
-            media_type_of(br#"{"schemaVersion":2,"manifests":[]}"#).unwrap(),
-            OCI_INDEX
-        );
-    }
-
-    #[tokio::test]
-    async fn an_unreachable_registry_is_reported_as_such() {
-        // A port nothing listens on (bound then released).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let host = format!("127.0.0.1:{port}");
-        std::fs::create_dir_all(dir.path().join(&host)).unwrap();
-        std::fs::write(
-            dir.path().join(&host).join("hosts.toml"),
-            format!("server = \"http://{host}\"\n"),
-        )
-        .unwrap();
-        let remote = Remote::new(
-            parse_reference(&format!("{host}/x:1")).unwrap(),
-            &RegistryHosts::new(dir.path()),
-            &Credentials::default(),
-            Duration::from_secs(5),
-        )
-        .unwrap();
-        let err = remote.resolve().await.unwrap_err();
-        assert!(matches!(err, RegistryError::Unreachable { .. }), "{err}");
-    }
-}
+mod tests;

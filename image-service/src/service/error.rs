@@ -36,9 +36,13 @@ pub enum ImageError {
     /// The metadata database failed.
     #[error(transparent)]
     Meta(#[from] MetaError),
-    /// The image config or manifest is unusable.
+    /// The image is refused: unsupported media type or platform, a descriptor over a limit, a config that
+    /// does not match its manifest.
     #[error("bad image: {0}")]
     BadImage(String),
+    /// The image config is not a valid OCI image configuration.
+    #[error("bad image: image config: {0}")]
+    BadConfig(#[source] serde_json::Error),
     /// The image is leased by running pods or containers.
     #[error("image {id} is in use by {holders:?}")]
     InUse {
@@ -61,9 +65,10 @@ pub enum ImageError {
     /// The same error, shared with the other callers of a coalesced pull.
     #[error(transparent)]
     Shared(Arc<ImageError>),
-    /// A background task failed.
+    /// A task the operation ran on (the pull shared by coalesced callers, a blocking build or scan)
+    /// panicked or was cancelled.
     #[error("internal error: {0}")]
-    Internal(String),
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// The class of an error, for callers that map errors to protocol codes.
@@ -98,12 +103,14 @@ impl ImageError {
                 ApplyError::DiffIdMismatch { .. } => ErrorKind::DataLoss,
                 _ => ErrorKind::FailedPrecondition,
             },
-            ImageError::BadImage(_) | ImageError::InUse { .. } => ErrorKind::FailedPrecondition,
+            ImageError::BadImage(_) | ImageError::BadConfig(_) | ImageError::InUse { .. } => {
+                ErrorKind::FailedPrecondition
+            }
             ImageError::NotFound(_) => ErrorKind::NotFound,
             ImageError::Build(_)
             | ImageError::Meta(_)
             | ImageError::Io { .. }
-            | ImageError::Internal(_) => ErrorKind::Internal,
+            | ImageError::Task(_) => ErrorKind::Internal,
         }
     }
 }
@@ -117,6 +124,7 @@ fn registry_kind(e: &RegistryError) -> ErrorKind {
         }
         RegistryError::Unauthorized { .. } => ErrorKind::Unauthenticated,
         RegistryError::Unsupported(_)
+        | RegistryError::Malformed { .. }
         | RegistryError::TooLarge { .. }
         | RegistryError::Hosts(_) => ErrorKind::FailedPrecondition,
         RegistryError::Content(c) => content_kind(c),
@@ -169,5 +177,47 @@ mod tests {
             ImageError::Content(bad_digest).kind(),
             ErrorKind::FailedPrecondition
         );
+    }
+
+    #[tokio::test]
+    async fn typed_causes_keep_their_kind_and_message_and_are_sources() {
+        use std::error::Error as _;
+        let json = serde_json::from_slice::<serde_json::Value>(b"{").unwrap_err();
+        let json_msg = json.to_string();
+        let bad = ImageError::BadConfig(json);
+        assert_eq!(bad.kind(), ErrorKind::FailedPrecondition);
+        assert_eq!(
+            bad.to_string(),
+            format!("bad image: image config: {json_msg}")
+        );
+        let source = bad.source().expect("the serde_json error is the source");
+        assert!(source.is::<serde_json::Error>(), "{source:?}");
+
+        let json = serde_json::from_slice::<serde_json::Value>(b"[").unwrap_err();
+        let json_msg = json.to_string();
+        let malformed = ImageError::Registry(RegistryError::Malformed {
+            what: "bad image index",
+            source: json,
+        });
+        assert_eq!(malformed.kind(), ErrorKind::FailedPrecondition);
+        assert_eq!(
+            malformed.to_string(),
+            format!("unsupported manifest: bad image index: {json_msg}")
+        );
+        let source = malformed
+            .source()
+            .expect("transparent: the registry error's source");
+        assert!(source.is::<serde_json::Error>(), "{source:?}");
+
+        let join = tokio::spawn(async { panic!("boom") }).await.unwrap_err();
+        let join_msg = join.to_string();
+        let task = ImageError::from(join);
+        assert_eq!(task.kind(), ErrorKind::Internal);
+        assert_eq!(task.to_string(), format!("internal error: {join_msg}"));
+        assert!(task.to_string().contains("boom"), "{task}");
+        let source = task.source().expect("the join error is the source");
+        assert!(source.is::<tokio::task::JoinError>(), "{source:?}");
+        let shared = ImageError::Shared(Arc::new(task));
+        assert_eq!(shared.kind(), ErrorKind::Internal);
     }
 }

@@ -1,5 +1,6 @@
 //! The image service: coalesced pulls, image lookup by tag, digest reference or id, removal with garbage
-//! collection, leases that keep images in use from being removed, and store usage.
+//! collection, leases that keep images in use from being removed, and store usage. A pull's steps are in
+//! `pull/` (resolve, verify, fetch, unpack, build, commit); the error and its classification in `error.rs`.
 //!
 //! On-disk layout under `<state dir>/images`: `content/` (blobs), `blocks/<id hex>.<ext>` (block images),
 //! `tmp/` (builds in progress, wiped at open).
@@ -206,7 +207,7 @@ impl ImageService {
                 });
                 let f = async move {
                     task.await
-                        .unwrap_or_else(|e| Err(Arc::new(ImageError::Internal(e.to_string()))))
+                        .unwrap_or_else(|e| Err(Arc::new(ImageError::Task(e))))
                 }
                 .boxed()
                 .shared();
@@ -262,7 +263,7 @@ impl ImageService {
     /// The image's config blob (JSON), for verbose status.
     pub fn config_json(&self, record: &ImageRecord) -> Result<serde_json::Value, ImageError> {
         let bytes = self.inner.content.read(&record.id)?;
-        serde_json::from_slice(&bytes).map_err(|e| ImageError::BadImage(e.to_string()))
+        serde_json::from_slice(&bytes).map_err(ImageError::BadConfig)
     }
 
     /// The path of an image's block image.
@@ -317,9 +318,7 @@ impl ImageService {
     /// Bytes and inodes used by the image store.
     pub async fn usage(&self) -> Result<Usage, ImageError> {
         let root = self.inner.config.state_dir.join("images");
-        tokio::task::spawn_blocking(move || usage_of(&root))
-            .await
-            .map_err(|e| ImageError::Internal(e.to_string()))?
+        tokio::task::spawn_blocking(move || usage_of(&root)).await?
     }
 
     /// Counters since open.
