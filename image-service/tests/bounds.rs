@@ -8,28 +8,10 @@ use std::time::{Duration, Instant};
 
 use image_service::apply::Limits;
 use image_service::testing::{self, busybox_base, layer_digests, OciLayout, Registry, TarBuilder};
-use image_service::{Config, Credentials, ErrorKind, ImageService};
+use image_service::{Credentials, ErrorKind, ImageService};
 
-macro_rules! require_tools {
-    ($name:literal) => {
-        if let Some(reason) = testing::skip_reason() {
-            println!("SKIPPED {}: {reason}", $name);
-            return;
-        }
-    };
-}
-
-/// A service with its own state and certs dirs declaring `registry` as plain http, with `limits`.
 fn service(dir: &Path, registry: &str, limits: Option<Limits>) -> ImageService {
-    let certs = dir.join("certs.d");
-    testing::write_hosts(&certs, registry, registry).unwrap();
-    let mut config = Config::new(dir.join("state"));
-    config.certs_dir = certs;
-    if let Some(l) = limits {
-        config.limits = l;
-    }
-    let db = sled::open(dir.join("state/db")).unwrap();
-    ImageService::open(config, &db).unwrap()
+    testing::plain_http_service(dir, registry, limits)
 }
 
 /// Asserts the store holds exactly the blobs the stored images reference, no build and no block image
@@ -63,7 +45,7 @@ fn assert_only_referenced(svc: &ImageService, dir: &Path) {
 
 #[tokio::test]
 async fn a_gnu_sparse_layer_fails_the_pull_and_leaves_nothing() {
-    require_tools!("a_gnu_sparse_layer_fails_the_pull_and_leaves_nothing");
+    image_service::require_registry_tools!("a_gnu_sparse_layer_fails_the_pull_and_leaves_nothing");
     let reg = Registry::start(None).unwrap();
     let dir = testing::tempdir();
     let mut layout = OciLayout::new(&dir.path().join("layout"));
@@ -108,7 +90,9 @@ async fn a_gnu_sparse_layer_fails_the_pull_and_leaves_nothing() {
 
 #[tokio::test]
 async fn an_oversized_image_config_is_refused_before_it_is_fetched() {
-    require_tools!("an_oversized_image_config_is_refused_before_it_is_fetched");
+    image_service::require_registry_tools!(
+        "an_oversized_image_config_is_refused_before_it_is_fetched"
+    );
     let reg = Registry::start(None).unwrap();
     let dir = testing::tempdir();
     let layout = OciLayout::new(&dir.path().join("layout"));
@@ -137,7 +121,9 @@ async fn an_oversized_image_config_is_refused_before_it_is_fetched() {
 
 #[tokio::test]
 async fn a_corrupt_blob_is_data_loss_and_its_pull_leaves_no_unreferenced_blob() {
-    require_tools!("a_corrupt_blob_is_data_loss_and_its_pull_leaves_no_unreferenced_blob");
+    image_service::require_registry_tools!(
+        "a_corrupt_blob_is_data_loss_and_its_pull_leaves_no_unreferenced_blob"
+    );
     let reg = Registry::start(None).unwrap();
     let dir = testing::tempdir();
     let mut layout = OciLayout::new(&dir.path().join("layout"));

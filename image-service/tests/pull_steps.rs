@@ -8,26 +8,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use image_service::testing::{self, busybox_base, OciLayout, Registry, TarBuilder};
-use image_service::{Config, Credentials, Digest, ErrorKind, ImageService, Progress};
+use image_service::{Credentials, Digest, ErrorKind, ImageService, Progress};
 use serde_json::json;
 
-macro_rules! require_tools {
-    ($name:literal) => {
-        if let Some(reason) = testing::skip_reason() {
-            println!("SKIPPED {}: {reason}", $name);
-            return;
-        }
-    };
-}
-
-/// A service with its own state and certs dirs declaring `registry` as plain http.
 fn service(dir: &Path, registry: &str) -> ImageService {
-    let certs = dir.join("certs.d");
-    testing::write_hosts(&certs, registry, registry).unwrap();
-    let mut config = Config::new(dir.join("state"));
-    config.certs_dir = certs;
-    let db = sled::open(dir.join("state/db")).unwrap();
-    ImageService::open(config, &db).unwrap()
+    testing::plain_http_service(dir, registry, None)
 }
 
 /// Records what a pull reports: events in order, and the bytes downloaded.
@@ -69,7 +54,9 @@ fn layer(layout: &OciLayout, tar: &[u8]) -> serde_json::Value {
 
 #[tokio::test]
 async fn each_step_reports_its_progress_and_a_built_image_is_only_committed_again() {
-    require_tools!("each_step_reports_its_progress_and_a_built_image_is_only_committed_again");
+    image_service::require_registry_tools!(
+        "each_step_reports_its_progress_and_a_built_image_is_only_committed_again"
+    );
     let reg = Registry::start(None).unwrap();
     let dir = testing::tempdir();
     let mut layout = OciLayout::new(&dir.path().join("layout"));
@@ -159,7 +146,9 @@ fn two_layer_sizes(layout: &OciLayout, desc: &serde_json::Value) -> Vec<u64> {
 
 #[tokio::test]
 async fn an_unparsable_config_is_a_bad_image_and_leaves_nothing() {
-    require_tools!("an_unparsable_config_is_a_bad_image_and_leaves_nothing");
+    image_service::require_registry_tools!(
+        "an_unparsable_config_is_a_bad_image_and_leaves_nothing"
+    );
     let reg = Registry::start(None).unwrap();
     let dir = testing::tempdir();
     let mut layout = OciLayout::new(&dir.path().join("layout"));

@@ -6,23 +6,8 @@ use std::path::Path;
 use image_service::testing::{self, busybox_base, config_digest, OciLayout, Registry, TarBuilder};
 use image_service::{Config, Credentials, ErrorKind, ImageService};
 
-macro_rules! require_tools {
-    ($name:literal) => {
-        if let Some(reason) = testing::skip_reason() {
-            println!("SKIPPED {}: {reason}", $name);
-            return;
-        }
-    };
-}
-
-/// A service with its own state and certs dirs declaring `registry` as plain http.
 fn service(dir: &Path, registry: &str) -> ImageService {
-    let certs = dir.join("certs.d");
-    testing::write_hosts(&certs, registry, registry).unwrap();
-    let mut config = Config::new(dir.join("state"));
-    config.certs_dir = certs;
-    let db = sled::open(dir.join("state/db")).unwrap();
-    ImageService::open(config, &db).unwrap()
+    testing::plain_http_service(dir, registry, None)
 }
 
 /// Pushes the standard two-layer multi-arch test image (layer 1 gzip, layer 2 zstd with whiteouts and an
@@ -48,7 +33,9 @@ fn push_busybox(reg: &Registry, dir: &Path, repo: &str, tag: &str) -> (OciLayout
 
 #[tokio::test]
 async fn multi_arch_index_by_tag_then_by_digest_builds_a_real_block_image() {
-    require_tools!("multi_arch_index_by_tag_then_by_digest_builds_a_real_block_image");
+    image_service::require_registry_tools!(
+        "multi_arch_index_by_tag_then_by_digest_builds_a_real_block_image"
+    );
     let reg = Registry::start(None).unwrap();
     let dir = testing::tempdir();
     let (_layout, id) = push_busybox(&reg, dir.path(), "test/busybox", "v1");
@@ -120,7 +107,9 @@ async fn multi_arch_index_by_tag_then_by_digest_builds_a_real_block_image() {
 
 #[tokio::test]
 async fn docker_schema2_manifest_list_through_a_docker_io_mirror() {
-    require_tools!("docker_schema2_manifest_list_through_a_docker_io_mirror");
+    image_service::require_registry_tools!(
+        "docker_schema2_manifest_list_through_a_docker_io_mirror"
+    );
     let reg = Registry::start(None).unwrap();
     let dir = testing::tempdir();
     let mut layout = OciLayout::new(&dir.path().join("layout"));
@@ -156,7 +145,7 @@ async fn docker_schema2_manifest_list_through_a_docker_io_mirror() {
 
 #[tokio::test]
 async fn basic_auth_is_required_and_used() {
-    require_tools!("basic_auth_is_required_and_used");
+    image_service::require_registry_tools!("basic_auth_is_required_and_used");
     let reg = match Registry::start(Some(("alice", "s3cret"))) {
         Ok(r) => r,
         Err(e) if e.contains("htpasswd") => {
@@ -193,7 +182,9 @@ async fn basic_auth_is_required_and_used() {
 
 #[tokio::test]
 async fn a_path_escaping_layer_fails_the_pull_and_leaves_nothing() {
-    require_tools!("a_path_escaping_layer_fails_the_pull_and_leaves_nothing");
+    image_service::require_registry_tools!(
+        "a_path_escaping_layer_fails_the_pull_and_leaves_nothing"
+    );
     let reg = Registry::start(None).unwrap();
     let dir = testing::tempdir();
     let mut layout = OciLayout::new(&dir.path().join("layout"));
@@ -236,7 +227,9 @@ async fn a_path_escaping_layer_fails_the_pull_and_leaves_nothing() {
 
 #[tokio::test]
 async fn concurrent_pulls_are_coalesced_and_missing_tags_are_not_found() {
-    require_tools!("concurrent_pulls_are_coalesced_and_missing_tags_are_not_found");
+    image_service::require_registry_tools!(
+        "concurrent_pulls_are_coalesced_and_missing_tags_are_not_found"
+    );
     let reg = Registry::start(None).unwrap();
     let dir = testing::tempdir();
     push_busybox(&reg, dir.path(), "co/app", "v1");
@@ -270,7 +263,9 @@ async fn concurrent_pulls_are_coalesced_and_missing_tags_are_not_found() {
 
 #[tokio::test]
 async fn remove_respects_leases_then_collects_blobs_and_the_block_image() {
-    require_tools!("remove_respects_leases_then_collects_blobs_and_the_block_image");
+    image_service::require_registry_tools!(
+        "remove_respects_leases_then_collects_blobs_and_the_block_image"
+    );
     let reg = Registry::start(None).unwrap();
     let dir = testing::tempdir();
     push_busybox(&reg, dir.path(), "rm/app", "v1");

@@ -317,3 +317,33 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Returns from the calling test, printing `SKIPPED <name>: <reason>`, when the registry tools
+/// ([`skip_reason`]) are missing.
+#[macro_export]
+macro_rules! require_registry_tools {
+    ($name:literal) => {
+        if let Some(reason) = $crate::testing::skip_reason() {
+            println!("SKIPPED {}: {reason}", $name);
+            return;
+        }
+    };
+}
+
+/// An image service with its own state and certs dirs under `dir` declaring `registry` as plain http,
+/// with `limits` (the defaults when None).
+pub fn plain_http_service(
+    dir: &Path,
+    registry: &str,
+    limits: Option<crate::apply::Limits>,
+) -> crate::ImageService {
+    let certs = dir.join("certs.d");
+    write_hosts(&certs, registry, registry).unwrap();
+    let mut config = crate::Config::new(dir.join("state"));
+    config.certs_dir = certs;
+    if let Some(l) = limits {
+        config.limits = l;
+    }
+    let db = sled::open(dir.join("state/db")).unwrap();
+    crate::ImageService::open(config, &db).unwrap()
+}
