@@ -97,7 +97,7 @@ impl From<NetworkError> for SandboxError {
             NetworkError::NotConfigured(m) => {
                 SandboxError::FailedPrecondition(format!("pod network is not ready: {m}"))
             }
-            e @ (NetworkError::Plugin { .. } | NetworkError::Host(_)) => {
+            e @ (NetworkError::Plugin { .. } | NetworkError::Host(_) | NetworkError::Netns(_)) => {
                 SandboxError::Network(e.to_string())
             }
         }

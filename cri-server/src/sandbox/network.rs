@@ -10,7 +10,7 @@ use podvisor_proto as pb;
 
 use super::live::LivePod;
 use super::{agent_err, Manager, SandboxError};
-use crate::network::{Attachment, PodDns, PodNetwork, PortMapping, Route};
+use crate::network::{netns, Attachment, PodDns, PodNetwork, PortMapping, Route};
 use crate::state::PodRecord;
 
 /// The tap's name in the pod's namespace (one VM per namespace).
@@ -99,10 +99,8 @@ impl Manager {
         let att = self.inner.network.setup(&intent).await?;
         record.network = Some(att.record().clone());
         self.inner.store.put_pod(record)?;
-        let netns = att.netns.clone();
-        let tap = tokio::task::spawn_blocking(move || vmm::Tap::open(TAP_NAME, Some(&netns)))
-            .await
-            .map_err(|e| SandboxError::Network(format!("tap task: {e}")))?
+        let tap = netns::run_in(&att.netns, || vmm::Tap::open(TAP_NAME))
+            .await?
             .map_err(|e| SandboxError::Network(format!("tap {TAP_NAME}: {e}")))?;
         self.inner.network.connect_tap(&att, TAP_NAME).await?;
         let mtu = u16::try_from(att.mtu).unwrap_or(u16::MAX);
