@@ -25,11 +25,19 @@ pub enum ExitReason {
         reason: u64,
     },
     /// KVM_RUN failed.
-    KvmError(String),
-    /// A vCPU or device thread panicked; only this VM is affected.
+    KvmError(kvm_ioctls::Error),
+    /// A vCPU or device thread panicked (the panic message); only this VM is affected.
     VmmPanic(String),
+    /// A `KVM_EXIT_SYSTEM_EVENT` of a type the VMM does not know.
+    UnknownSystemEvent {
+        /// `kvm_run.system_event.type`.
+        kind: u32,
+    },
     /// An exit the VMM does not handle.
-    Unexpected(String),
+    Unhandled {
+        /// `kvm_run.exit_reason` (a `KVM_EXIT_*` value).
+        exit_reason: u32,
+    },
 }
 
 impl fmt::Display for ExitReason {
@@ -47,7 +55,12 @@ impl fmt::Display for ExitReason {
             }
             ExitReason::KvmError(e) => write!(f, "KVM_RUN failed: {e}"),
             ExitReason::VmmPanic(e) => write!(f, "VMM thread panicked: {e}"),
-            ExitReason::Unexpected(e) => write!(f, "unhandled VM exit: {e}"),
+            ExitReason::UnknownSystemEvent { kind } => {
+                write!(f, "unhandled VM exit: system event {kind}")
+            }
+            ExitReason::Unhandled { exit_reason } => {
+                write!(f, "unhandled VM exit: KVM exit reason {exit_reason}")
+            }
         }
     }
 }

@@ -8,6 +8,12 @@
 //! ([`Vm::attach_block`], [`Vm::detach_block`]) with a config-change interrupt, and optionally a
 //! virtio-net device backed by a [`Tap`] ([`NetConfig`], [`Vm::net_stats`]).
 //!
+//! [`Vm::boot`] runs one step per concern (`builder.rs`, after Firecracker's builder): create the KVM VM
+//! and guest memory, attach the vsock device, the block slots, the net device and the serial console,
+//! load the kernel, write the boot tables, create and start the vCPUs. Each step has its own error type
+//! ([`CreateVmError`], [`AttachError`], [`SerialError`], [`BootError`](arch::boot::BootError),
+//! [`SystemError`], [`VcpuError`]), each a variant of the crate's one [`Error`].
+//!
 //! Every failure of a VM — guest crash, KVM internal error, triple fault, a panic in one of its threads —
 //! ends as an [`ExitReason`], never as a panic of the embedding process. Dropping a [`Vm`] stops it and
 //! releases every thread, file descriptor, mapping and socket file it created.
@@ -15,6 +21,7 @@
 //! See `vmm/SPECIFICATION.md` for the guest-visible contract (memory map, IRQs, devices).
 
 pub mod arch;
+mod builder;
 mod config;
 pub mod devices;
 mod exit;
@@ -23,6 +30,7 @@ mod thread;
 mod vcpu;
 mod vm;
 
+pub use builder::{AttachError, CreateVmError, DeviceId, SerialError, SystemError, VcpuError};
 pub use config::{
     BlockSlotConfig, ConfigError, NetConfig, VmConfig, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB,
 };

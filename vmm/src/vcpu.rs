@@ -163,6 +163,8 @@ enum Step {
     Continue,
     Exit(ExitReason),
     InternalError,
+    /// An exit the loop does not handle; reported with `kvm_run.exit_reason`.
+    Unhandled,
 }
 
 /// Runs vCPU `id` until the VM stops; never panics out of the thread.
@@ -222,18 +224,18 @@ fn run_loop(vcpu: &mut VcpuFd, shared: &Shared, io: &IoBus) -> Option<ExitReason
                     KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::GuestShutdown,
                     KVM_SYSTEM_EVENT_RESET => ExitReason::GuestReset,
                     KVM_SYSTEM_EVENT_CRASH => ExitReason::GuestPanic,
-                    other => ExitReason::Unexpected(format!("system event {other}")),
+                    kind => ExitReason::UnknownSystemEvent { kind },
                 }),
                 VcpuExit::InternalError => Step::InternalError,
                 VcpuExit::FailEntry(reason, _) => Step::Exit(ExitReason::EntryFailure { reason }),
                 VcpuExit::Hlt => Step::Exit(ExitReason::GuestShutdown),
-                other => Step::Exit(ExitReason::Unexpected(format!("{other:?}"))),
+                _ => Step::Unhandled,
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
                 Step::Continue
             }
-            Err(e) => Step::Exit(ExitReason::KvmError(e.to_string())),
+            Err(e) => Step::Exit(ExitReason::KvmError(e)),
         };
         match step {
             Step::Continue => {}
@@ -243,6 +245,10 @@ fn run_loop(vcpu: &mut VcpuFd, shared: &Shared, io: &IoBus) -> Option<ExitReason
                 // KVM_EXIT_INTERNAL_ERROR exit, which is what produced this step.
                 let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
                 return Some(ExitReason::InternalError { suberror });
+            }
+            Step::Unhandled => {
+                let exit_reason = vcpu.get_kvm_run().exit_reason;
+                return Some(ExitReason::Unhandled { exit_reason });
             }
         }
     }

@@ -62,7 +62,7 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
     // The host end of the guest's network: a tap with 10.77.0.1/24 in a throwaway namespace.
     let netns = TestNetns::new("boot_agent_block_hotplug_and_clean_teardown", "agent");
     config.net = netns.as_ref().map(|ns| {
-        let tap = Tap::open(TAP, Some(&ns.path())).expect("tap");
+        let tap = ns.run(|| Tap::open(TAP)).expect("tap");
         ns.ip(&format!("addr add 10.77.0.1/24 dev {TAP}"));
         ns.ip(&format!("link set {TAP} up"));
         NetConfig {

@@ -8,7 +8,7 @@
 //! result, then removes the namespace, and can be repeated. A failed setup rolls itself back.
 
 mod cni;
-mod netns;
+pub(crate) mod netns;
 mod result;
 mod tc;
 #[cfg(test)]
@@ -48,6 +48,9 @@ pub enum NetworkError {
     /// A host operation (namespace, netlink, tc) failed.
     #[error("{0}")]
     Host(String),
+    /// A network namespace could not be created or entered.
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
 }
 
 /// Where the CNI configuration, plugins and namespaces are.

@@ -5,7 +5,8 @@
 //! `/proc/thread-self/ns/net` onto the file; the thread then exits and the mount keeps the namespace
 //! alive until [`remove`]. Netlink work inside a namespace uses a socket created on a thread that has
 //! `setns`'d into it: a netlink socket stays bound to the namespace it was created in, so the handle can
-//! then be used from any task.
+//! then be used from any task. [`run_in`] is that one mechanism for anything else that must be created
+//! inside a pod's namespace and then works from anywhere (the VM's tap).
 //!
 //! Mount propagation: like `ip netns add`, the directory is made a shared mount (bind-mounted onto
 //! itself first if it is not a mount point), so namespace mounts and unmounts propagate to mount
@@ -14,8 +15,9 @@
 //! pods' namespaces.
 
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use futures_util::TryStreamExt;
@@ -27,6 +29,36 @@ use rtnetlink::{Handle, LinkUnspec};
 use tokio::sync::oneshot;
 
 use super::NetworkError;
+
+/// Entering or creating a network namespace on a helper thread failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    /// The namespace file cannot be opened.
+    #[error("opening netns {}: {source}", path.display())]
+    Open {
+        /// The namespace file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// `setns` into the namespace failed (e.g. the file is not a network namespace).
+    #[error("entering netns {}: {source}", path.display())]
+    Enter {
+        /// The namespace file.
+        path: PathBuf,
+        /// The error.
+        source: Errno,
+    },
+    /// `unshare(CLONE_NEWNET)` failed.
+    #[error("unsharing a netns: {0}")]
+    Unshare(#[source] Errno),
+    /// The helper thread could not be started.
+    #[error("spawning a namespace thread: {0}")]
+    Thread(#[source] io::Error),
+    /// The helper thread panicked.
+    #[error("the namespace thread panicked")]
+    Panicked,
+}
 
 /// Serializes making directories shared mounts, so two creations never stack two bind mounts.
 static SHARED_DIRS: Mutex<()> = Mutex::new(());
@@ -63,25 +95,24 @@ fn ensure_shared_dir(dir: &Path) -> Result<(), NetworkError> {
 
 /// Runs `f` on a new thread whose network namespace is set by `enter` (which runs first, on that
 /// thread), inside the current tokio runtime's context; the thread exits afterwards.
-async fn on_ns_thread<T, E, F>(enter: E, f: F) -> Result<T, NetworkError>
+async fn on_ns_thread<T, E, F>(enter: E, f: F) -> Result<T, NetnsError>
 where
     T: Send + 'static,
-    E: FnOnce() -> Result<(), NetworkError> + Send + 'static,
-    F: FnOnce() -> Result<T, NetworkError> + Send + 'static,
+    E: FnOnce() -> Result<(), NetnsError> + Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
 {
     let runtime = tokio::runtime::Handle::current();
     let (tx, rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("podvisor-netns".into())
         .spawn(move || {
-            let _ = tx.send(enter().and_then(|()| {
+            let _ = tx.send(enter().map(|()| {
                 let _context = runtime.enter();
                 f()
             }));
         })
-        .map_err(|e| NetworkError::Host(format!("spawning a namespace thread: {e}")))?;
-    rx.await
-        .map_err(|_| NetworkError::Host("the namespace thread panicked".into()))?
+        .map_err(NetnsError::Thread)?;
+    rx.await.map_err(|_| NetnsError::Panicked)?
 }
 
 /// A netlink connection created on the current (namespace) thread; spawned by the caller.
@@ -108,7 +139,7 @@ pub async fn create(path: &Path) -> Result<(), NetworkError> {
         .open(path)
         .map_err(|e| NetworkError::Host(format!("creating {}: {e}", path.display())))?;
     let target = path.to_owned();
-    let enter = || unshare(CloneFlags::CLONE_NEWNET).map_err(host_err("unsharing a netns"));
+    let enter = || unshare(CloneFlags::CLONE_NEWNET).map_err(NetnsError::Unshare);
     let created = on_ns_thread(enter, move || {
         let source = Path::new("/proc/thread-self/ns/net");
         mount(
@@ -124,7 +155,9 @@ pub async fn create(path: &Path) -> Result<(), NetworkError> {
         )))?;
         new_connection()
     })
-    .await;
+    .await
+    .map_err(NetworkError::from)
+    .and_then(|created| created);
     let result = match created {
         Ok((connection, handle)) => {
             tokio::spawn(connection);
@@ -178,14 +211,29 @@ pub fn is_netns(path: &Path) -> bool {
     statfs(path).is_ok_and(|s| s.filesystem_type() == NSFS_MAGIC)
 }
 
+/// Runs `f` on a thread that has entered the namespace `path` (inside the current tokio runtime's
+/// context) and returns its result: what `f` creates there (a netlink socket, a tap) stays in that
+/// namespace and can be used from any thread afterwards.
+pub async fn run_in<T, F>(path: &Path, f: F) -> Result<T, NetworkError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let file = File::open(path).map_err(|source| NetnsError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let path = path.to_owned();
+    let enter = move || {
+        setns(&file, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter { path, source })
+    };
+    Ok(on_ns_thread(enter, f).await?)
+}
+
 /// A netlink handle whose socket lives in the namespace `path`; its connection runs on the current
 /// runtime until the handle is dropped.
 pub async fn handle_in(path: &Path) -> Result<Handle, NetworkError> {
-    let file = File::open(path)
-        .map_err(|e| NetworkError::Host(format!("opening netns {}: {e}", path.display())))?;
-    let what = format!("entering netns {}", path.display());
-    let enter = move || setns(&file, CloneFlags::CLONE_NEWNET).map_err(host_err(what));
-    let (connection, handle) = on_ns_thread(enter, new_connection).await?;
+    let (connection, handle) = run_in(path, new_connection).await??;
     tokio::spawn(connection);
     Ok(handle)
 }

@@ -62,6 +62,9 @@ pub enum PodError {
     /// The pod's network: a CNI plugin, the namespace, the tap or tc.
     #[error("pod network: {0}")]
     Network(#[from] NetworkError),
+    /// The VM's tap could not be created in the pod's namespace.
+    #[error("pod network: tap: {0}")]
+    Tap(#[source] vmm::TapError),
     /// A host cgroup of the pod.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),

@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 
 use super::{agent_err, PodError};
 pub use crate::network::Attachment;
-use crate::network::{Network, NetworkRecord, PodDns, PodNetwork, PortMapping, Route};
+use crate::network::{netns, Network, NetworkRecord, PodDns, PodNetwork, PortMapping, Route};
 
 /// The tap's name in the pod's namespace (one VM per namespace).
 const TAP_NAME: &str = "tap0";
@@ -100,14 +100,9 @@ pub async fn attach(network: &Network, intent: &NetworkRecord) -> Result<Attachm
 
 /// The tap a VM uses in the attachment's namespace, redirected to the CNI interface with tc.
 pub async fn vm_nic(network: &Network, att: &Attachment) -> Result<PodNic, PodError> {
-    let netns = att.netns.clone();
-    let tap = tokio::task::spawn_blocking(move || vmm::Tap::open(TAP_NAME, Some(&netns)))
-        .await
-        .map_err(|source| PodError::Task {
-            what: "tap",
-            source,
-        })?
-        .map_err(|e| crate::network::NetworkError::Host(format!("tap {TAP_NAME}: {e}")))?;
+    let tap = netns::run_in(&att.netns, || vmm::Tap::open(TAP_NAME))
+        .await?
+        .map_err(PodError::Tap)?;
     network.connect_tap(att, TAP_NAME).await?;
     let mtu = u16::try_from(att.mtu).unwrap_or(u16::MAX);
     Ok(PodNic {

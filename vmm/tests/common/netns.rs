@@ -26,7 +26,7 @@ impl TestNetns {
         Some(ns)
     }
 
-    /// The namespace file, for `Tap::open`.
+    /// The namespace file (`/run/netns/<name>`).
     pub fn path(&self) -> PathBuf {
         Path::new("/run/netns").join(&self.name)
     }
@@ -51,7 +51,8 @@ impl TestNetns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Runs `f` on a thread inside the namespace.
+    /// Runs `f` on a thread inside the namespace (e.g. `Tap::open`, which creates the tap in the
+    /// calling thread's namespace).
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let ns = std::fs::File::open(self.path()).unwrap();
         std::thread::scope(|s| {

@@ -392,8 +392,43 @@ async fn namespaces_are_created_with_lo_up_and_removed_idempotently() {
     assert!(netns::handle_in(Path::new("/proc/self/status"))
         .await
         .is_err());
+    run_in_enters_the_namespace(&path, &name).await;
     netns::remove(&path).unwrap();
     assert!(!path.exists());
     netns::remove(&path).unwrap();
     assert!(!sh(&["ip", "netns", "list"], true).contains(&name));
+}
+
+/// `run_in` runs its closure inside the namespace `path` (named `name`): what it creates there, a tap
+/// as the VM uses it, is in the namespace and not on the host; a bad path is a typed error naming it.
+async fn run_in_enters_the_namespace(path: &Path, name: &str) {
+    let ns_inode = std::fs::metadata(path).unwrap().ino();
+    let inside = netns::run_in(path, || std::fs::read_link("/proc/thread-self/ns/net"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(inside.to_string_lossy(), format!("net:[{ns_inode}]"));
+    let tap_name = format!("pvt{}", random_hex(4));
+    let (tap_in, tap_name_in) = (tap_name.clone(), tap_name.clone());
+    let tap = netns::run_in(path, move || vmm::Tap::open(&tap_in))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("tap {tap_name_in}: {e}"));
+    assert!(sh(&["ip", "-n", name, "-o", "link"], true).contains(&tap_name));
+    assert!(!sh(&["ip", "-o", "link"], true).contains(&tap_name));
+    drop(tap);
+    assert!(!sh(&["ip", "-n", name, "-o", "link"], true).contains(&tap_name));
+    let not_a_netns = Path::new("/proc/self/status");
+    let err = netns::run_in(not_a_netns, || ()).await.unwrap_err();
+    assert!(
+        matches!(&err, NetworkError::Netns(netns::NetnsError::Enter { path, .. }) if path == not_a_netns),
+        "{err}"
+    );
+    let missing = Path::new("/run/netns/podvisor-test-missing");
+    let err = netns::run_in(missing, || ()).await.unwrap_err();
+    assert!(
+        matches!(&err, NetworkError::Netns(netns::NetnsError::Open { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("podvisor-test-missing"), "{err}");
 }

@@ -52,13 +52,29 @@ pub enum BlockError {
         /// The requested mode.
         asked: &'static str,
     },
-    /// The backing file cannot be used.
-    #[error("cannot use {path} as block backing: {reason}")]
-    Backing {
+    /// The backing file cannot be opened (in the slot's mode).
+    #[error("cannot use {} as block backing: {source}", path.display())]
+    Open {
         /// The file.
         path: PathBuf,
-        /// Why.
-        reason: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// The backing file's size cannot be read.
+    #[error("cannot use {} as block backing: cannot read its size: {source}", path.display())]
+    Size {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The backing file is smaller than one sector.
+    #[error("cannot use {} as block backing: size {size} is smaller than one sector", path.display())]
+    TooSmall {
+        /// The file.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
     },
 }
 
@@ -158,23 +174,27 @@ impl BlockDevice {
                 asked: mode(read_only),
             });
         }
-        let backing_err = |reason: String| BlockError::Backing {
-            path: path.to_owned(),
-            reason,
-        };
+        let path_buf = || path.to_owned();
         let mut file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
-            .map_err(|e| backing_err(e.to_string()))?;
+            .map_err(|source| BlockError::Open {
+                path: path_buf(),
+                source,
+            })?;
         // Works for regular files and block devices alike.
         let size = file
             .seek(SeekFrom::End(0))
-            .map_err(|e| backing_err(e.to_string()))?;
+            .map_err(|source| BlockError::Size {
+                path: path_buf(),
+                source,
+            })?;
         if size < SECTOR_SIZE {
-            return Err(backing_err(format!(
-                "size {size} is smaller than one sector"
-            )));
+            return Err(BlockError::TooSmall {
+                path: path_buf(),
+                size,
+            });
         }
         self.backing = Some(Backing {
             file,

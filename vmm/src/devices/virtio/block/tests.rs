@@ -218,13 +218,13 @@ fn attach_and_detach_rules() {
     let missing = dir.path().join("missing");
     assert!(matches!(
         h.dev.attach(&missing, true),
-        Err(BlockError::Backing { .. })
+        Err(BlockError::Open { source, .. }) if source.kind() == std::io::ErrorKind::NotFound
     ));
     let tiny = dir.path().join("tiny");
     std::fs::write(&tiny, b"abc").unwrap();
     assert!(matches!(
         h.dev.attach(&tiny, true),
-        Err(BlockError::Backing { .. })
+        Err(BlockError::TooSmall { size: 3, .. })
     ));
     h.dev.attach(&path, true).unwrap();
     assert!(matches!(

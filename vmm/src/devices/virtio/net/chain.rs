@@ -37,9 +37,15 @@ pub enum ChainError {
     /// The tx chain is longer than [`MAX_FRAME_LEN`].
     #[error("chain of more than {MAX_FRAME_LEN} bytes")]
     TooLong,
+    /// The chain's buffers could not be mapped from guest memory.
+    #[error("cannot read the chain: {0}")]
+    Map(#[source] virtio_queue::Error),
     /// Guest memory could not be read.
     #[error("cannot read the chain: {0}")]
-    Memory(String),
+    Read(#[source] std::io::Error),
+    /// Guest memory could not be written.
+    #[error("cannot write the chain: {0}")]
+    Write(#[source] vm_memory::GuestMemoryError),
 }
 
 type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
@@ -63,10 +69,10 @@ pub fn read_tx_chain(
     if len < VNET_HDR_LEN + ETH_HLEN {
         return Err(ChainError::TooShort(len));
     }
-    let mut reader = Reader::new(mem, chain).map_err(|e| ChainError::Memory(e.to_string()))?;
+    let mut reader = Reader::new(mem, chain).map_err(ChainError::Map)?;
     reader
         .read_exact(&mut buf[..len])
-        .map_err(|e| ChainError::Memory(e.to_string()))?;
+        .map_err(ChainError::Read)?;
     Ok(len)
 }
 
@@ -121,7 +127,7 @@ impl RxBuffer {
             }
             let n = rest.len().min(*len);
             mem.write_slice(&rest[..n], *addr)
-                .map_err(|e| ChainError::Memory(e.to_string()))?;
+                .map_err(ChainError::Write)?;
             rest = &rest[n..];
         }
         Ok(())

@@ -1,6 +1,6 @@
 //! virtio-net (virtio 1.1 §5.1) backed by a tap interface.
 //!
-//! `tap` opens the host side (`/dev/net/tun`, optionally inside a network namespace), `chain` validates
+//! `tap` opens the host side (`/dev/net/tun`, in the calling thread's network namespace), `chain` validates
 //! the guest's descriptor chains, `device` is the virtio side. Frames cross the tap with their
 //! virtio-net header (`IFF_VNET_HDR`), so checksum and segmentation offloads pass through unchanged:
 //! the tap's offloads (`TUNSETOFFLOAD`) follow the features the driver acked.

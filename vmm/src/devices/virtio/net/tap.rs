@@ -4,6 +4,11 @@
 //! persistent: the kernel deletes it when its last file descriptor closes, so a VMM that crashes leaves
 //! no interface behind. `IFF_TUN_EXCL` makes opening fail instead of attaching to an existing (possibly
 //! persistent) interface of the same name.
+//!
+//! The tap is created in the network namespace of the calling thread: the VMM never changes namespaces.
+//! An embedder that wants the tap in a pod's namespace opens it on a thread that has entered that
+//! namespace (podvisor's cri-server does this with its one netns helper); the descriptor then works
+//! from any thread.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -11,9 +16,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::raw::{c_int, c_short, c_uint, c_ulong};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
 
-use nix::sched::{setns, CloneFlags};
 use virtio_bindings::virtio_net::virtio_net_hdr_v1;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
@@ -33,14 +36,6 @@ pub enum TapError {
         /// Why.
         reason: &'static str,
     },
-    /// The network namespace file cannot be opened or entered.
-    #[error("cannot enter the network namespace {}: {source}", path.display())]
-    Netns {
-        /// The namespace file (e.g. `/run/netns/<name>`).
-        path: PathBuf,
-        /// The error.
-        source: io::Error,
-    },
     /// `/dev/net/tun` cannot be opened.
     #[error("cannot open {TUN_PATH}: {0}")]
     Open(io::Error),
@@ -54,9 +49,6 @@ pub enum TapError {
         /// The error.
         source: io::Error,
     },
-    /// The helper thread that enters the namespace could not run.
-    #[error("network namespace helper thread: {0}")]
-    Thread(io::Error),
 }
 
 /// An open, non-blocking tap interface. Reads and writes carry one frame each, prefixed by a
@@ -67,33 +59,10 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Creates the tap `name` (1-15 bytes, no `/`, `:`, whitespace or NUL), inside the network namespace
-    /// bound at `netns` when given. The returned descriptor works from any thread.
-    pub fn open(name: &str, netns: Option<&Path>) -> Result<Tap, TapError> {
+    /// Creates the tap `name` (1-15 bytes, no `/`, `:`, `%`, whitespace or NUL) in the calling thread's
+    /// network namespace. The returned descriptor works from any thread.
+    pub fn open(name: &str) -> Result<Tap, TapError> {
         validate_name(name)?;
-        let Some(netns) = netns else {
-            return Tap::open_here(name);
-        };
-        // setns() changes the calling thread only: do it on a thread that exits right after.
-        let (name, path) = (name.to_owned(), netns.to_owned());
-        std::thread::Builder::new()
-            .name("tap-netns".into())
-            .spawn(move || {
-                let netns_err = |source: io::Error| TapError::Netns {
-                    path: path.clone(),
-                    source,
-                };
-                let ns = File::open(&path).map_err(netns_err)?;
-                setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| netns_err(e.into()))?;
-                Tap::open_here(&name)
-            })
-            .map_err(TapError::Thread)?
-            .join()
-            .unwrap_or_else(|_| Err(TapError::Thread(io::Error::other("panicked"))))
-    }
-
-    /// Creates the tap in the calling thread's network namespace.
-    fn open_here(name: &str) -> Result<Tap, TapError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)

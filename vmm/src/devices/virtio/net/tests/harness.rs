@@ -108,7 +108,7 @@ pub fn run(argv: &[&str]) -> String {
 
 /// A tap in `ns` with HOST_IP/24, up, and a permanent neighbour entry for the guest.
 pub fn host_tap(ns: &TestNetns) -> (Arc<Tap>, [u8; 6]) {
-    let tap = Tap::open(TAP_NAME, Some(&ns.path())).expect("open tap");
+    let tap = ns.run(|| Tap::open(TAP_NAME)).expect("open tap");
     ns.ip(&format!("addr add {}/24 dev {TAP_NAME}", ip_str(HOST_IP)));
     ns.ip(&format!("link set {TAP_NAME} up"));
     let guest = format!("{} lladdr {}", ip_str(GUEST_IP), mac_str(GUEST_MAC));
