@@ -45,9 +45,35 @@ pub enum NetworkError {
         /// Its message and details, or what went wrong running it.
         message: String,
     },
-    /// A host operation (namespace, netlink, tc) failed.
-    #[error("{0}")]
-    Host(String),
+    /// A host system call (mount, umount) failed.
+    #[error("{what}: {source}")]
+    Sys {
+        /// What was done (with its path).
+        what: String,
+        /// The error.
+        source: nix::errno::Errno,
+    },
+    /// A host file operation failed.
+    #[error("{what} {}: {source}", path.display())]
+    File {
+        /// What was done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A netlink request (links, qdiscs, filters) failed.
+    #[error("{what}: {source}")]
+    Netlink {
+        /// What was asked.
+        what: String,
+        /// The error.
+        source: rtnetlink::Error,
+    },
+    /// An interface the pod network needs is missing from its namespace.
+    #[error("no interface {0} in the pod netns")]
+    NoInterface(String),
     /// A network namespace could not be created or entered.
     #[error(transparent)]
     Netns(#[from] netns::NetnsError),

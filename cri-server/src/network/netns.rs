@@ -64,14 +64,27 @@ pub enum NetnsError {
 static SHARED_DIRS: Mutex<()> = Mutex::new(());
 
 fn host_err(what: impl std::fmt::Display) -> impl FnOnce(Errno) -> NetworkError {
-    move |e| NetworkError::Host(format!("{what}: {e}"))
+    move |source| NetworkError::Sys {
+        what: what.to_string(),
+        source,
+    }
+}
+
+fn file_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> NetworkError + 'a {
+    move |source| NetworkError::File {
+        what,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Creates the directory if needed and makes it a shared mount point, as `ip netns add` does.
 fn ensure_shared_dir(dir: &Path) -> Result<(), NetworkError> {
     let _guard = SHARED_DIRS.lock().unwrap_or_else(|e| e.into_inner());
-    std::fs::create_dir_all(dir)
-        .map_err(|e| NetworkError::Host(format!("creating {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(file_err("creating", dir))?;
     let shared = MsFlags::MS_SHARED | MsFlags::MS_REC;
     let make_shared = || mount(None::<&str>, dir, None::<&str>, shared, None::<&str>);
     match make_shared() {
@@ -117,8 +130,12 @@ where
 
 /// A netlink connection created on the current (namespace) thread; spawned by the caller.
 fn new_connection() -> Result<Connection, NetworkError> {
-    let (connection, handle, _) = rtnetlink::new_connection()
-        .map_err(|e| NetworkError::Host(format!("opening a netlink socket: {e}")))?;
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(|source| NetworkError::File {
+            what: "opening",
+            path: "a netlink socket".into(),
+            source,
+        })?;
     Ok((connection, handle))
 }
 
@@ -137,7 +154,7 @@ pub async fn create(path: &Path) -> Result<(), NetworkError> {
         .create_new(true)
         .mode(0o444)
         .open(path)
-        .map_err(|e| NetworkError::Host(format!("creating {}: {e}", path.display())))?;
+        .map_err(file_err("creating", path))?;
     let target = path.to_owned();
     let enter = || unshare(CloneFlags::CLONE_NEWNET).map_err(NetnsError::Unshare);
     let created = on_ns_thread(enter, move || {
@@ -173,10 +190,15 @@ pub async fn create(path: &Path) -> Result<(), NetworkError> {
 }
 
 async fn loopback_up(handle: &Handle) -> Result<(), NetworkError> {
-    let netlink = |what: &'static str| move |e| NetworkError::Host(format!("{what}: {e}"));
+    let netlink = |what: &'static str| {
+        move |source| NetworkError::Netlink {
+            what: what.into(),
+            source,
+        }
+    };
     let mut links = handle.link().get().match_name("lo").execute();
     let lo = links.try_next().await.map_err(netlink("finding lo"))?;
-    let lo = lo.ok_or_else(|| NetworkError::Host("the new netns has no lo".into()))?;
+    let lo = lo.ok_or_else(|| NetworkError::NoInterface("lo".into()))?;
     let up = LinkUnspec::new_with_index(lo.header.index).up().build();
     handle
         .link()
@@ -190,18 +212,10 @@ async fn loopback_up(handle: &Handle) -> Result<(), NetworkError> {
 pub fn remove(path: &Path) -> Result<(), NetworkError> {
     match umount2(path, MntFlags::MNT_DETACH) {
         Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
-        Err(e) => {
-            return Err(NetworkError::Host(format!(
-                "unmounting {}: {e}",
-                path.display()
-            )))
-        }
+        Err(e) => return Err(host_err(format!("unmounting {}", path.display()))(e)),
     }
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(NetworkError::Host(format!(
-            "removing {}: {e}",
-            path.display()
-        ))),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(file_err("removing", path)(e)),
         _ => Ok(()),
     }
 }

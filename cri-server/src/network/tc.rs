@@ -28,7 +28,10 @@ pub struct LinkInfo {
 }
 
 fn netlink(what: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) -> NetworkError {
-    move |e| NetworkError::Host(format!("{what}: {e}"))
+    move |source| NetworkError::Netlink {
+        what: what.to_string(),
+        source,
+    }
 }
 
 fn errno(e: &rtnetlink::Error) -> Option<Errno> {
@@ -67,7 +70,7 @@ pub async fn find_link(handle: &Handle, name: &str) -> Result<Option<LinkInfo>, 
 pub async fn link(handle: &Handle, name: &str) -> Result<LinkInfo, NetworkError> {
     find_link(handle, name)
         .await?
-        .ok_or_else(|| NetworkError::Host(format!("no interface {name} in the pod netns")))
+        .ok_or_else(|| NetworkError::NoInterface(name.into()))
 }
 
 /// Deletes the ingress qdisc of interface `index` (and with it its filters); none is fine.

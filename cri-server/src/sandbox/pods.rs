@@ -11,8 +11,9 @@ use prost::Message;
 use super::size::vm_size;
 use super::validate;
 use super::{now_ns, Manager, SandboxError};
+use crate::network::NetworkRecord;
 use crate::pod::vm::{VmPod, VmShape};
-use crate::pod::{net, Pod, PodError};
+use crate::pod::{net, Pod};
 use crate::state::{ContainerState, PodRecord, PodState};
 
 impl Manager {
@@ -62,12 +63,12 @@ impl Manager {
             slots: BTreeMap::new(),
             reason: String::new(),
             released: false,
-            network: Some(network),
+            network: Some(network.clone()),
             cgroups,
             runtime_handler: runtime_handler.into(),
         };
         self.store().put_pod(&record)?;
-        match self.boot_pod(&config, sandbox, &mut record).await {
+        match self.boot_pod(&config, sandbox, &network, &mut record).await {
             Ok(live) => {
                 record.state = PodState::Ready;
                 if let Err(e) = self.store().put_pod(&record) {
@@ -95,6 +96,7 @@ impl Manager {
         &self,
         config: &PodSandboxConfig,
         mut sandbox: pb::CreateSandboxRequest,
+        intent: &NetworkRecord,
         record: &mut PodRecord,
     ) -> Result<Arc<dyn Pod>, SandboxError> {
         let id = record.id.clone();
@@ -110,12 +112,7 @@ impl Manager {
             crate::pod::blocking("cgroup", move || cgroups.create(&limits)).await?;
         }
         let network = self.network();
-        let intent = record.network.clone().ok_or_else(|| {
-            let missing =
-                crate::network::NetworkError::Host("the pod record has no network intent".into());
-            SandboxError::Pod(PodError::Network(missing))
-        })?;
-        let attachment = net::attach(network, &intent).await?;
+        let attachment = net::attach(network, intent).await?;
         record.network = Some(attachment.record().clone());
         self.store().put_pod(record)?;
         let nic = net::vm_nic(network, &attachment).await?;
