@@ -80,16 +80,6 @@ pub enum SpecError {
     Serialize(#[source] serde_json::Error),
 }
 
-impl From<SpecError> for tonic::Status {
-    fn from(e: SpecError) -> Self {
-        match e {
-            SpecError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
-            SpecError::Unimplemented(m) => tonic::Status::unimplemented(m),
-            e @ SpecError::Serialize(_) => tonic::Status::internal(e.to_string()),
-        }
-    }
-}
-
 fn invalid(field: impl Display, msg: impl Display) -> SpecError {
     SpecError::InvalidArgument(format!("{field}: {msg}"))
 }

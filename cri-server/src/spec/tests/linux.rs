@@ -327,11 +327,22 @@ fn annotations_carry_cri_metadata() {
 }
 
 #[test]
-fn errors_map_to_grpc_codes() {
-    let s: tonic::Status = SpecError::Unimplemented("config.devices: no".into()).into();
+fn errors_map_to_grpc_codes_at_the_cri_boundary() {
+    let status = |e: SpecError| crate::runtime::to_status(e.into());
+    let s = status(SpecError::Unimplemented("config.devices: no".into()));
     assert_eq!(s.code(), tonic::Code::Unimplemented);
-    let s: tonic::Status = SpecError::InvalidArgument("x: y".into()).into();
-    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    let s = status(SpecError::InvalidArgument("x: y".into()));
+    assert_eq!(
+        (s.code(), s.message()),
+        (tonic::Code::InvalidArgument, "x: y")
+    );
+    let bad_json = serde_json::from_str::<serde_json::Value>("{").unwrap_err();
+    let s = status(SpecError::Serialize(bad_json));
+    assert_eq!(s.code(), tonic::Code::Internal);
+    assert!(
+        s.message().starts_with("serializing the OCI spec: "),
+        "{s:?}"
+    );
 }
 
 #[test]
