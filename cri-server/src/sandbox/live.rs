@@ -98,7 +98,7 @@ impl LivePod {
         .map_err(|e| SandboxError::Vm(format!("boot task: {e}")))??;
         let exit = vm.exit_watch();
         let agent = tokio::select! {
-            agent = pb::client::wait_for_agent(&uds, config.boot_timeout) => agent,
+            agent = pb::client::wait_for_agent(&uds, config.boot_timeout) => agent.map_err(|e| e.to_string()),
             reason = wait_exit(exit.clone()) => Err(format!("the VM stopped while booting: {reason}")),
         };
         match agent {

@@ -147,6 +147,8 @@ pub fn sandbox_request(
         time_unix_ns: 0,
         entropy: Vec::new(),
         share_pid_namespace: share_pid,
+        // What vmm::default_cmdline decided for this host's guest kernels (daemon.rs).
+        avoid_avx: vmm::KvmHost::detect().guest_xsave_disabled(),
     };
     check_sandbox(&request, config.hostname.is_empty())?;
     Ok(request)

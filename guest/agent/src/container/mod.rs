@@ -178,8 +178,7 @@ impl ContainerManager {
             pod: Mutex::new(PodContext {
                 files_dir: pod_files,
                 pid_namespace: None,
-                avx_unsafe: std::fs::read_to_string("/proc/cmdline")
-                    .is_ok_and(|c| c.split_whitespace().any(|w| w == "noxsave")),
+                avoid_avx: false,
             }),
             containers: Mutex::new(HashMap::new()),
             create: tokio::sync::Mutex::new(()),
@@ -190,6 +189,12 @@ impl ContainerManager {
     /// Sets the pod PID namespace containers join (None: one per container).
     pub fn set_pid_namespace(&self, ns: Option<PathBuf>) {
         self.pod.lock().expect("pod lock").pid_namespace = ns;
+    }
+
+    /// Sets whether containers created from now on are told to avoid AVX
+    /// (`CreateSandboxRequest::avoid_avx`, see [`PodContext::avoid_avx`]).
+    pub fn set_avoid_avx(&self, avoid_avx: bool) {
+        self.pod.lock().expect("pod lock").avoid_avx = avoid_avx;
     }
 
     /// The container `id`.
