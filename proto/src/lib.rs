@@ -1,6 +1,8 @@
 //! The podvisor host <-> guest agent protocol (`podvisor.agent.v1`, see `agent.proto`).
 //!
 //! The message types, the [`AgentClient`] and the [`Agent`] server trait are generated from `agent.proto`.
+//! The constants and functions here are the rest of the host <-> guest contract, used by both sides: the
+//! vsock ports, guest paths, limits, the block slot serials and the guest's glibc tunable.
 //! With the `client` feature (default), [`client::connect_hybrid_vsock`] opens a client through the VMM's
 //! hybrid-vsock unix socket.
 #![warn(missing_docs)]

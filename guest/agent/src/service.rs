@@ -66,7 +66,11 @@ impl From<ContainerError> for Status {
             ContainerError::Engine(crate::engine::EngineError::Failed(_)) => {
                 Status::failed_precondition(msg)
             }
-            ContainerError::Engine(_) | ContainerError::Internal(_) => Status::internal(msg),
+            ContainerError::Engine(_)
+            | ContainerError::Io(_)
+            | ContainerError::Sys(_)
+            | ContainerError::Encode(_)
+            | ContainerError::Internal(_) => Status::internal(msg),
         }
     }
 }
