@@ -226,13 +226,16 @@ pub fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
 
 fn manager_config(args: &DaemonArgs) -> ManagerConfig {
     let p = &args.pods;
+    let host = vmm::KvmHost::detect();
     ManagerConfig {
         guest: crate::pod::vm::GuestConfig {
             kernel: args.guest_dir.join("vmlinux"),
             initramfs: args.guest_dir.join("initramfs.cpio"),
-            cmdline: vmm::default_cmdline(&vmm::KvmHost::detect()),
+            cmdline: vmm::default_cmdline(&host),
             image_slots: p.image_slots,
             boot_timeout: std::time::Duration::from_secs(p.boot_timeout_secs),
+            // Decided with the command line: `noxsave` there means no AVX in the guest.
+            avoid_avx: host.guest_xsave_disabled(),
         },
         pods_dir: args.state_dir.join("pods"),
         run_dir: args.run_dir.clone(),

@@ -171,21 +171,62 @@ pub async fn connect_hybrid_vsock(
     Ok(AgentClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES))
 }
 
-/// Connects to the agent through `uds`, retrying until it answers Health or `timeout` passes.
-pub async fn wait_for_agent(uds: &Path, timeout: Duration) -> Result<AgentClient<Channel>, String> {
+/// Why [`wait_for_agent`] gave up: the agent did not answer Health within the timeout. The variant is the
+/// last attempt's failure, kept as the error's source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// No attempt could be made within the timeout.
+    #[error("agent not ready after {timeout:?}: never tried")]
+    Timeout {
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// The last attempt could not open a client (typically [`ClientError::Closed`]: the agent does not
+    /// listen yet).
+    #[error("agent not ready after {timeout:?}: {source}")]
+    Connect {
+        /// The timeout that expired.
+        timeout: Duration,
+        /// The last attempt's failure.
+        source: ClientError,
+    },
+    /// The last attempt connected but the agent's Health call failed.
+    #[error("agent not ready after {timeout:?}: health: {source}")]
+    Health {
+        /// The timeout that expired.
+        timeout: Duration,
+        /// The Health call's status (boxed: a `Status` is large).
+        source: Box<tonic::Status>,
+    },
+}
+
+/// Pause between two attempts of [`wait_for_agent`].
+const RETRY_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Connects to the agent ([`crate::AGENT_VSOCK_PORT`]) through `uds`, retrying until it answers Health or
+/// `timeout` passes.
+pub async fn wait_for_agent(
+    uds: &Path,
+    timeout: Duration,
+) -> Result<AgentClient<Channel>, ConnectError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = String::from("never tried");
+    let mut last = ConnectError::Timeout { timeout };
     while tokio::time::Instant::now() < deadline {
         match connect_hybrid_vsock(uds, crate::AGENT_VSOCK_PORT).await {
             Ok(mut client) => match client.health(crate::HealthRequest {}).await {
                 Ok(_) => return Ok(client),
-                Err(e) => last = format!("health: {e}"),
+                Err(status) => {
+                    last = ConnectError::Health {
+                        timeout,
+                        source: Box::new(status),
+                    }
+                }
             },
-            Err(e) => last = e.to_string(),
+            Err(source) => last = ConnectError::Connect { timeout, source },
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(RETRY_INTERVAL).await;
     }
-    Err(format!("agent not ready after {timeout:?}: {last}"))
+    Err(last)
 }
 
 #[cfg(test)]
@@ -287,6 +328,73 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
         server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn wait_for_agent_keeps_the_last_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = dir.path().join("none");
+        let err = wait_for_agent(&none, Duration::ZERO).await.unwrap_err();
+        assert!(matches!(err, ConnectError::Timeout { .. }), "{err}");
+        let err = wait_for_agent(&none, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        match &err {
+            ConnectError::Connect {
+                source: ClientError::Connect { path, .. },
+                ..
+            } => assert_eq!(path, &none),
+            other => panic!("{other}"),
+        }
+        let source = std::error::Error::source(&err).expect("a source");
+        assert!(source.to_string().contains("none"), "{source}");
+        assert!(
+            err.to_string().starts_with("agent not ready after 300ms: "),
+            "{err}"
+        );
+    }
+
+    /// An agent whose Health always fails.
+    struct SickAgent;
+
+    #[tonic::async_trait]
+    impl Agent for SickAgent {
+        async fn health(
+            &self,
+            _: tonic::Request<HealthRequest>,
+        ) -> Result<tonic::Response<HealthResponse>, tonic::Status> {
+            Err(tonic::Status::unavailable("still starting"))
+        }
+    }
+
+    #[tokio::test]
+    async fn wait_for_agent_reports_a_failing_health() {
+        let (_dir, path, listener) = socket();
+        // Every retry is a new connection: serve each one.
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut line = Vec::new();
+                let mut reader = tokio::io::BufReader::new(&mut stream);
+                reader.read_until(b'\n', &mut line).await.unwrap();
+                stream.write_all(b"OK 7\n").await.unwrap();
+                let incoming = tokio_stream::iter([Ok::<_, std::io::Error>(stream)]);
+                tokio::spawn(
+                    tonic::transport::Server::builder()
+                        .serve_with_incoming(AgentServer::new(SickAgent), incoming),
+                );
+            }
+        });
+        let err = wait_for_agent(&path, Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        match &err {
+            ConnectError::Health { source, .. } => {
+                assert_eq!(source.code(), tonic::Code::Unavailable)
+            }
+            other => panic!("{other}"),
+        }
+        assert!(err.to_string().contains("still starting"), "{err}");
     }
 
     struct FakeAgent;

@@ -27,11 +27,6 @@ impl fmt::Display for HostKind {
     }
 }
 
-/// glibc tunable that keeps glibc's IFUNCs off AVX/AVX-512 in the guest on PVM hosts (see
-/// [`KvmHost::guest_cmdline_args`]).
-pub const PVM_GLIBC_TUNABLES: &str =
-    "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD";
-
 /// CPU features the PVM instruction emulator cannot execute in guest kernel mode, masked on the guest
 /// kernel command line because CPUID masking through `KVM_SET_CPUID2` is not reliably honoured there.
 ///
@@ -78,9 +73,22 @@ impl KvmHost {
         }
     }
 
+    /// Whether this host's guests run their kernel with `noxsave` (PVM: the instruction emulator cannot
+    /// execute XSAVE in guest kernel mode). Such a guest kernel preserves only x87/SSE registers across
+    /// context switches, so guest user space must avoid AVX: [`KvmHost::guest_cmdline_args`] passes
+    /// `noxsave` and the glibc tunable exactly when this holds, and the host tells the agent so in
+    /// `CreateSandboxRequest::avoid_avx`.
+    pub fn guest_xsave_disabled(&self) -> bool {
+        self.kind == HostKind::Pvm
+    }
+
     /// Kernel command-line arguments this host needs for a plain (non-PVM) guest kernel.
     pub fn guest_cmdline_args(&self) -> String {
-        match self.kind {
+        let mut args = Vec::new();
+        if self.guest_xsave_disabled() {
+            args.push("noxsave".to_string());
+        }
+        if self.kind == HostKind::Pvm {
             // The emulator lacks XSAVE-family and the listed instructions; rodata=off skips ~7 s of
             // emulated page-table rewriting (the VM boundary, not guest W^X, is what isolates pods).
             // Boot-time trade-offs that only pay off where guest kernel code is emulated:
@@ -90,18 +98,24 @@ impl KvmHost {
             // - dhash_entries/ihash_entries: zeroing the dentry/inode hash tables in emulated early boot
             //   takes ~0.3 s at the 256 MiB defaults (32768/16384 buckets), ~0.18 s at 8192/4096, which
             //   still keeps hash chains short for tens of thousands of cached files.
-            // - GLIBC_TUNABLES (passed by the kernel to init's environment, so inherited by the agent
-            //   and every process it forks): with `noxsave` the guest kernel saves only x87/SSE state
-            //   across context switches while user space runs with the host's XCR0, so two processes
-            //   using AVX corrupt each other's registers. This keeps glibc's string functions in the
-            //   agent and its forks (the container engine's init processes) off AVX; containers get
-            //   the same tunable from the agent.
-            HostKind::Pvm => format!(
-                "noxsave clearcpuid={PVM_CLEARCPUID} rodata=off retain_initrd \
-                 dhash_entries=8192 ihash_entries=4096 GLIBC_TUNABLES={PVM_GLIBC_TUNABLES}"
-            ),
-            _ => String::new(),
+            args.push(format!(
+                "clearcpuid={PVM_CLEARCPUID} rodata=off retain_initrd \
+                 dhash_entries=8192 ihash_entries=4096"
+            ));
         }
+        if self.guest_xsave_disabled() {
+            // GLIBC_TUNABLES (passed by the kernel to init's environment, so inherited by the agent and
+            // every process it forks): with `noxsave` the guest kernel saves only x87/SSE state across
+            // context switches while user space runs with the host's XCR0, so two processes using AVX
+            // corrupt each other's registers. This keeps glibc's string functions in the agent and its
+            // forks (the container engine's init processes) off AVX; containers get the same tunable
+            // from the agent (`CreateSandboxRequest::avoid_avx`).
+            args.push(format!(
+                "GLIBC_TUNABLES={}",
+                podvisor_proto::AVOID_AVX_GLIBC_TUNABLES
+            ));
+        }
+        args.join(" ")
     }
 }
 
@@ -133,5 +147,36 @@ mod tests {
         // xsaveopt/avx/avx2/avx512f/fma/pku are only masked through noxsave.
         assert!(args.split_whitespace().any(|a| a == "noxsave"));
         assert_eq!(args.matches("clearcpuid=").count(), 1);
+    }
+
+    #[test]
+    fn noxsave_and_the_glibc_tunable_follow_the_typed_fact() {
+        for kind in [
+            HostKind::Vmx,
+            HostKind::Svm,
+            HostKind::Pvm,
+            HostKind::Unknown,
+        ] {
+            let host = KvmHost {
+                dev_kvm: true,
+                kind,
+            };
+            let args = host.guest_cmdline_args();
+            let words: Vec<&str> = args.split_whitespace().collect();
+            let tunable = format!(
+                "GLIBC_TUNABLES={}",
+                podvisor_proto::AVOID_AVX_GLIBC_TUNABLES
+            );
+            assert_eq!(
+                words.contains(&"noxsave"),
+                host.guest_xsave_disabled(),
+                "{kind}: {args}"
+            );
+            assert_eq!(
+                words.contains(&tunable.as_str()),
+                host.guest_xsave_disabled(),
+                "{kind}: {args}"
+            );
+        }
     }
 }

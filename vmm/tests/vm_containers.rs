@@ -143,7 +143,9 @@ fn containers_in_a_real_vm() {
         .unwrap();
     let console = vm.console_log().to_path_buf();
     let result = rt.block_on(async {
-        let agent = common::wait_for_agent(&vsock_uds, BOOT_TIMEOUT).await?;
+        let agent = common::wait_for_agent(&vsock_uds, BOOT_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
         vm.attach_block(0, &image, true)
             .map_err(|e| e.to_string())?;
         scenario(agent).await;
@@ -173,8 +175,11 @@ async fn scenario(mut agent: AgentClient<Channel>) {
             "{details:?}"
         );
     }
+    // As the daemon sets it: whether vmm::default_cmdline passed `noxsave` on this host.
+    let avoid_avx = vmm::KvmHost::detect().guest_xsave_disabled();
     let sandbox = pb::CreateSandboxRequest {
         hostname: "pod-a".into(),
+        avoid_avx,
         dns_servers: vec!["10.96.0.10".into()],
         dns_searches: vec!["default.svc.cluster.local".into()],
         dns_options: vec!["ndots:5".into()],
@@ -207,8 +212,10 @@ async fn scenario(mut agent: AgentClient<Channel>) {
         .unwrap()
         .into_inner();
 
-    // c1: a shell that handles SIGTERM.
-    let script = "trap 'echo got-term; exit 7' TERM; echo started; sleep 1000 & wait";
+    // c1: a shell that handles SIGTERM and shows the GLIBC_TUNABLES the agent gave it.
+    let script =
+        "trap 'echo got-term; exit 7' TERM; echo started; echo \"tunables=$GLIBC_TUNABLES\"; \
+                  sleep 1000 & wait";
     let created = t
         .time(
             "CreateContainer",
@@ -376,7 +383,15 @@ async fn scenario(mut agent: AgentClient<Channel>) {
         .unwrap()
         .into_inner();
     assert_eq!((waited.exit_code, waited.signal), (7, 0), "{waited:?}");
-    assert_eq!(c1_out.await.unwrap(), "started\ngot-term\n");
+    // The tunable exactly when the pod avoids AVX (the spec's env has no GLIBC_TUNABLES of its own).
+    let tunables = avoid_avx.then_some(pb::AVOID_AVX_GLIBC_TUNABLES);
+    assert_eq!(
+        c1_out.await.unwrap(),
+        format!(
+            "started\ntunables={}\ngot-term\n",
+            tunables.unwrap_or_default()
+        )
+    );
 
     // c2: SIGTERM to an init without a handler becomes SIGKILL.
     agent
@@ -445,6 +460,7 @@ async fn scenario(mut agent: AgentClient<Channel>) {
     // A shared pod PID namespace from now on: c4's init is not PID 1 there.
     let shared = pb::CreateSandboxRequest {
         hostname: "pod-a".into(),
+        avoid_avx,
         share_pid_namespace: true,
         ..Default::default()
     };

@@ -32,11 +32,19 @@ pub enum PodError {
     /// The VMM could not boot the pod VM.
     #[error("booting the pod VM: {0}")]
     Boot(#[source] vmm::Error),
-    /// The VM booted but its agent never answered (or the VM stopped first).
-    #[error("the guest agent did not come up: {why}; console tail:\n{console}")]
+    /// The VM booted but its agent never answered.
+    #[error("the guest agent did not come up: {source}; console tail:\n{console}")]
     AgentStart {
-        /// Why: the last connection error, or the VM's end.
-        why: String,
+        /// The last connection attempt's failure.
+        source: pb::client::ConnectError,
+        /// The end of the guest's console log.
+        console: String,
+    },
+    /// The VM stopped before its agent answered.
+    #[error("the pod VM stopped while booting: {reason}; console tail:\n{console}")]
+    BootExit {
+        /// Why the VM ended.
+        reason: vmm::ExitReason,
         /// The end of the guest's console log.
         console: String,
     },

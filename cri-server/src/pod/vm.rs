@@ -44,6 +44,9 @@ pub struct GuestConfig {
     pub image_slots: u32,
     /// How long a booting VM has to bring its agent up.
     pub boot_timeout: Duration,
+    /// The guest kernel runs without XSAVE (the command line has `noxsave`): programs must avoid AVX
+    /// (`CreateSandboxRequest.avoid_avx`).
+    pub avoid_avx: bool,
 }
 
 /// What one pod VM is made of.
@@ -70,6 +73,7 @@ pub struct VmPod {
     agent: AgentClient<Channel>,
     exit: ExitWatch,
     stopping: AtomicBool,
+    avoid_avx: bool,
 }
 
 impl VmPod {
@@ -109,8 +113,12 @@ impl VmPod {
         .await?;
         let exit = vm.exit_watch();
         let agent = tokio::select! {
-            agent = pb::client::wait_for_agent(&shape.vsock, guest.boot_timeout) => agent,
-            reason = wait_exit(exit.clone()) => Err(format!("the VM stopped while booting: {reason}")),
+            agent = pb::client::wait_for_agent(&shape.vsock, guest.boot_timeout) => {
+                agent.map_err(|source| PodError::AgentStart { source, console: String::new() })
+            }
+            reason = wait_exit(exit.clone()) => {
+                Err(PodError::BootExit { reason, console: String::new() })
+            }
         };
         match agent {
             Ok(agent) => Ok(VmPod {
@@ -119,24 +127,29 @@ impl VmPod {
                 agent,
                 exit,
                 stopping: AtomicBool::new(false),
+                avoid_avx: guest.avoid_avx,
             }),
-            Err(why) => {
+            Err(mut e) => {
                 let _ = tokio::task::spawn_blocking(move || vm.stop()).await;
-                Err(PodError::AgentStart {
-                    why: why.to_string(),
-                    console: console_tail(&console),
-                })
+                if let PodError::AgentStart { console: tail, .. }
+                | PodError::BootExit { console: tail, .. } = &mut e
+                {
+                    *tail = console_tail(&console);
+                }
+                Err(e)
             }
         }
     }
 
-    /// Gives the guest its identity (hostname, DNS, sysctls, clock, entropy: `sandbox`) and its
-    /// network interface and routes from the pod's CNI `attachment`.
+    /// Gives the guest its identity (hostname, DNS, sysctls, clock, entropy: `sandbox`; whether it may
+    /// use AVX, from the guest config) and its network interface and routes from the pod's CNI
+    /// `attachment`.
     pub async fn set_up(
         &self,
-        sandbox: pb::CreateSandboxRequest,
+        mut sandbox: pb::CreateSandboxRequest,
         attachment: &Attachment,
     ) -> Result<(), PodError> {
+        sandbox.avoid_avx = self.avoid_avx;
         self.agent()
             .create_sandbox(sandbox)
             .await

@@ -150,6 +150,8 @@ pub fn sandbox_request(
         time_unix_ns: 0,
         entropy: Vec::new(),
         share_pid_namespace: share_pid,
+        // The pod layer knows its guest (VmPod::set_up).
+        avoid_avx: false,
     };
     check_sandbox(&request, config.hostname.is_empty())?;
     Ok(request)

@@ -32,10 +32,10 @@ const MAX_MESSAGE: usize = 64 * 1024;
 pub enum EngineError {
     /// The engine process could not be started.
     #[error("starting the container engine: {0}")]
-    Spawn(nix::Error),
+    Spawn(#[source] nix::Error),
     /// The channel to the engine failed (the engine died?).
     #[error("container engine channel: {0}")]
-    Channel(String),
+    Channel(#[from] ChannelError),
     /// libcontainer refused or failed the operation.
     #[error("{0}")]
     Failed(String),
@@ -299,14 +299,10 @@ impl EngineClient {
             ));
         }
         loop {
-            let mut guard = channel
-                .sock
-                .writable()
-                .await
-                .map_err(|e| EngineError::Channel(e.to_string()))?;
+            let mut guard = channel.sock.writable().await.map_err(ChannelError::Wait)?;
             match send(channel.sock.get_ref().as_raw_fd(), request, fds) {
                 Err(ChannelError::WouldBlock) => guard.clear_ready(),
-                Err(err) => return Err(EngineError::Channel(err.to_string())),
+                Err(err) => return Err(err.into()),
                 Ok(()) => break,
             }
         }
@@ -325,28 +321,34 @@ impl EngineClient {
 /// Reads one reply from the engine (its descriptors, if any, are closed).
 async fn read_reply(sock: &AsyncFd<OwnedFd>) -> Result<Reply, EngineError> {
     loop {
-        let mut guard = sock
-            .readable()
-            .await
-            .map_err(|e| EngineError::Channel(e.to_string()))?;
+        let mut guard = sock.readable().await.map_err(ChannelError::Wait)?;
         match receive::<Reply>(sock.get_ref().as_raw_fd()) {
             Err(ChannelError::WouldBlock) => guard.clear_ready(),
-            Err(err) => return Err(EngineError::Channel(err.to_string())),
-            Ok(None) => return Err(EngineError::Channel("the engine exited".into())),
+            Err(err) => return Err(err.into()),
+            Ok(None) => return Err(ChannelError::Closed.into()),
             Ok(Some((reply, _fds))) => return Ok(reply),
         }
     }
 }
 
-/// Channel failures.
+/// Failures of the channel between the agent and the engine.
 #[derive(Debug, thiserror::Error)]
-enum ChannelError {
+pub enum ChannelError {
+    /// The non-blocking socket has no room or no message (retried, never returned by the client).
     #[error("would block")]
     WouldBlock,
+    /// Sending or receiving failed.
     #[error("socket: {0}")]
-    Socket(nix::Error),
+    Socket(#[source] nix::Error),
+    /// A message could not be encoded or decoded.
     #[error("message: {0}")]
-    Encoding(serde_json::Error),
+    Encoding(#[source] serde_json::Error),
+    /// Waiting for the socket to be ready failed.
+    #[error("{0}")]
+    Wait(#[source] std::io::Error),
+    /// The engine closed its end (it exited).
+    #[error("the engine exited")]
+    Closed,
 }
 
 fn send<T: Serialize>(sock: RawFd, message: &T, fds: &[RawFd]) -> Result<(), ChannelError> {
@@ -460,6 +462,23 @@ mod tests {
         Create(#[source] std::io::Error),
         #[error("wrapped: {0}")]
         Shown(#[source] std::io::Error),
+    }
+
+    #[test]
+    fn engine_errors_keep_typed_sources() {
+        use std::error::Error;
+        let spawn = EngineError::Spawn(nix::errno::Errno::EAGAIN);
+        let source = spawn.source().and_then(|s| s.downcast_ref::<nix::Error>());
+        assert_eq!(source, Some(&nix::errno::Errno::EAGAIN));
+        let closed = EngineError::from(ChannelError::Closed);
+        assert_eq!(
+            closed.to_string(),
+            "container engine channel: the engine exited"
+        );
+        let source = closed
+            .source()
+            .and_then(|s| s.downcast_ref::<ChannelError>());
+        assert!(matches!(source, Some(ChannelError::Closed)), "{source:?}");
     }
 
     #[test]

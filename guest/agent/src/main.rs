@@ -49,7 +49,7 @@ const SHUTDOWN_FLUSH_DELAY: Duration = Duration::from_millis(200);
 enum AgentError {
     /// The tokio runtime could not be built.
     #[error("building the runtime: {0}")]
-    Runtime(std::io::Error),
+    Runtime(#[source] std::io::Error),
     /// The vsock port could not be bound.
     #[error("binding vsock port {port} failed for {waited:?}, last error: {source}")]
     Bind {

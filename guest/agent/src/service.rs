@@ -66,7 +66,11 @@ impl From<ContainerError> for Status {
             ContainerError::Engine(crate::engine::EngineError::Failed(_)) => {
                 Status::failed_precondition(msg)
             }
-            ContainerError::Engine(_) | ContainerError::Internal(_) => Status::internal(msg),
+            ContainerError::Engine(_)
+            | ContainerError::Io(_)
+            | ContainerError::Sys(_)
+            | ContainerError::Encode(_)
+            | ContainerError::Internal(_) => Status::internal(msg),
         }
     }
 }
@@ -282,6 +286,8 @@ impl pb::Agent for AgentService {
         let containers = self.containers()?;
         let pid_ns = self.sandbox.create(req.get_ref())?;
         containers.set_pid_namespace(pid_ns);
+        // A fact of the guest kernel: DestroySandbox leaves it.
+        containers.set_avoid_avx(req.get_ref().avoid_avx);
         crate::log(&format!("sandbox {} created", req.get_ref().hostname));
         Ok(Response::new(pb::CreateSandboxResponse {}))
     }

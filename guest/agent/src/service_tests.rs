@@ -181,6 +181,17 @@ fn error_messages_carry_no_nul_bytes_and_are_bounded() {
         status.message(),
         "installing the container's seccomp profile: failed to load seccomp context"
     );
+    // The agent's own I/O and system call failures stay typed up to the boundary, then are Internal.
+    let io = ContainerError::from(std::io::Error::other("disk on fire"));
+    assert!(matches!(io, ContainerError::Io(_)), "{io:?}");
+    let status = Status::from(io);
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::Internal, "disk on fire")
+    );
+    let sys = ContainerError::from(nix::errno::Errno::EIO);
+    assert!(matches!(sys, ContainerError::Sys(nix::errno::Errno::EIO)));
+    assert_eq!(Status::from(sys).code(), Code::Internal);
     let status = Status::from(ContainerError::Internal("a\u{1b}[31mb\tc\nd\u{7f}".into()));
     assert_eq!(status.message(), "a[31mb\tc\nd");
     let long = ContainerError::InvalidArgument(format!("args: {}", "é".repeat(5000)));

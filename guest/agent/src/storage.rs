@@ -237,7 +237,7 @@ impl StorageSpec {
 
 /// Finds the disk (e.g. `vdb`) under `sys_block` whose `serial` is `slot<slot>`; the first by name wins.
 pub fn find_slot_device(sys_block: &Path, slot: u32) -> Result<String, StorageError> {
-    let wanted = format!("slot{slot}");
+    let wanted = podvisor_proto::block_slot_serial(slot);
     let entries = std::fs::read_dir(sys_block).map_err(|source| StorageError::Io {
         what: format!("listing {}", sys_block.display()),
         source,

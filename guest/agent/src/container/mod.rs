@@ -50,21 +50,19 @@ pub enum ContainerError {
     /// libcontainer failed.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// A file operation of the agent failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A system call of the agent failed.
+    #[error(transparent)]
+    Sys(#[from] nix::Error),
+    /// A spec or process the agent wrote could not be encoded (no `From`: decoding the host's JSON is
+    /// an InvalidArgument naming the field).
+    #[error(transparent)]
+    Encode(serde_json::Error),
     /// Anything else.
     #[error("{0}")]
     Internal(String),
-}
-
-impl From<std::io::Error> for ContainerError {
-    fn from(e: std::io::Error) -> Self {
-        Self::Internal(e.to_string())
-    }
-}
-
-impl From<nix::Error> for ContainerError {
-    fn from(e: nix::Error) -> Self {
-        Self::Internal(e.to_string())
-    }
 }
 
 /// Lifecycle state.
@@ -178,8 +176,7 @@ impl ContainerManager {
             pod: Mutex::new(PodContext {
                 files_dir: pod_files,
                 pid_namespace: None,
-                avx_unsafe: std::fs::read_to_string("/proc/cmdline")
-                    .is_ok_and(|c| c.split_whitespace().any(|w| w == "noxsave")),
+                avoid_avx: false,
             }),
             containers: Mutex::new(HashMap::new()),
             create: tokio::sync::Mutex::new(()),
@@ -190,6 +187,12 @@ impl ContainerManager {
     /// Sets the pod PID namespace containers join (None: one per container).
     pub fn set_pid_namespace(&self, ns: Option<PathBuf>) {
         self.pod.lock().expect("pod lock").pid_namespace = ns;
+    }
+
+    /// Sets whether containers created from now on are told to avoid AVX
+    /// (`CreateSandboxRequest::avoid_avx`, see [`PodContext::avoid_avx`]).
+    pub fn set_avoid_avx(&self, avoid_avx: bool) {
+        self.pod.lock().expect("pod lock").avoid_avx = avoid_avx;
     }
 
     /// The container `id`.
@@ -339,8 +342,7 @@ impl ContainerManager {
         let identity = process.user().clone();
         let terminal = process.terminal().unwrap_or(false);
         let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
-        let json = serde_json::to_vec_pretty(&spec)
-            .map_err(|e| ContainerError::Internal(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(&spec).map_err(ContainerError::Encode)?;
         std::fs::write(bundle.join("config.json"), json)?;
 
         let cgroup = Cgroup::new(&self.paths.cgroup_root, &cgroup_rel);
@@ -455,7 +457,7 @@ impl ContainerManager {
         let file = c.bundle.join(format!("exec-{}.json", req.exec_id));
         std::fs::write(
             &file,
-            serde_json::to_vec(&process).map_err(|e| ContainerError::Internal(e.to_string()))?,
+            serde_json::to_vec(&process).map_err(ContainerError::Encode)?,
         )?;
         let (engine_stdio, stdio, child_fds, console) =
             self.stdio(process.terminal().unwrap_or(false))?;

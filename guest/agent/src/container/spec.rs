@@ -8,6 +8,8 @@ use oci_spec::runtime::{
     RootBuilder, Spec,
 };
 
+use podvisor_proto::AVOID_AVX_GLIBC_TUNABLES;
+
 use super::ContainerError;
 
 /// Guest directories a bind mount may take its source from.
@@ -19,18 +21,15 @@ pub const BIND_SOURCE_ROOTS: [&str; 2] = [
 /// The pod files every container gets unless its spec mounts something there.
 const POD_FILES: [&str; 3] = ["/etc/hostname", "/etc/hosts", "/etc/resolv.conf"];
 
-/// glibc tunable that keeps programs off AVX/AVX-512 (see [`PodContext::avx_unsafe`]).
-pub const NO_AVX_TUNABLE: &str =
-    "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD";
-
 /// What the agent decides for every container of this pod.
 #[derive(Debug, Clone)]
 pub struct PodContext {
-    /// The guest kernel runs with `noxsave` (PVM hosts: the emulator cannot execute XSAVE in kernel mode),
-    /// so it preserves only x87/SSE registers across context switches while user space runs natively with
-    /// the host's XCR0: two processes using AVX corrupt each other's YMM state (seen as random SIGSEGVs in
-    /// glibc start-up code, ~1 in 6 execs). glibc programs are then told to avoid AVX via GLIBC_TUNABLES.
-    pub avx_unsafe: bool,
+    /// The host said the guest kernel runs with `noxsave` (`CreateSandboxRequest::avoid_avx`; PVM hosts:
+    /// the emulator cannot execute XSAVE in kernel mode), so it preserves only x87/SSE registers across
+    /// context switches while user space runs natively with the host's XCR0: two processes using AVX
+    /// corrupt each other's YMM state (seen as random SIGSEGVs in glibc start-up code, ~1 in 6 execs).
+    /// glibc programs are then told to avoid AVX via GLIBC_TUNABLES.
+    pub avoid_avx: bool,
     /// Directory holding `hostname`, `hosts` and `resolv.conf`.
     pub files_dir: PathBuf,
     /// PID namespace to join (shared pod PID namespace), or a new one per container.
@@ -63,7 +62,7 @@ pub fn prepare(json: &[u8], cgroup: &str, pod: &PodContext) -> Result<Spec, Cont
         .as_mut()
         .ok_or_else(|| invalid("oci_spec_json.process", "missing"))?;
     check_process("oci_spec_json.process", process)?;
-    if pod.avx_unsafe {
+    if pod.avoid_avx {
         avoid_avx(process);
     }
     if spec.hooks().is_some() {
@@ -170,16 +169,16 @@ fn namespace(
         .map_err(|e| invalid("oci_spec_json.linux.namespaces", e))
 }
 
-/// Adds [`NO_AVX_TUNABLE`] to the process's GLIBC_TUNABLES (kept if the process sets its own hwcaps).
+/// Adds [`AVOID_AVX_GLIBC_TUNABLES`] to the process's GLIBC_TUNABLES (kept if the process sets its own hwcaps).
 pub fn avoid_avx(process: &mut Process) {
     let mut env = process.env().clone().unwrap_or_default();
     match env.iter_mut().find(|e| e.starts_with("GLIBC_TUNABLES=")) {
         Some(e) if e.contains("glibc.cpu.hwcaps=") => {}
         Some(e) => {
             e.push(':');
-            e.push_str(NO_AVX_TUNABLE);
+            e.push_str(AVOID_AVX_GLIBC_TUNABLES);
         }
-        None => env.push(format!("GLIBC_TUNABLES={NO_AVX_TUNABLE}")),
+        None => env.push(format!("GLIBC_TUNABLES={AVOID_AVX_GLIBC_TUNABLES}")),
     }
     process.set_env(Some(env));
 }

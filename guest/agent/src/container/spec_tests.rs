@@ -4,23 +4,23 @@ fn pod() -> PodContext {
     PodContext {
         files_dir: "/run/podvisor/sandbox".into(),
         pid_namespace: None,
-        avx_unsafe: false,
+        avoid_avx: false,
     }
 }
 
 #[test]
-fn avx_unsafe_guests_tell_glibc_to_avoid_avx() {
-    let unsafe_pod = PodContext {
-        avx_unsafe: true,
+fn pods_that_avoid_avx_tell_glibc_so() {
+    let avoiding = PodContext {
+        avoid_avx: true,
         ..pod()
     };
-    let spec = prep(&base(), &unsafe_pod).unwrap();
+    let spec = prep(&base(), &avoiding).unwrap();
     let env = env_of(&spec);
     assert_eq!(
         env,
         [
             "PATH=/bin".to_string(),
-            format!("GLIBC_TUNABLES={NO_AVX_TUNABLE}")
+            format!("GLIBC_TUNABLES={AVOID_AVX_GLIBC_TUNABLES}")
         ]
     );
     let spec = prep(&base(), &pod()).unwrap();
@@ -31,15 +31,15 @@ fn avx_unsafe_guests_tell_glibc_to_avoid_avx() {
     // Existing tunables are extended; an explicit hwcaps choice is left alone.
     let mut v = base();
     v["process"]["env"] = serde_json::json!(["GLIBC_TUNABLES=glibc.malloc.arena_max=2"]);
-    let env = env_of(&prep(&v, &unsafe_pod).unwrap());
+    let env = env_of(&prep(&v, &avoiding).unwrap());
     assert_eq!(
         env,
         [format!(
-            "GLIBC_TUNABLES=glibc.malloc.arena_max=2:{NO_AVX_TUNABLE}"
+            "GLIBC_TUNABLES=glibc.malloc.arena_max=2:{AVOID_AVX_GLIBC_TUNABLES}"
         )]
     );
     v["process"]["env"] = serde_json::json!(["GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2"]);
-    let env = env_of(&prep(&v, &unsafe_pod).unwrap());
+    let env = env_of(&prep(&v, &avoiding).unwrap());
     assert_eq!(env, ["GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2"]);
 }
 

@@ -139,7 +139,8 @@ impl BlockDevice {
 
     /// The serial number the guest reads (`/sys/block/vdX/serial`): `slot<N>`.
     pub fn serial(&self) -> String {
-        format!("slot{}", self.slot)
+        // At most MAX_BLOCK_SLOTS (16) slots: the index fits the protocol's u32.
+        podvisor_proto::block_slot_serial(self.slot as u32)
     }
 
     /// Whether the slot is read-only.
