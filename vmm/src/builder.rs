@@ -70,7 +70,7 @@ impl fmt::Display for DeviceId {
     }
 }
 
-/// Creating the KVM VM and its guest memory ([`Builder::new`]).
+/// Creating the KVM VM and its guest memory (the `new` step).
 #[derive(Debug, thiserror::Error)]
 pub enum CreateVmError {
     /// A KVM ioctl failed (`/dev/kvm`, `KVM_CREATE_VM`, TSS, IRQ chip, PIT).
@@ -94,8 +94,7 @@ pub enum CreateVmError {
     },
 }
 
-/// Attaching a virtio-mmio device ([`Builder::attach_vsock`], [`Builder::attach_block_slots`],
-/// [`Builder::attach_net`]).
+/// Attaching a virtio-mmio device (the `attach_vsock`, `attach_block_slots` and `attach_net` steps).
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     /// The vsock device could not be created.
@@ -132,7 +131,7 @@ pub enum AttachError {
     },
 }
 
-/// Attaching the serial console ([`Builder::attach_serial`]).
+/// Attaching the serial console (the `attach_serial` step).
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
     /// The serial irqfd could not be created.
@@ -151,7 +150,7 @@ pub enum SerialError {
     },
 }
 
-/// Writing the guest's boot tables ([`Builder::configure_system`]).
+/// Writing the guest's boot tables (the `configure_system` step).
 #[derive(Debug, thiserror::Error)]
 pub enum SystemError {
     /// The MP table could not be written.
@@ -162,7 +161,7 @@ pub enum SystemError {
     BootTables(#[from] RegsError),
 }
 
-/// Creating or starting the vCPUs ([`Builder::create_vcpus`], [`Builder::start_vcpus`]).
+/// Creating or starting the vCPUs (the `create_vcpus` and `start_vcpus` steps).
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     /// The process-wide vCPU kick signal handler could not be installed.

@@ -6,7 +6,7 @@ use std::fmt;
 /// Why a VM stopped running.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitReason {
-    /// The host stopped it ([`Vm::stop`]).
+    /// The host stopped it ([`crate::Vm::stop`]).
     Stopped,
     /// The guest rebooted or triple-faulted (guests boot with `reboot=t`, so a reboot ends the VM).
     GuestReset,
