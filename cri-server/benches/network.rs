@@ -14,13 +14,6 @@
 //! PODVISOR_BENCH_NET_PEER_ONLY=1 measures containerd alone, PODVISOR_BENCH_NET_TIMEOUT_S (default
 //! 1800) bounds each runtime's part.
 
-#[path = "common/cni.rs"]
-mod cni;
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "common/containerd.rs"]
-mod containerd;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -28,16 +21,16 @@ use std::process::{Command, ExitCode};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cni::CniNet;
-use common::{
-    connect, container_config, create_container, pod_config, pod_prerequisites, podvisor_cmd,
-    push_pod_image, run_pod, Daemon,
-};
-use containerd::{push_pause_image, CriContainerd};
 use image_service::testing::{self, Registry};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
+use podvisor_testkit::cni::bench::{self as cni, CniNet};
+use podvisor_testkit::containerd::{push_pause_image, CriContainerd};
+use podvisor_testkit::cri::{container_config, create_container, pod_config, run_pod};
+use podvisor_testkit::daemon::{connect, podvisor_cmd, Daemon};
+use podvisor_testkit::guest::pod_prerequisites;
+use podvisor_testkit::image::push_pod_image;
 use tonic::transport::Channel;
 
 const PEER: &str = "containerd+runc";
@@ -342,6 +335,7 @@ async fn ours(s: &Arc<Setup>, guest: &Path) -> Result<Side, String> {
     let conf = s.conf_dir.to_str().expect("utf-8 path");
     // State, run dir and certs.d (the registry's hosts.toml) under the bench's dir.
     let cmd = podvisor_cmd(
+        env!("CARGO_BIN_EXE_podvisor"),
         &s.dir,
         &[
             "--image-slots",

@@ -6,24 +6,20 @@
 //!
 //! `cargo bench -p cri-server --bench pods`; PODVISOR_BENCH_PARALLEL (default 5) sets the parallel pods.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "../../vmm/tests/common/qemu.rs"]
-mod qemu;
-
 use std::path::PathBuf;
 
 use std::time::{Duration, Instant};
 
-use common::net::TestNetwork;
-use common::{
-    connect, container_config, create_container, pod_config, pod_prerequisites, podvisor_cmd,
-    push_pod_image, run_pod, Daemon,
-};
 use image_service::testing::{self, Registry};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
+use podvisor_testkit::cni::TestNetwork;
+use podvisor_testkit::cri::{container_config, create_container, pod_config, run_pod};
+use podvisor_testkit::daemon::{connect, podvisor_cmd, Daemon};
+use podvisor_testkit::guest::pod_prerequisites;
+use podvisor_testkit::image::push_pod_image;
+use podvisor_testkit::qemu;
 use tonic::transport::Channel;
 
 type Rt = RuntimeServiceClient<Channel>;
@@ -90,6 +86,7 @@ async fn main() {
     std::fs::create_dir_all(&logs).unwrap();
     let socket = d.join("podvisor.sock");
     let cmd = podvisor_cmd(
+        env!("CARGO_BIN_EXE_podvisor"),
         d,
         &["--image-slots", "1", "--default-pod-memory-mib", "256"],
     );

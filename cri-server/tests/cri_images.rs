@@ -1,17 +1,15 @@
 //! CRI ImageService end to end: the real `podvisor` daemon pulling from a real `docker-registry` on
 //! 127.0.0.1, plus `podvisor pull` both on its own and through the running daemon.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::{connect, Daemon};
 use image_service::testing::{
     self, busybox_base, config_digest, layer_digests, OciLayout, Registry, TarBuilder,
 };
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::*;
+use podvisor_testkit::daemon::{connect, Daemon};
 use tonic::Code;
 
 fn spec(image: &str) -> Option<ImageSpec> {

@@ -6,23 +6,22 @@
 //! shows. After RemovePodSandbox, and after a SIGKILL of the daemon and its restart, no netns, veth,
 //! tap, IP allocation, port-mapping rule or cgroup of the pods is left.
 
-mod common;
-
 use std::io::BufRead;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::net::{nat_rules_of, netns_of, TestNetwork};
-use common::procfs::{cgroup_of, threads_named};
-use common::{
-    connect, container_config, create_container, free_port, pod_config, pod_prerequisites,
-    podvisor_cmd, push_pod_image, run_pod, Daemon,
-};
 use image_service::testing::{self, Registry};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
+use podvisor_testkit::cni::{nat_rules_of, netns_of, TestNetwork};
+use podvisor_testkit::cri::{container_config, create_container, pod_config, run_pod};
+use podvisor_testkit::daemon::{connect, podvisor_cmd, Daemon};
+use podvisor_testkit::guest::pod_prerequisites;
+use podvisor_testkit::http::free_port;
+use podvisor_testkit::image::push_pod_image;
+use podvisor_testkit::procfs::{cgroup_of, threads_named};
 use tonic::transport::Channel;
 
 type Rt = RuntimeServiceClient<Channel>;
@@ -229,6 +228,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork, c
     let (default_parent, overhead) = (format!("{cg}/default"), format!("{cg}/overhead"));
     let podvisor = || {
         podvisor_cmd(
+            env!("CARGO_BIN_EXE_podvisor"),
             &d,
             &[
                 "--image-slots",

@@ -3,8 +3,6 @@
 //! and read by the Prometheus project's OpenMetrics parser (PyPI prometheus-client,
 //! `e2e/parse_metrics.py`), and `podvisor check` reports this host.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
@@ -12,7 +10,6 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{connect, free_port, http_get, python, Daemon};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
@@ -24,6 +21,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
+use podvisor_testkit::daemon::{connect, Daemon};
+use podvisor_testkit::http::{free_port, http_get};
+use podvisor_testkit::python::python;
 
 /// A received span: name, attributes, ids, and its resource's service name.
 #[derive(Clone, Debug)]

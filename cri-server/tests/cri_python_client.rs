@@ -2,13 +2,15 @@
 //! `container-runtime-interface-api` (installed by `e2e/setup-host.sh` into ~/.cache/podvisor/venv),
 //! against the real daemon, a real registry and real VMs.
 
-mod common;
-
 use std::path::Path;
 
-use common::net::TestNetwork;
-use common::{free_port, pod_prerequisites, podvisor_cmd, push_pod_image, python, Daemon};
 use image_service::testing::{self, Registry};
+use podvisor_testkit::cni::TestNetwork;
+use podvisor_testkit::daemon::{podvisor_cmd, Daemon};
+use podvisor_testkit::guest::pod_prerequisites;
+use podvisor_testkit::http::free_port;
+use podvisor_testkit::image::push_pod_image;
+use podvisor_testkit::python::python;
 
 #[tokio::test]
 async fn python_cri_client_drives_a_pod() {
@@ -35,6 +37,7 @@ async fn python_cri_client_drives_a_pod() {
     std::fs::create_dir_all(&logs).unwrap();
     let metrics = format!("127.0.0.1:{}", free_port());
     let cmd = podvisor_cmd(
+        env!("CARGO_BIN_EXE_podvisor"),
         d,
         &[
             "--image-slots",

@@ -7,17 +7,16 @@
 //! call and fails DEL (or holds ADD) while a marker file exists. The "guest kernel" is not a kernel,
 //! so a RunPodSandbox that passes validation fails right after CNI ADD, which exercises the rollback.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::net::{TestNetwork, CNI_BIN_DIR};
-use common::{connect, free_port, http_get, Daemon};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
+use podvisor_testkit::cni::{TestNetwork, CNI_BIN_DIR};
+use podvisor_testkit::daemon::{connect, Daemon};
+use podvisor_testkit::http::{free_port, http_get};
 use tonic::transport::Channel;
 use tonic::Code;
 

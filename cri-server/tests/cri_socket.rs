@@ -1,15 +1,13 @@
 //! Starts the real `podvisor` binary on a temporary socket and talks CRI v1 to it.
 
-mod common;
-
 use std::process::Command;
 
-use common::{connect, Daemon};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     CheckpointContainerRequest, ListPodSandboxRequest, RuntimeConfigRequest, StatusRequest,
     VersionRequest,
 };
+use podvisor_testkit::daemon::{connect, Daemon};
 
 #[tokio::test]
 async fn version_status_and_clear_unimplemented_errors() {

@@ -10,11 +10,13 @@
 //!
 //! `cargo bench -p vmm --bench boot`; PODVISOR_BENCH_RUNS (default 1) runs alternate ours/QEMU.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use podvisor_testkit::guest::vm_prerequisites;
+use podvisor_testkit::procfs::pss_kib;
+use podvisor_testkit::qemu::qemu_boot;
+use podvisor_testkit::vm::{vm_config, wait_for_agent, wait_for_marker};
 
 const AGENT_START_MARKER: &str = "starting: pid 1,";
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -30,8 +32,8 @@ fn ours(dir: &Path, kernel: &Path, initramfs: &Path, ready: &mut Vec<f64>) -> Sa
         .enable_all()
         .build()
         .unwrap();
-    let pss_before = common::pss_kib(std::process::id());
-    let config = common::vm_config(
+    let pss_before = pss_kib(std::process::id());
+    let config = vm_config(
         dir,
         kernel,
         initramfs,
@@ -41,16 +43,14 @@ fn ours(dir: &Path, kernel: &Path, initramfs: &Path, ready: &mut Vec<f64>) -> Sa
     let start = Instant::now();
     let vm = vmm::Vm::boot(config).expect("boot");
     assert!(
-        common::wait_for_marker(&console, AGENT_START_MARKER, TIMEOUT),
+        wait_for_marker(&console, AGENT_START_MARKER, TIMEOUT),
         "ours: no agent start"
     );
     let agent_start = start.elapsed().as_secs_f64();
-    let agent = rt
-        .block_on(common::wait_for_agent(&uds, TIMEOUT))
-        .expect("agent");
+    let agent = rt.block_on(wait_for_agent(&uds, TIMEOUT)).expect("agent");
     ready.push(start.elapsed().as_secs_f64());
     std::thread::sleep(SETTLE);
-    let pss = common::pss_kib(std::process::id()).saturating_sub(pss_before);
+    let pss = pss_kib(std::process::id()).saturating_sub(pss_before);
     drop(agent);
     vm.stop();
     Sample {
@@ -60,7 +60,7 @@ fn ours(dir: &Path, kernel: &Path, initramfs: &Path, ready: &mut Vec<f64>) -> Sa
 }
 
 fn qemu(dir: &Path, kernel: &Path, initramfs: &Path) -> Sample {
-    let boot = common::qemu::qemu_boot(dir, kernel, initramfs, AGENT_START_MARKER, TIMEOUT, SETTLE);
+    let boot = qemu_boot(dir, kernel, initramfs, AGENT_START_MARKER, TIMEOUT, SETTLE);
     Sample {
         agent_start: boot.to_marker,
         pss_mib: boot.pss_mib,
@@ -87,7 +87,7 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let Some((kernel, initramfs)) = common::vm_prerequisites("bench boot") else {
+    let Some((kernel, initramfs)) = vm_prerequisites("bench boot") else {
         return;
     };
     let runs: usize = std::env::var("PODVISOR_BENCH_RUNS")

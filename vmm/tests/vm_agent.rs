@@ -4,18 +4,20 @@
 //! check that no thread, fd, file or interface is left behind. One test, one boot: boots are slow
 //! under PVM.
 
-mod common;
-
 use std::io::ErrorKind;
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::netns::TestNetns;
 use podvisor_proto::{
     AddStorageRequest, Interface, ReadFileRequest, RemoveStorageRequest, ShutdownRequest,
     UpdateInterfaceRequest, VersionRequest,
 };
+use podvisor_testkit::guest::vm_prerequisites;
+use podvisor_testkit::image::make_ext4;
+use podvisor_testkit::netns::TestNetns;
+use podvisor_testkit::procfs::{fd_targets, proc_count};
+use podvisor_testkit::vm::{vm_config, wait_for_agent};
 use vmm::{BlockSlotConfig, Error, ExitReason, NetConfig, Tap, Vm, VmState};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -24,20 +26,19 @@ const GUEST_MAC: [u8; 6] = [0x02, 0x50, 0x56, 0x00, 0x00, 0x02];
 
 #[test]
 fn boot_agent_block_hotplug_and_clean_teardown() {
-    let Some((kernel, initramfs)) =
-        common::vm_prerequisites("boot_agent_block_hotplug_and_clean_teardown")
+    let Some((kernel, initramfs)) = vm_prerequisites("boot_agent_block_hotplug_and_clean_teardown")
     else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let token = format!("podvisor-{}-{:?}", std::process::id(), Instant::now());
-    let image = common::make_ext4(
+    let image = make_ext4(
         dir.path(),
         "data",
         &[("dir/hello.txt", token.as_bytes())],
         8,
     );
-    let rw_image = common::make_ext4(dir.path(), "scratch", &[], 8);
+    let rw_image = make_ext4(dir.path(), "scratch", &[], 8);
 
     // Tokio creates process-wide resources with the first runtime (e.g. the signal driver's socket
     // pair when the workspace build enables tokio's `signal` feature); create them before counting.
@@ -47,8 +48,8 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
             .build()
             .unwrap(),
     );
-    let threads_before = common::proc_count("task");
-    let fds_before = common::fd_targets();
+    let threads_before = proc_count("task");
+    let fds_before = fd_targets();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -58,7 +59,7 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
         BlockSlotConfig { read_only: true },
         BlockSlotConfig { read_only: false },
     ];
-    let mut config = common::vm_config(dir.path(), &kernel, &initramfs, slots);
+    let mut config = vm_config(dir.path(), &kernel, &initramfs, slots);
     // The host end of the guest's network: a tap with 10.77.0.1/24 in a throwaway namespace.
     let netns = TestNetns::new("boot_agent_block_hotplug_and_clean_teardown", "agent");
     config.net = netns.as_ref().map(|ns| {
@@ -77,7 +78,7 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
     assert_eq!(vm.state(), VmState::Running);
 
     let mut agent = rt
-        .block_on(common::wait_for_agent(&vsock_uds, BOOT_TIMEOUT))
+        .block_on(wait_for_agent(&vsock_uds, BOOT_TIMEOUT))
         .unwrap_or_else(|e| {
             panic!(
                 "{e}\nconsole:\n{}",
@@ -195,12 +196,8 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
         .collect();
     left.sort();
     assert_eq!(left, ["console.log", "data.ext4", "scratch.ext4"]);
-    assert_eq!(
-        common::proc_count("task"),
-        threads_before,
-        "threads left behind"
-    );
-    assert_eq!(common::fd_targets(), fds_before, "fds left behind");
+    assert_eq!(proc_count("task"), threads_before, "threads left behind");
+    assert_eq!(fd_targets(), fds_before, "fds left behind");
 }
 
 /// The agent gives eth0 10.77.0.2/24; a host connection to a closed guest port is refused, which

@@ -2,11 +2,10 @@
 //! a triple fault becomes an exit reason, a guest halted with interrupts off is still stoppable,
 //! and a failed boot leaks nothing.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use podvisor_testkit::procfs::{fd_targets, proc_count};
 use vmm::{Error, ExitReason, KvmHost, ThreadKind, Vm, VmConfig, VmState};
 
 /// Physical load and entry address of the test "kernels" (where vmlinux is loaded too).
@@ -80,8 +79,8 @@ fn exits_stops_and_failed_boots() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let threads_before = common::proc_count("task");
-    let fds_before = common::fd_targets();
+    let threads_before = proc_count("task");
+    let fds_before = fd_targets();
 
     // ud2 with an empty IDT: #UD -> #NP -> #DF -> triple fault.
     let vm = Vm::boot(config(
@@ -141,10 +140,6 @@ fn exits_stops_and_failed_boots() {
     assert!(matches!(Vm::boot(bad), Err(Error::Config(_))));
 
     assert!(!dir.path().join("vsock.sock").exists());
-    assert_eq!(
-        common::proc_count("task"),
-        threads_before,
-        "threads left behind"
-    );
-    assert_eq!(common::fd_targets(), fds_before, "fds left behind");
+    assert_eq!(proc_count("task"), threads_before, "threads left behind");
+    assert_eq!(fd_targets(), fds_before, "fds left behind");
 }

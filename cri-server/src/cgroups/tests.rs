@@ -1,6 +1,7 @@
 use std::os::unix::fs::MetadataExt;
 
 use k8s_cri::v1::LinuxPodSandboxConfig;
+use podvisor_testkit::procfs;
 
 use super::*;
 
@@ -142,9 +143,6 @@ fn skipped(test: &str) -> bool {
     }
     !root || why.is_some()
 }
-
-#[path = "../../tests/common/procfs.rs"]
-mod procfs;
 
 /// The cgroup of thread `tid` of this process in `controller`.
 fn cgroup_of(tid: i32, controller: &str) -> String {

@@ -424,5 +424,4 @@ pub fn pod_metrics(
 }
 
 #[cfg(test)]
-#[path = "metrics_tests.rs"]
 mod tests;

@@ -1,4 +1,4 @@
-//! The bad requests of the pod e2e test (`cri_pods.rs`): each answered with the right code and a
+//! The bad requests of the pod e2e test (`cri_pods/main.rs`): each answered with the right code and a
 //! message naming the field, before any VM exists.
 
 use std::path::Path;
@@ -6,8 +6,8 @@ use std::path::Path;
 use k8s_cri::v1::*;
 use tonic::Code;
 
-use super::common::{container_config, pod_config};
 use super::{code, Rt};
+use podvisor_testkit::cri::{container_config, pod_config};
 
 /// Bad requests answered with the right code and a message naming the field, before any VM exists.
 pub async fn invalid_requests(rt: &mut Rt, image: &str, logs: &Path) {

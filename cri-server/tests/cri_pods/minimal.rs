@@ -1,4 +1,4 @@
-//! The "minimal client" pass of the pod e2e test (`cri_pods.rs`): a pod and a container configured
+//! The "minimal client" pass of the pod e2e test (`cri_pods/main.rs`): a pod and a container configured
 //! as crictl and critest configure them (metadata, image and command only: no hostname, DNS config,
 //! log directory or resources), and every status read back complete, with containerd's defaults.
 
@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use k8s_cri::v1::*;
 
-use super::common::{create_container, run_pod};
 use super::{wait_exited, Rt};
+use podvisor_testkit::cri::{create_container, run_pod};
 
 /// Runs pod `db` (uid `uid-b`) as a minimal client configures it, with one minimal container from
 /// `image`; checks every status, stops the container (exit 0 on SIGTERM) and returns the pod id.
@@ -36,14 +36,14 @@ pub async fn minimal_pod(rt: &mut Rt, image: &str) -> String {
 /// A pod config with only metadata.
 pub fn pod_config(name: &str, uid: &str) -> PodSandboxConfig {
     PodSandboxConfig {
-        metadata: super::common::pod_config(name, uid, std::path::Path::new("")).metadata,
+        metadata: podvisor_testkit::cri::pod_config(name, uid, std::path::Path::new("")).metadata,
         ..Default::default()
     }
 }
 
 /// A container config with only metadata, image and command.
 pub fn container_config(name: &str, image: &str, command: &[&str]) -> ContainerConfig {
-    let full = super::common::container_config(name, image, command, 0);
+    let full = podvisor_testkit::cri::container_config(name, image, command, 0);
     ContainerConfig {
         metadata: full.metadata,
         image: full.image,

@@ -1,11 +1,11 @@
-//! Stats, metrics and resource updates of the pod e2e test (`cri_pods.rs`), on pod A's running talker
+//! Stats, metrics and resource updates of the pod e2e test (`cri_pods/main.rs`), on pod A's running talker
 //! and sleeper: CRI stats, every cAdvisor metric critest expects with plausible values, and
 //! UpdateContainerResources with its bad requests.
 
 use k8s_cri::v1::*;
 use tonic::Code;
 
-use super::common::cri_metrics;
+use super::cri_metrics;
 use super::{code, status, Rt};
 
 /// Checks stats, metrics and resource updates of `talker` and `sleeper` (64 MiB, 0.5 CPU) in `pod`.

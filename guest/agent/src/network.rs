@@ -606,5 +606,4 @@ fn validate_neighbor(i: usize, n: &ArpNeighbor) -> Result<NeighborPlan, NetworkE
 }
 
 #[cfg(test)]
-#[path = "network_tests.rs"]
 mod tests;

@@ -602,5 +602,4 @@ impl pb::Agent for AgentService {
 }
 
 #[cfg(test)]
-#[path = "service_tests.rs"]
 pub(crate) mod tests;

@@ -3,7 +3,7 @@
 //! veth pair, a VLAN, bridge netfilter, and iptables rules through both iptables-legacy (x_tables) and
 //! iptables-nft (nf_tables with x_tables matches through NFT_COMPAT).
 
-use super::common::oci::{spec, XTABLES_LIBDIR};
+use super::oci::{spec, XTABLES_LIBDIR};
 use super::{collect, create, ids};
 
 use pb::AgentClient;

@@ -378,5 +378,4 @@ pub fn resolve_user(rootfs: &Path, user: &str) -> Result<ResolvedUser, Container
 }
 
 #[cfg(test)]
-#[path = "spec_tests.rs"]
 mod tests;

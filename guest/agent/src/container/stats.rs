@@ -226,5 +226,4 @@ fn nofile_soft(limits: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
-#[path = "stats_tests.rs"]
 mod tests;

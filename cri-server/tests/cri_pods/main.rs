@@ -3,12 +3,9 @@
 //! without a handler), the daemon is killed with SIGKILL while booting a second pod, and the restarted
 //! daemon must report consistent state with nothing left behind.
 
-mod common;
-#[path = "cri_pods/invalid.rs"]
+mod cri_metrics;
 mod invalid;
-#[path = "cri_pods/minimal.rs"]
 mod minimal;
-#[path = "cri_pods/stats.rs"]
 mod stats;
 
 use std::collections::HashMap;
@@ -16,15 +13,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::net::TestNetwork;
-use common::{
-    connect, container_config, create_container, pod_config, pod_prerequisites, podvisor_cmd,
-    push_pod_image, run_pod, Daemon,
-};
 use image_service::testing::{self, Registry};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
+use podvisor_testkit::cni::TestNetwork;
+use podvisor_testkit::cri::{container_config, create_container, pod_config, run_pod};
+use podvisor_testkit::daemon::{connect, podvisor_cmd, Daemon};
+use podvisor_testkit::guest::pod_prerequisites;
+use podvisor_testkit::image::push_pod_image;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -32,6 +29,7 @@ type Rt = RuntimeServiceClient<Channel>;
 
 fn podvisor(dir: &Path) -> Command {
     podvisor_cmd(
+        env!("CARGO_BIN_EXE_podvisor"),
         dir,
         &["--image-slots", "2", "--default-pod-memory-mib", "384"],
     )

@@ -1,4 +1,4 @@
-//! A throwaway network namespace for VM network tests.
+//! A throwaway network namespace for VM network tests (a tap and the host end of the link live there).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,9 +12,7 @@ impl TestNetns {
     /// A namespace named after `tag` and this process, or None (after a SKIPPED line) when this process
     /// cannot create namespaces and taps.
     pub fn new(test: &str, tag: &str) -> Option<TestNetns> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
-        if !root || !Path::new("/dev/net/tun").exists() {
+        if !crate::procfs::is_root() || !Path::new("/dev/net/tun").exists() {
             eprintln!("SKIPPED {test}: needs root and /dev/net/tun");
             return None;
         }

@@ -1,10 +1,12 @@
 //! The peer VMM of the benchmarks: QEMU's microvm machine booting the same kernel, initramfs and
-//! command line as ours. Self-contained so other crates' benches can include it with `#[path]`.
-#![allow(dead_code)]
+//! command line as ours.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::procfs::pss_kib;
+use crate::vm::wait_for_marker;
 
 /// A QEMU boot: seconds until `marker` appeared on the console, and QEMU's PSS (MiB) then.
 pub struct QemuBoot {
@@ -70,26 +72,4 @@ pub fn qemu_boot(
         to_marker,
         pss_mib: pss as f64 / 1024.0,
     }
-}
-
-/// Proportional set size of process `pid` in KiB.
-pub fn pss_kib(pid: u32) -> u64 {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Waits until `path` contains `marker`; returns false on timeout.
-pub fn wait_for_marker(path: &Path, marker: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(marker)) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use podvisor_testkit::image::ext4_from_dir;
 use serde_json::json;
 
 /// Busybox applets linked in the image.
@@ -62,7 +63,7 @@ pub fn busybox_image(dir: &Path) -> PathBuf {
     )
     .unwrap();
     let image = dir.join("busybox.ext4");
-    super::ext4_from_dir(&root, &image, 16);
+    ext4_from_dir(&root, &image, 16);
     image
 }
 

@@ -134,7 +134,7 @@ state = "{state}"
             state = dir.join("state").display(),
             sock = socket.display(),
             runc_root = dir.join("runc").display(),
-            bin_dir = crate::cni::BIN_DIR,
+            bin_dir = crate::cni::CNI_BIN_DIR,
             conf_dir = cni_conf_dir.display(),
             certs = certs_dir.display(),
         );
@@ -166,7 +166,7 @@ state = "{state}"
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let chan = crate::common::connect(c.socket.clone()).await;
+        let chan = crate::daemon::connect(c.socket.clone()).await;
         let mut rt = RuntimeServiceClient::new(chan.clone());
         loop {
             match rt.version(VersionRequest::default()).await {

@@ -11,7 +11,7 @@ pub const BRIDGE: &str = "pvbench0";
 /// The bridge's address (host-local's gateway: the first address of the subnet).
 pub const GATEWAY: &str = "10.89.0.1";
 /// Where the plugins are installed (Debian's containernetworking-plugins).
-pub const BIN_DIR: &str = "/usr/lib/cni";
+pub const BIN_DIR: &str = super::CNI_BIN_DIR;
 const SUBNET_PREFIX: &str = "10.89.0.";
 /// libcni's cache (containerd's go-cni keeps results there).
 const CACHE: &str = "/var/lib/cni";

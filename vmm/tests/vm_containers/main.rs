@@ -5,19 +5,20 @@
 //! exit status, node networking (bridge, veth, VLAN, iptables) in a NET_ADMIN container, bad requests, and
 //! removal. Prints how long each agent RPC took.
 
-mod common;
-#[path = "vm_containers/exec_security.rs"]
 mod exec_security;
-#[path = "vm_containers/pod_network.rs"]
+mod guest_stats;
+mod oci;
 mod pod_network;
 
-use common::oci::{busybox_image, spec};
+use oci::{busybox_image, spec};
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use pb::AgentClient;
 use podvisor_proto as pb;
+use podvisor_testkit::guest::vm_prerequisites;
+use podvisor_testkit::vm::{vm_config, wait_for_agent};
 use tonic::transport::Channel;
 use tonic::Code;
 use vmm::{BlockSlotConfig, Vm};
@@ -122,12 +123,12 @@ impl Drop for ConsoleOnPanic {
 
 #[test]
 fn containers_in_a_real_vm() {
-    let Some((kernel, initramfs)) = common::vm_prerequisites("containers_in_a_real_vm") else {
+    let Some((kernel, initramfs)) = vm_prerequisites("containers_in_a_real_vm") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let image = busybox_image(dir.path());
-    let mut config = common::vm_config(
+    let mut config = vm_config(
         dir.path(),
         &kernel,
         &initramfs,
@@ -143,7 +144,7 @@ fn containers_in_a_real_vm() {
         .unwrap();
     let console = vm.console_log().to_path_buf();
     let result = rt.block_on(async {
-        let agent = common::wait_for_agent(&vsock_uds, BOOT_TIMEOUT)
+        let agent = wait_for_agent(&vsock_uds, BOOT_TIMEOUT)
             .await
             .map_err(|e| e.to_string())?;
         vm.attach_block(0, &image, true)
@@ -358,7 +359,7 @@ async fn scenario(mut agent: AgentClient<Channel>) {
         stats.memory_usage_bytes > 0 && stats.pids >= 2 && stats.pids_limit == 48,
         "{stats:?}"
     );
-    t.time("StatsSandbox", common::guest_stats::check(&mut agent, "c1"))
+    t.time("StatsSandbox", guest_stats::check(&mut agent, "c1"))
         .await;
     let procs = t
         .time(

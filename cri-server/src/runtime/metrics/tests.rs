@@ -140,7 +140,7 @@ fn container(id: &str, name: &str) -> ContainerRecord {
 
 /// What the agent reads from the cgroup v2 files of a guest container created with critest's metrics
 /// resources (cpu.max "20000 100000", cpu.weight 39 from shares 1024, memory.max 64 MiB; no swap in the
-/// guest) running busybox: see guest/agent/src/container/stats_tests.rs for the file contents.
+/// guest) running busybox: see guest/agent/src/container/stats/tests.rs for the file contents.
 fn guest_stats() -> pb::StatsContainerResponse {
     pb::StatsContainerResponse {
         cpu_usage_ns: 1_503_211_000,

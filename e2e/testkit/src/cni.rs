@@ -1,5 +1,8 @@
-//! A CNI network of its own for one test daemon: bridge + host-local + portmap from the Debian
-//! containernetworking-plugins, on a bridge and /24 no other test uses.
+//! CNI networks from the Debian containernetworking-plugins (bridge + host-local + portmap): one of
+//! its own for one test daemon, on a bridge and /24 no other test uses ([`TestNetwork`]); the
+//! network bench's, shared by both runtimes it compares ([`bench`]); what pods leave on the host.
+
+pub mod bench;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,8 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Where the Debian package installs the CNI plugins.
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 
-/// The network: its conflist lives in `<dir>/cni` (where [`super::podvisor_cmd`] points the daemon)
-/// and host-local's allocations in `<dir>/cni-ipam`. Deletes its bridge on drop.
+/// The network: its conflist lives in `<dir>/cni` (where [`crate::daemon::podvisor_cmd`] points the
+/// daemon) and host-local's allocations in `<dir>/cni-ipam`. Deletes its bridge on drop.
 pub struct TestNetwork {
     /// The CNI network name.
     pub name: String,
@@ -30,7 +33,7 @@ impl TestNetwork {
             Some(format!(
                 "no CNI plugins in {CNI_BIN_DIR} (apt package containernetworking-plugins)"
             ))
-        } else if !is_root() {
+        } else if !crate::procfs::is_root() {
             Some("pod networking needs root".to_string())
         } else {
             None
@@ -144,16 +147,4 @@ pub fn nat_rules_of(id: &str) -> Vec<String> {
         .filter(|l| l.contains(id))
         .map(str::to_string)
         .collect()
-}
-
-/// Whether the effective uid (the second field of `Uid:` in /proc/self/status) is 0.
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
