@@ -10,15 +10,11 @@ use std::path::PathBuf;
 
 use std::time::{Duration, Instant};
 
-use image_service::testing::{self, Registry};
-use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
-use podvisor_testkit::cni::TestNetwork;
+use podvisor_testkit::bed::{pull, PodBed};
 use podvisor_testkit::cri::{container_config, create_container, pod_config, run_pod};
 use podvisor_testkit::daemon::{connect, podvisor_cmd, Daemon};
-use podvisor_testkit::guest::pod_prerequisites;
-use podvisor_testkit::image::push_pod_image;
 use podvisor_testkit::qemu;
 use tonic::transport::Channel;
 
@@ -67,21 +63,14 @@ async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let Some(guest) = pod_prerequisites("bench pods") else {
-        return;
-    };
     let parallel: usize = std::env::var("PODVISOR_BENCH_PARALLEL")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    let reg = Registry::start(None).unwrap();
-    let dir = testing::tempdir();
-    let d = dir.path();
-    let Some(_net) = TestNetwork::new(d, "bench pods") else {
+    let Some(bed) = PodBed::new("bench pods", "bench/busybox") else {
         return;
     };
-    let image = push_pod_image(&reg, d, "bench/busybox");
-    testing::write_hosts(&d.join("certs.d"), &reg.host, &reg.host).unwrap();
+    let (d, guest, image) = (bed.dir(), bed.guest.clone(), bed.image.clone());
     let logs = d.join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let socket = d.join("podvisor.sock");
@@ -93,16 +82,7 @@ async fn main() {
     let _daemon = Daemon::start_with(cmd, &socket, &guest, Some(&d.join("daemon.log"))).await;
     let chan = connect(socket).await;
     let mut rt = RuntimeServiceClient::new(chan.clone());
-    ImageServiceClient::new(chan)
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec {
-                image: image.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("PullImage");
+    pull(chan, &image).await;
 
     // The peer first, on the same quiet machine state as our serial pod.
     let q = tokio::task::spawn_blocking({

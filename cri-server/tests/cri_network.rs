@@ -9,18 +9,17 @@
 use std::io::BufRead;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use image_service::testing::{self, Registry};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
+use podvisor_testkit::bed::{dump_failure, PodBed};
 use podvisor_testkit::cni::{nat_rules_of, netns_of, TestNetwork};
 use podvisor_testkit::cri::{container_config, create_container, pod_config, run_pod};
 use podvisor_testkit::daemon::{connect, podvisor_cmd, Daemon};
-use podvisor_testkit::guest::pod_prerequisites;
 use podvisor_testkit::http::free_port;
-use podvisor_testkit::image::push_pod_image;
 use podvisor_testkit::procfs::{cgroup_of, threads_named};
 use tonic::transport::Channel;
 
@@ -184,52 +183,28 @@ fn assert_released(net: &TestNetwork, id: &str, ip: &str, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_reach_the_host_and_each_other_and_clean_up() {
     let test = "pods_reach_the_host_and_each_other_and_clean_up";
-    let Some(guest) = pod_prerequisites(test) else {
+    let Some(bed) = PodBed::new(test, "e2e/net") else {
         return;
     };
-    let dir = testing::tempdir();
-    let d = dir.path().to_path_buf();
-    let Some(net) = TestNetwork::new(&d, test) else {
-        return;
-    };
-    let reg = Registry::start(None).unwrap();
-    let image = push_pod_image(&reg, &d, "e2e/net");
-    testing::write_hosts(&d.join("certs.d"), &reg.host, &reg.host).unwrap();
-    let daemon_log = d.join("daemon.log");
+    let bed = Arc::new(bed);
     let cgroups = format!("/podvisor-e2e-{}", std::process::id());
-    let result = tokio::spawn(scenario(guest, d.clone(), image, net, cgroups.clone())).await;
+    let result = tokio::spawn(scenario(bed.clone(), cgroups.clone())).await;
     remove_cgroup_tree(&cgroups);
     if let Err(e) = result {
-        let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
-        eprintln!(
-            "daemon log (tail):\n{}",
-            &log[log.len().saturating_sub(20_000)..]
-        );
-        for pod in std::fs::read_dir(d.join("state/pods"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let console =
-                std::fs::read_to_string(pod.path().join("console.log")).unwrap_or_default();
-            eprintln!(
-                "console of {}:\n{}",
-                pod.path().display(),
-                &console[console.len().saturating_sub(6000)..]
-            );
-        }
+        dump_failure(bed.dir(), &bed.dir().join("daemon.log"));
         std::panic::resume_unwind(e.into_panic());
     }
 }
 
-async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork, cg: String) {
+async fn scenario(bed: Arc<PodBed>, cg: String) {
+    let (guest, d, image, net) = (&bed.guest, bed.dir(), bed.image.clone(), bed.net());
     let socket = d.join("podvisor.sock");
     let log = d.join("daemon.log");
     let (default_parent, overhead) = (format!("{cg}/default"), format!("{cg}/overhead"));
     let podvisor = || {
         podvisor_cmd(
             env!("CARGO_BIN_EXE_podvisor"),
-            &d,
+            d,
             &[
                 "--image-slots",
                 "1",
@@ -242,7 +217,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork, c
             ],
         )
     };
-    let mut daemon = Daemon::start_with(podvisor(), &socket, &guest, Some(&log)).await;
+    let mut daemon = Daemon::start_with(podvisor(), &socket, guest, Some(&log)).await;
     let chan = connect(socket.clone()).await;
     let mut rt = RuntimeServiceClient::new(chan.clone());
     let mut img = ImageServiceClient::new(chan);
@@ -463,7 +438,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork, c
     })
     .await
     .unwrap();
-    assert_released(&net, &b, &ip_b, "after RemovePodSandbox");
+    assert_released(net, &b, &ip_b, "after RemovePodSandbox");
     assert_no_cgroups(&[&sandbox_b, &overhead_b], "after RemovePodSandbox");
     assert_eq!(
         net.bridge_ports().len(),
@@ -479,7 +454,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork, c
         1,
         "a crash leaves the netns for the restart to clean"
     );
-    let _daemon = Daemon::start_with(podvisor(), &socket, &guest, Some(&log)).await;
+    let _daemon = Daemon::start_with(podvisor(), &socket, guest, Some(&log)).await;
     let mut rt = RuntimeServiceClient::new(connect(socket.clone()).await);
     let status = rt
         .pod_sandbox_status(PodSandboxStatusRequest {
@@ -492,7 +467,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, net: TestNetwork, c
         .status
         .unwrap();
     assert_eq!(status.state, PodSandboxState::SandboxNotready as i32);
-    assert_released(&net, &a, &ip_a, "after kill -9 and restart");
+    assert_released(net, &a, &ip_a, "after kill -9 and restart");
     assert_no_cgroups(&[&sandbox_a, &overhead_a], "after kill -9 and restart");
     assert!(
         net.bridge_ports().is_empty(),

@@ -4,33 +4,23 @@
 
 use std::path::Path;
 
-use image_service::testing::{self, Registry};
-use podvisor_testkit::cni::TestNetwork;
+use podvisor_testkit::bed::PodBed;
 use podvisor_testkit::daemon::{podvisor_cmd, Daemon};
-use podvisor_testkit::guest::pod_prerequisites;
 use podvisor_testkit::http::free_port;
-use podvisor_testkit::image::push_pod_image;
 use podvisor_testkit::python::python;
 
 #[tokio::test]
 async fn python_cri_client_drives_a_pod() {
-    let Some(guest) = pod_prerequisites("python_cri_client_drives_a_pod") else {
-        return;
-    };
     let Some(python) = python(
         "python_cri_client_drives_a_pod",
         "cri_api.v1.api_pb2_grpc, prometheus_client.openmetrics.parser",
     ) else {
         return;
     };
-    let reg = Registry::start(None).unwrap();
-    let dir = testing::tempdir();
-    let d = dir.path();
-    let Some(_net) = TestNetwork::new(d, "python_cri_client_drives_a_pod") else {
+    let Some(bed) = PodBed::new("python_cri_client_drives_a_pod", "py/busybox") else {
         return;
     };
-    let image = push_pod_image(&reg, d, "py/busybox");
-    testing::write_hosts(&d.join("certs.d"), &reg.host, &reg.host).unwrap();
+    let (d, guest, image) = (bed.dir(), &bed.guest, &bed.image);
     let socket = d.join("podvisor.sock");
     let daemon_log = d.join("daemon.log");
     let logs = d.join("logs");
@@ -48,12 +38,12 @@ async fn python_cri_client_drives_a_pod() {
             &metrics,
         ],
     );
-    let _daemon = Daemon::start_with(cmd, &socket, &guest, Some(&daemon_log)).await;
+    let _daemon = Daemon::start_with(cmd, &socket, guest, Some(&daemon_log)).await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/cri_pod_lifecycle.py");
     let out = tokio::process::Command::new(&python)
         .arg(&script)
         .env("RUNTIME_SOCK", format!("unix://{}", socket.display()))
-        .env("IMAGE", &image)
+        .env("IMAGE", image)
         .env("LOG_DIR", &logs)
         .env("METRICS_URL", format!("http://{metrics}/metrics"))
         .output()

@@ -13,15 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use image_service::testing::{self, Registry};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
-use podvisor_testkit::cni::TestNetwork;
+use podvisor_testkit::bed::{dump_failure, PodBed};
 use podvisor_testkit::cri::{container_config, create_container, pod_config, run_pod};
 use podvisor_testkit::daemon::{connect, podvisor_cmd, Daemon};
-use podvisor_testkit::guest::pod_prerequisites;
-use podvisor_testkit::image::push_pod_image;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -95,44 +92,22 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_lifecycle_crash_and_restart() {
-    let Some(guest) = pod_prerequisites("pod_lifecycle_crash_and_restart") else {
+    let Some(bed) = PodBed::new("pod_lifecycle_crash_and_restart", "e2e/busybox") else {
         return;
     };
-    let reg = Registry::start(None).unwrap();
-    let dir = testing::tempdir();
-    let d = dir.path();
-    let Some(_net) = TestNetwork::new(d, "pod_lifecycle_crash_and_restart") else {
-        return;
-    };
-    let image = push_pod_image(&reg, d, "e2e/busybox");
-    testing::write_hosts(&d.join("certs.d"), &reg.host, &reg.host).unwrap();
+    let d = bed.dir();
     let socket = d.join("podvisor.sock");
     let daemon_log = d.join("daemon.log");
     let result = tokio::spawn(scenario(
-        guest,
+        bed.guest.clone(),
         d.to_path_buf(),
-        image,
+        bed.image.clone(),
         socket,
         daemon_log.clone(),
     ))
     .await;
     if let Err(e) = result {
-        let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
-        let tail = &log[log.len().saturating_sub(20_000)..];
-        eprintln!("daemon log (tail):\n{tail}");
-        for pod in std::fs::read_dir(d.join("state/pods"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let console =
-                std::fs::read_to_string(pod.path().join("console.log")).unwrap_or_default();
-            eprintln!(
-                "console of {}:\n{}",
-                pod.path().display(),
-                &console[console.len().saturating_sub(6000)..]
-            );
-        }
+        dump_failure(d, &daemon_log);
         std::panic::resume_unwind(e.into_panic());
     }
 }

@@ -19,6 +19,8 @@ pub mod qemu;
 pub mod vm;
 
 #[cfg(feature = "cri")]
+pub mod bed;
+#[cfg(feature = "cri")]
 pub mod cni;
 #[cfg(feature = "cri")]
 pub mod containerd;
