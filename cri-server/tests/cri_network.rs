@@ -12,10 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
-use podvisor_testkit::bed::{dump_failure, PodBed};
+use podvisor_testkit::bed::{dump_failure, pull, PodBed};
 use podvisor_testkit::cni::{nat_rules_of, netns_of, TestNetwork};
 use podvisor_testkit::cri::{container_config, create_container, pod_config, run_pod};
 use podvisor_testkit::daemon::{connect, podvisor_cmd, Daemon};
@@ -220,7 +219,6 @@ async fn scenario(bed: Arc<PodBed>, cg: String) {
     let mut daemon = Daemon::start_with(podvisor(), &socket, guest, Some(&log)).await;
     let chan = connect(socket.clone()).await;
     let mut rt = RuntimeServiceClient::new(chan.clone());
-    let mut img = ImageServiceClient::new(chan);
     let status = rt
         .status(StatusRequest { verbose: false })
         .await
@@ -234,15 +232,7 @@ async fn scenario(bed: Arc<PodBed>, cg: String) {
         .find(|c| c.r#type == "NetworkReady")
         .expect("NetworkReady condition");
     assert!(network.status, "NetworkReady: {network:?}");
-    img.pull_image(PullImageRequest {
-        image: Some(ImageSpec {
-            image: image.clone(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("PullImage");
+    pull(chan.clone(), &image).await;
     let logs = d.join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
 

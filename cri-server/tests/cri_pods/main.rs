@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
-use podvisor_testkit::bed::{dump_failure, PodBed};
+use podvisor_testkit::bed::{dump_failure, pull, PodBed};
 use podvisor_testkit::cri::{container_config, create_container, pod_config, run_pod};
 use podvisor_testkit::daemon::{connect, podvisor_cmd, Daemon};
 use tonic::transport::Channel;
@@ -116,21 +116,12 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
     let mut daemon = Daemon::start_with(podvisor(&d), &socket, &guest, Some(&daemon_log)).await;
     let chan = connect(socket.clone()).await;
     let mut rt = RuntimeServiceClient::new(chan.clone());
-    let mut img = ImageServiceClient::new(chan);
     let mut events = rt
         .get_container_events(GetEventsRequest {})
         .await
         .unwrap()
         .into_inner();
-    img.pull_image(PullImageRequest {
-        image: Some(ImageSpec {
-            image: image.clone(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("PullImage");
+    pull(chan.clone(), &image).await;
     let logs = d.join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
     invalid::invalid_requests(&mut rt, &image, &logs).await;
