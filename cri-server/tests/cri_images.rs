@@ -19,6 +19,20 @@ fn spec(image: &str) -> Option<ImageSpec> {
     })
 }
 
+/// The status of a PullImage of `image` that must fail.
+async fn pull_error(
+    client: &mut ImageServiceClient<tonic::transport::Channel>,
+    image: &str,
+) -> tonic::Status {
+    let pulled = client
+        .pull_image(PullImageRequest {
+            image: spec(image),
+            ..Default::default()
+        })
+        .await;
+    pulled.unwrap_err()
+}
+
 fn podvisor(dir: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
     cmd.args(["--metrics-addr", "127.0.0.1:0"]);
@@ -152,27 +166,15 @@ async fn cri_image_service_and_podvisor_pull() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("pulled by the daemon"));
 
     // Bad input → the right codes, never a crash.
-    let code = |r: Result<tonic::Response<PullImageResponse>, tonic::Status>| r.unwrap_err();
-    let e = code(client.pull_image(PullImageRequest::default()).await);
+    let e = client
+        .pull_image(PullImageRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    let e = code(
-        client
-            .pull_image(PullImageRequest {
-                image: spec("Not A Reference!"),
-                ..Default::default()
-            })
-            .await,
-    );
+    let e = pull_error(&mut client, "Not A Reference!").await;
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().starts_with("image.image"), "{e:?}");
-    let e = code(
-        client
-            .pull_image(PullImageRequest {
-                image: spec(&format!("{}/cri/busybox:missing", reg.host)),
-                ..Default::default()
-            })
-            .await,
-    );
+    let e = pull_error(&mut client, &format!("{}/cri/busybox:missing", reg.host)).await;
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     // A registry serving a blob that does not match its digest: DATA_LOSS (corrupt content a retry does
     // not cure), not UNAVAILABLE.
@@ -189,14 +191,7 @@ async fn cri_image_service_and_podvisor_pull() {
     let middle = data.len() / 2;
     data[middle] ^= 0xff;
     std::fs::write(&blob, &data).unwrap();
-    let e = code(
-        client
-            .pull_image(PullImageRequest {
-                image: spec(&format!("{}/corrupt/app:v1", reg.host)),
-                ..Default::default()
-            })
-            .await,
-    );
+    let e = pull_error(&mut client, &format!("{}/corrupt/app:v1", reg.host)).await;
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
     assert!(e.message().contains("digest mismatch"), "{e:?}");
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
@@ -209,14 +204,7 @@ async fn cri_image_service_and_podvisor_pull() {
         &closed.to_string(),
     )
     .unwrap();
-    let e = code(
-        client
-            .pull_image(PullImageRequest {
-                image: spec(&format!("{closed}/x/y:1")),
-                ..Default::default()
-            })
-            .await,
-    );
+    let e = pull_error(&mut client, &format!("{closed}/x/y:1")).await;
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     let e = client
         .image_status(ImageStatusRequest::default())

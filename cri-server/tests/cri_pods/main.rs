@@ -32,6 +32,7 @@ pub struct Left {
     daemon_log: PathBuf,
     image: String,
     logs: PathBuf,
+    /// Pod A and two of its containers.
     pod: String,
     sleeper: String,
     talker: String,

@@ -16,21 +16,10 @@ use tonic::Code;
 use super::{code, files_under, minimal, podvisor, status, Left, Rt};
 
 /// Kills `daemon` while it boots pod B, restarts it and checks what it reports and releases.
-pub async fn crash_and_restart(rt: Rt, mut daemon: Daemon, left: Left) {
-    let Left {
-        d,
-        socket,
-        guest,
-        daemon_log,
-        image,
-        logs,
-        pod,
-        sleeper,
-        talker,
-    } = left;
+pub async fn crash_and_restart(rt: Rt, mut daemon: Daemon, first: Left) {
     // Crash: SIGKILL the daemon while it boots pod B. The sleeper keeps running in pod A until then.
     let mut rt2 = rt.clone();
-    let logs_b = logs.clone();
+    let logs_b = first.logs.clone();
     let booting = tokio::spawn(async move {
         rt2.run_pod_sandbox(RunPodSandboxRequest {
             config: Some(pod_config("db", "uid-b", &logs_b)),
@@ -41,15 +30,21 @@ pub async fn crash_and_restart(rt: Rt, mut daemon: Daemon, left: Left) {
     tokio::time::sleep(Duration::from_secs(5)).await;
     daemon.kill9();
     assert!(booting.await.unwrap().is_err());
-    let pods_dir = d.join("state/pods");
+    let pods_dir = first.d.join("state/pods");
     assert_eq!(
         std::fs::read_dir(&pods_dir).unwrap().count(),
         2,
         "pod A and the half-booted pod B"
     );
 
-    let daemon = Daemon::start_with(podvisor(&d), &socket, &guest, Some(&daemon_log)).await;
-    let chan = connect(socket.clone()).await;
+    let daemon = Daemon::start_with(
+        podvisor(&first.d),
+        &first.socket,
+        &first.guest,
+        Some(&first.daemon_log),
+    )
+    .await;
+    let chan = connect(first.socket.clone()).await;
     let mut rt = RuntimeServiceClient::new(chan.clone());
     let mut img = ImageServiceClient::new(chan);
     let pods = rt
@@ -61,27 +56,27 @@ pub async fn crash_and_restart(rt: Rt, mut daemon: Daemon, left: Left) {
     assert_eq!(pods.len(), 1, "{pods:?}");
     assert_eq!(
         (pods[0].id.as_str(), pods[0].state),
-        (pod.as_str(), PodSandboxState::SandboxNotready as i32)
+        (first.pod.as_str(), PodSandboxState::SandboxNotready as i32)
     );
-    let s = status(&mut rt, &sleeper).await;
+    let s = status(&mut rt, &first.sleeper).await;
     assert_eq!(s.state, ContainerState::ContainerExited as i32, "{s:?}");
     assert!(
         !s.reason.is_empty() && s.message.contains("daemon"),
         "{s:?}"
     );
     assert_eq!(
-        status(&mut rt, &talker).await.exit_code,
+        status(&mut rt, &first.talker).await.exit_code,
         137,
         "earlier results are kept"
     );
     // Only pod A's console log is left; no VM socket survives the crash.
     let left: Vec<PathBuf> = files_under(&pods_dir);
-    assert!(left.iter().all(|p| p.starts_with(&pod)), "{left:?}");
-    let sockets = files_under(&d.join("run/vm"));
+    assert!(left.iter().all(|p| p.starts_with(&first.pod)), "{left:?}");
+    let sockets = files_under(&first.d.join("run/vm"));
     assert!(sockets.is_empty(), "{sockets:?}");
     let (c, _) = code(
         rt.exec_sync(ExecSyncRequest {
-            container_id: talker.clone(),
+            container_id: first.talker.clone(),
             cmd: vec!["true".into()],
             timeout: 5,
         })
@@ -91,9 +86,9 @@ pub async fn crash_and_restart(rt: Rt, mut daemon: Daemon, left: Left) {
 
     // The name of the interrupted pod B is free again and the restarted daemon runs pods, for a
     // minimal client too (crictl, critest: metadata only, no hostname, DNS or log directory).
-    let pod_b = minimal::minimal_pod(&mut rt, &image).await;
+    let pod_b = minimal::minimal_pod(&mut rt, &first.image).await;
 
-    for p in [&pod, &pod_b] {
+    for p in [&first.pod, &pod_b] {
         rt.stop_pod_sandbox(StopPodSandboxRequest {
             pod_sandbox_id: p.clone(),
         })
@@ -130,7 +125,7 @@ pub async fn crash_and_restart(rt: Rt, mut daemon: Daemon, left: Left) {
     // Every image lease was released: the image can be removed.
     img.remove_image(RemoveImageRequest {
         image: Some(ImageSpec {
-            image: image.clone(),
+            image: first.image.clone(),
             ..Default::default()
         }),
     })
@@ -138,7 +133,7 @@ pub async fn crash_and_restart(rt: Rt, mut daemon: Daemon, left: Left) {
     .expect("RemoveImage after all containers are gone");
     drop(daemon);
     // A VM being stopped is not an error: no exit-watch retries while pods stop.
-    let log = std::fs::read_to_string(&daemon_log).unwrap();
+    let log = std::fs::read_to_string(&first.daemon_log).unwrap();
     assert!(
         !log.contains("waiting for the exit"),
         "{}",
