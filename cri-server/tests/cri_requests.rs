@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use podvisor_testkit::cni::{TestNetwork, CNI_BIN_DIR};
+use podvisor_testkit::cri::list_pods;
 use podvisor_testkit::daemon::{connect, Daemon};
 use podvisor_testkit::http::{free_port, http_get};
 use tonic::transport::Channel;
@@ -250,14 +251,6 @@ async fn bad_requests_and_cni_faults_never_wedge_the_daemon() {
     .await;
     assert!(entries(&d.join("netns")).is_empty());
     assert!(net.allocations().is_empty(), "{:?}", net.allocations());
-}
-
-async fn list_pods(rt: &mut Rt) -> Vec<PodSandbox> {
-    rt.list_pod_sandbox(ListPodSandboxRequest::default())
-        .await
-        .expect("ListPodSandbox")
-        .into_inner()
-        .items
 }
 
 /// What crictl and critest rely on: idempotent stops and removals, and the handlers in Status.

@@ -186,9 +186,7 @@ impl StreamingServer {
     pub fn exec_url(&self, req: &ExecRequest) -> Result<String, StreamingError> {
         check_io(
             &req.container_id,
-            req.stdin,
-            req.stdout,
-            req.stderr,
+            [req.stdin, req.stdout, req.stderr],
             req.tty,
         )?;
         if req.cmd.is_empty() {
@@ -201,9 +199,7 @@ impl StreamingServer {
     pub fn attach_url(&self, req: &AttachRequest) -> Result<String, StreamingError> {
         check_io(
             &req.container_id,
-            req.stdin,
-            req.stdout,
-            req.stderr,
+            [req.stdin, req.stdout, req.stderr],
             req.tty,
         )?;
         self.url("attach", CachedRequest::Attach(req.clone()))
@@ -231,13 +227,9 @@ impl Drop for StreamingServer {
     }
 }
 
-fn check_io(
-    container_id: &str,
-    stdin: bool,
-    stdout: bool,
-    stderr: bool,
-    tty: bool,
-) -> Result<(), StreamingError> {
+/// Checks the streams an exec or attach asks for (`[stdin, stdout, stderr]`), as kubelet does.
+fn check_io(container_id: &str, streams: [bool; 3], tty: bool) -> Result<(), StreamingError> {
+    let [stdin, stdout, stderr] = streams;
     if container_id.is_empty() {
         return Err(StreamingError::InvalidArgument(
             "missing required container_id",

@@ -7,7 +7,7 @@ use k8s_cri::v1::*;
 use tonic::Code;
 
 use super::{code, Rt};
-use podvisor_testkit::cri::{container_config, pod_config};
+use podvisor_testkit::cri::{container_config, list_pods, pod_config};
 
 /// Bad requests answered with the right code and a message naming the field, before any VM exists.
 pub async fn invalid_requests(rt: &mut Rt, image: &str, logs: &Path) {
@@ -138,10 +138,6 @@ pub async fn invalid_requests(rt: &mut Rt, image: &str, logs: &Path) {
     );
     assert_eq!(c, Code::NotFound, "{m}");
     // Nothing was left behind by the refused requests.
-    let pods = rt
-        .list_pod_sandbox(ListPodSandboxRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(pods.items.is_empty(), "{pods:?}");
+    let pods = list_pods(rt).await;
+    assert!(pods.is_empty(), "{pods:?}");
 }

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use podvisor_testkit::bed::{dump_failure, pull, PodBed};
-use podvisor_testkit::cri::{container_config, create_container, pod_config, run_pod};
+use podvisor_testkit::cri::{
+    container_config, create_container, list_containers, pod_config, run_pod,
+};
 use podvisor_testkit::daemon::{connect, podvisor_cmd, Daemon};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -437,31 +439,19 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String, socket: PathBuf, da
     })
     .await
     .unwrap();
-    let exited = rt
-        .list_containers(ListContainersRequest {
-            filter: Some(ContainerFilter {
-                state: Some(ContainerStateValue {
-                    state: ContainerState::ContainerExited as i32,
-                }),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .containers;
+    let exited = ContainerFilter {
+        state: Some(ContainerStateValue {
+            state: ContainerState::ContainerExited as i32,
+        }),
+        ..Default::default()
+    };
+    let exited = list_containers(&mut rt, Some(exited)).await;
     assert_eq!(exited.len(), 2, "{exited:?}");
-    let by_label = rt
-        .list_containers(ListContainersRequest {
-            filter: Some(ContainerFilter {
-                label_selector: HashMap::from([("name".into(), "sleeper".into())]),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .containers;
+    let by_label = ContainerFilter {
+        label_selector: HashMap::from([("name".into(), "sleeper".into())]),
+        ..Default::default()
+    };
+    let by_label = list_containers(&mut rt, Some(by_label)).await;
     assert_eq!(by_label.len(), 1);
     assert_eq!(by_label[0].id, sleeper);
     rt.remove_container(RemoveContainerRequest {

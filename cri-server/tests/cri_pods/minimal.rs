@@ -7,7 +7,7 @@ use std::time::Duration;
 use k8s_cri::v1::*;
 
 use super::{wait_exited, Rt};
-use podvisor_testkit::cri::{create_container, run_pod};
+use podvisor_testkit::cri::{create_container, list_containers, list_pods, run_pod};
 
 /// Runs pod `db` (uid `uid-b`) as a minimal client configures it, with one minimal container from
 /// `image`; checks every status, stops the container (exit 0 on SIGTERM) and returns the pod id.
@@ -147,28 +147,17 @@ pub async fn check_statuses(rt: &mut Rt, pod: &str, ctr: &str, image: &str) {
         .and_then(|u| u.linux.as_ref())
         .expect("user");
     assert_eq!((user.uid, user.gid), (0, 0), "the image's root: {user:?}");
-    let listed = rt
-        .list_containers(ListContainersRequest {
-            filter: Some(ContainerFilter {
-                pod_sandbox_id: pod.into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .containers;
+    let by_pod = ContainerFilter {
+        pod_sandbox_id: pod.into(),
+        ..Default::default()
+    };
+    let listed = list_containers(rt, Some(by_pod)).await;
     assert_eq!(listed.len(), 1);
     assert_eq!(
         listed[0].image_ref, s.image_id,
         "ListContainers: the image id"
     );
-    let pods = rt
-        .list_pod_sandbox(ListPodSandboxRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .items;
+    let pods = list_pods(rt).await;
     assert!(pods.iter().any(|p| p.id == pod
         && p.state == PodSandboxState::SandboxReady as i32
         && p.runtime_handler.is_empty()));

@@ -9,7 +9,7 @@ use std::time::Duration;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
-use podvisor_testkit::cri::pod_config;
+use podvisor_testkit::cri::{list_containers, list_pods, pod_config};
 use podvisor_testkit::daemon::{connect, Daemon};
 use tonic::Code;
 
@@ -47,12 +47,7 @@ pub async fn crash_and_restart(rt: Rt, mut daemon: Daemon, first: Left) {
     let chan = connect(first.socket.clone()).await;
     let mut rt = RuntimeServiceClient::new(chan.clone());
     let mut img = ImageServiceClient::new(chan);
-    let pods = rt
-        .list_pod_sandbox(ListPodSandboxRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .items;
+    let pods = list_pods(&mut rt).await;
     assert_eq!(pods.len(), 1, "{pods:?}");
     assert_eq!(
         (pods[0].id.as_str(), pods[0].state),
@@ -88,35 +83,28 @@ pub async fn crash_and_restart(rt: Rt, mut daemon: Daemon, first: Left) {
     // minimal client too (crictl, critest: metadata only, no hostname, DNS or log directory).
     let pod_b = minimal::minimal_pod(&mut rt, &first.image).await;
 
+    // Stop and remove are idempotent: each is sent twice.
     for p in [&first.pod, &pod_b] {
-        rt.stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: p.clone(),
-        })
-        .await
-        .expect("StopPodSandbox");
-        rt.stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: p.clone(),
-        })
-        .await
-        .expect("StopPodSandbox again");
-        rt.remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: p.clone(),
-        })
-        .await
-        .expect("RemovePodSandbox");
-        rt.remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: p.clone(),
-        })
-        .await
-        .expect("RemovePodSandbox again");
+        let id = || p.to_string();
+        for time in ["first", "second"] {
+            let stop = StopPodSandboxRequest {
+                pod_sandbox_id: id(),
+            };
+            let stopped = rt.stop_pod_sandbox(stop).await;
+            assert!(stopped.is_ok(), "StopPodSandbox, {time} time: {stopped:?}");
+        }
+        for time in ["first", "second"] {
+            let remove = RemovePodSandboxRequest {
+                pod_sandbox_id: id(),
+            };
+            let removed = rt.remove_pod_sandbox(remove).await;
+            assert!(
+                removed.is_ok(),
+                "RemovePodSandbox, {time} time: {removed:?}"
+            );
+        }
     }
-    assert!(rt
-        .list_containers(ListContainersRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .containers
-        .is_empty());
+    assert!(list_containers(&mut rt, None).await.is_empty());
     assert!(
         files_under(&pods_dir).is_empty(),
         "{:?}",

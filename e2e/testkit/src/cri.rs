@@ -96,3 +96,24 @@ pub async fn create_container(
     eprintln!("CreateContainer took {:?}", start.elapsed());
     id
 }
+
+/// ListPodSandbox without a filter, which must succeed.
+pub async fn list_pods(rt: &mut Runtime) -> Vec<k8s_cri::v1::PodSandbox> {
+    rt.list_pod_sandbox(k8s_cri::v1::ListPodSandboxRequest::default())
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items
+}
+
+/// ListContainers with `filter` (None: all), which must succeed.
+pub async fn list_containers(
+    rt: &mut Runtime,
+    filter: Option<k8s_cri::v1::ContainerFilter>,
+) -> Vec<k8s_cri::v1::Container> {
+    rt.list_containers(k8s_cri::v1::ListContainersRequest { filter })
+        .await
+        .expect("ListContainers")
+        .into_inner()
+        .containers
+}
