@@ -65,6 +65,40 @@ fn refused_field(e: PodError, field: &str, also: &[tonic::Code]) -> SandboxError
     }
 }
 
+/// The record of container `id` being created in pod `pod_id` from `config` and `image` (its image
+/// reference and log path are the caller's to set).
+fn new_record(
+    id: &str,
+    pod_id: &str,
+    name_key: String,
+    config: &ContainerConfig,
+    image: &image_service::ImageRecord,
+    built: &crate::spec::BuiltSpec,
+) -> ContainerRecord {
+    let resources = config.linux.as_ref().and_then(|l| l.resources.as_ref());
+    ContainerRecord {
+        id: id.into(),
+        pod_id: pod_id.into(),
+        name_key,
+        config: config.encode_to_vec(),
+        image_id: image.id.to_string(),
+        image_ref: String::new(),
+        spec_json: built.oci_spec_json.clone(),
+        stop_signal: built.stop_signal,
+        slot: u32::MAX,
+        state: ContainerState::Creating,
+        created_at: now_ns(),
+        started_at: 0,
+        finished_at: 0,
+        exit_code: 0,
+        reason: String::new(),
+        message: String::new(),
+        resources: resources.map(|r| r.encode_to_vec()).unwrap_or_default(),
+        log_path: String::new(),
+        user: None,
+    }
+}
+
 impl Manager {
     /// CreateContainer: attaches the image to the pod VM (once per image), builds the OCI spec and has
     /// the agent create the container; its output goes to the CRI log file.
@@ -105,35 +139,12 @@ impl Manager {
         store
             .reserve_name(&name_key, &id)
             .map_err(|e| SandboxError::AlreadyExists(format!("container {e}")))?;
-        let mut record = ContainerRecord {
-            id: id.clone(),
-            pod_id: pod_id.clone(),
-            name_key,
-            config: config.encode_to_vec(),
-            image_id: image.id.to_string(),
-            image_ref,
-            spec_json: built.oci_spec_json.clone(),
-            stop_signal: built.stop_signal,
-            slot: u32::MAX,
-            state: ContainerState::Creating,
-            created_at: now_ns(),
-            started_at: 0,
-            finished_at: 0,
-            exit_code: 0,
-            reason: String::new(),
-            message: String::new(),
-            resources: config
-                .linux
-                .as_ref()
-                .and_then(|l| l.resources.as_ref())
-                .map(|r| r.encode_to_vec())
-                .unwrap_or_default(),
-            log_path: log_path
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            user: None,
-        };
+        let mut record = new_record(&id, &pod_id, name_key, &config, &image, &built);
+        record.image_ref = image_ref;
+        record.log_path = log_path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         store.put_container(&record)?;
         let result = self
             .create_in_guest(
@@ -152,15 +163,22 @@ impl Manager {
             }
             Err(e) => {
                 tracing::warn!(container = %id, "CreateContainer failed: {e}");
-                let _ = live.remove_container(&id).await;
-                if let Err(e2) = self.forget_container(&record).await {
-                    tracing::error!(container = %id, "rolling back: {e2}");
-                }
-                if let Err(e2) = self.prune_slots(&pod_id, &live).await {
-                    tracing::error!(container = %id, "rolling back the image slot: {e2}");
-                }
+                self.roll_back_create(&live, &record).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Removes every trace of a container whose creation failed: in the guest, its record, name and
+    /// image lease, and the image slot if no other container uses it. Call with the pod lock held.
+    async fn roll_back_create(&self, live: &Arc<dyn Pod>, record: &ContainerRecord) {
+        let id = &record.id;
+        let _ = live.remove_container(id).await;
+        if let Err(e) = self.forget_container(record).await {
+            tracing::error!(container = %id, "rolling back: {e}");
+        }
+        if let Err(e) = self.prune_slots(&record.pod_id, live).await {
+            tracing::error!(container = %id, "rolling back the image slot: {e}");
         }
     }
 
