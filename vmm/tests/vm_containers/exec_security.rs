@@ -8,7 +8,7 @@ use podvisor_proto as pb;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
-use super::{collect, create, exec_req, ids, spec};
+use super::{collect, container, create, exec_req, spec, wait};
 
 /// What the init and an exec'd process print about themselves; both must print the same.
 const SELF: &str =
@@ -103,12 +103,7 @@ pub async fn exec_security(agent: &mut AgentClient<Channel>) {
         req.user = user.into();
         agent.create_container(req).await.expect(&what);
         let init_out = collect(agent, id, "", pb::OutputStream::Stdout);
-        agent
-            .start_container(pb::ContainerRequest {
-                container_id: id.into(),
-            })
-            .await
-            .expect(&what);
+        agent.start_container(container(id)).await.expect(&what);
 
         let script = format!("{SELF}; touch /dev/shm/f && chmod 600 /dev/shm/f");
         let exec = agent
@@ -120,7 +115,7 @@ pub async fn exec_security(agent: &mut AgentClient<Channel>) {
         }
         let out = collect(agent, id, "x", pb::OutputStream::Stdout);
         let err = collect(agent, id, "x", pb::OutputStream::Stderr);
-        let waited = agent.wait_process(ids(id, "x")).await.unwrap().into_inner();
+        let waited = wait(agent, id, "x").await;
         let (out, err) = (out.await.unwrap(), err.await.unwrap());
         eprintln!("{what}: exec'd process:\n{out}{err}");
         assert_eq!(waited.exit_code, 1, "{what}: chmod must fail: {out}{err}");
@@ -141,9 +136,7 @@ pub async fn exec_security(agent: &mut AgentClient<Channel>) {
         }
 
         let removed = agent
-            .remove_container(pb::ContainerRequest {
-                container_id: id.into(),
-            })
+            .remove_container(container(id))
             .await
             .unwrap()
             .into_inner();

@@ -98,6 +98,18 @@ fn exec_req(c: &str, e: &str, args: &[&str], terminal: bool) -> pb::ExecProcessR
     }
 }
 
+/// Waits for process `e` of container `c` (its init when `e` is empty) to exit.
+async fn wait(agent: &mut AgentClient<Channel>, c: &str, e: &str) -> pb::WaitProcessResponse {
+    agent.wait_process(ids(c, e)).await.unwrap().into_inner()
+}
+
+/// Names container `id` in a request.
+fn container(id: &str) -> pb::ContainerRequest {
+    pb::ContainerRequest {
+        container_id: id.into(),
+    }
+}
+
 fn ids(c: &str, e: &str) -> pb::ProcessRequest {
     pb::ProcessRequest {
         container_id: c.into(),
@@ -187,14 +199,9 @@ async fn scenario(mut agent: AgentClient<Channel>) {
         .into_inner();
     assert!(created.pid > 1);
     let c1_out = collect(&agent, "c1", "", pb::OutputStream::Stdout);
-    t.time(
-        "StartContainer",
-        agent.start_container(pb::ContainerRequest {
-            container_id: "c1".into(),
-        }),
-    )
-    .await
-    .unwrap();
+    t.time("StartContainer", agent.start_container(container("c1")))
+        .await
+        .unwrap();
 
     // exec without a tty: output, hostname, resolv.conf, seccomp (mkdir denied), exit code.
     let exec = exec_req(
@@ -267,11 +274,7 @@ async fn scenario(mut agent: AgentClient<Channel>) {
     )
     .await
     .unwrap();
-    let waited = agent
-        .wait_process(ids("c1", "tty"))
-        .await
-        .unwrap()
-        .into_inner();
+    let waited = wait(&mut agent, "c1", "tty").await;
     assert_eq!(waited.exit_code, 0);
     let out = tty_out.await.unwrap();
     assert!(
@@ -280,9 +283,7 @@ async fn scenario(mut agent: AgentClient<Channel>) {
     );
 
     // Resources: update the pids limit; pause and resume (no exec while paused).
-    let c1 = || pb::ContainerRequest {
-        container_id: "c1".into(),
-    };
+    let c1 = || container("c1");
     let resources = serde_json::to_vec(&serde_json::json!({"pids": {"limit": 48}})).unwrap();
     t.time(
         "UpdateContainer",
@@ -306,12 +307,7 @@ async fn scenario(mut agent: AgentClient<Channel>) {
         .unwrap();
 
     let stats = t
-        .time(
-            "StatsContainer",
-            agent.stats_container(pb::ContainerRequest {
-                container_id: "c1".into(),
-            }),
-        )
+        .time("StatsContainer", agent.stats_container(container("c1")))
         .await
         .unwrap()
         .into_inner();
@@ -322,12 +318,7 @@ async fn scenario(mut agent: AgentClient<Channel>) {
     t.time("StatsSandbox", guest_stats::check(&mut agent, "c1"))
         .await;
     let procs = t
-        .time(
-            "ListProcesses",
-            agent.list_processes(pb::ContainerRequest {
-                container_id: "c1".into(),
-            }),
-        )
+        .time("ListProcesses", agent.list_processes(container("c1")))
         .await
         .unwrap()
         .into_inner()
@@ -338,11 +329,7 @@ async fn scenario(mut agent: AgentClient<Channel>) {
     t.time("SignalProcess", agent.signal_process(signal("c1", 15)))
         .await
         .unwrap();
-    let waited = agent
-        .wait_process(ids("c1", ""))
-        .await
-        .unwrap()
-        .into_inner();
+    let waited = wait(&mut agent, "c1", "").await;
     assert_eq!((waited.exit_code, waited.signal), (7, 0), "{waited:?}");
     // The tunable exactly when the pod avoids AVX (the spec's env has no GLIBC_TUNABLES of its own).
     let tunables = avoid_avx.then_some(pb::AVOID_AVX_GLIBC_TUNABLES);
@@ -359,18 +346,9 @@ async fn scenario(mut agent: AgentClient<Channel>) {
         .create_container(create("c2", spec(&["sleep", "1000"], None)))
         .await
         .unwrap();
-    agent
-        .start_container(pb::ContainerRequest {
-            container_id: "c2".into(),
-        })
-        .await
-        .unwrap();
+    agent.start_container(container("c2")).await.unwrap();
     agent.signal_process(signal("c2", 15)).await.unwrap();
-    let waited = agent
-        .wait_process(ids("c2", ""))
-        .await
-        .unwrap()
-        .into_inner();
+    let waited = wait(&mut agent, "c2", "").await;
     assert_eq!(
         (waited.exit_code, waited.signal, waited.oom_killed),
         (137, 9, false)
@@ -392,21 +370,8 @@ async fn scenario(mut agent: AgentClient<Channel>) {
     req.user = "app".into();
     agent.create_container(req).await.unwrap();
     let c4_out = collect(&agent, "c4", "", pb::OutputStream::Stdout);
-    agent
-        .start_container(pb::ContainerRequest {
-            container_id: "c4".into(),
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        agent
-            .wait_process(ids("c4", ""))
-            .await
-            .unwrap()
-            .into_inner()
-            .exit_code,
-        0
-    );
+    agent.start_container(container("c4")).await.unwrap();
+    assert_eq!(wait(&mut agent, "c4", "").await.exit_code, 0);
     let out = c4_out.await.unwrap();
     assert!(!out.starts_with("pid=1\n"), "shared PID namespace: {out:?}");
     assert!(

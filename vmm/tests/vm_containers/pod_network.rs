@@ -4,7 +4,7 @@
 //! iptables-nft (nf_tables with x_tables matches through NFT_COMPAT).
 
 use super::oci::{spec, XTABLES_LIBDIR};
-use super::{collect, create, ids};
+use super::{collect, container, create, ids};
 
 use pb::AgentClient;
 use podvisor_proto as pb;
@@ -81,12 +81,7 @@ pub async fn node_network_features(agent: &mut AgentClient<Channel>) {
     agent.create_container(req).await.unwrap();
     let out = collect(agent, "net", "", pb::OutputStream::Stdout);
     let err = collect(agent, "net", "", pb::OutputStream::Stderr);
-    agent
-        .start_container(pb::ContainerRequest {
-            container_id: "net".into(),
-        })
-        .await
-        .unwrap();
+    agent.start_container(container("net")).await.unwrap();
     agent.wait_process(ids("net", "")).await.unwrap();
     let (out, err) = (out.await.unwrap(), err.await.unwrap());
     eprintln!("node network features:\n{out}{err}");
@@ -103,9 +98,7 @@ pub async fn node_network_features(agent: &mut AgentClient<Channel>) {
         "rules listed back: {out}"
     );
     let removed = agent
-        .remove_container(pb::ContainerRequest {
-            container_id: "net".into(),
-        })
+        .remove_container(container("net"))
         .await
         .unwrap()
         .into_inner()

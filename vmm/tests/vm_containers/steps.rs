@@ -9,7 +9,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use super::oci::spec;
-use super::{create, exec_req, ids, Timings};
+use super::{container, create, exec_req, wait, Timings};
 
 /// GuestDetails, CreateSandbox (as the daemon sends it) and the image storage; returns whether the
 /// pod avoids AVX.
@@ -71,17 +71,8 @@ pub async fn oom_kill(agent: &mut AgentClient<Channel>, events: &mut tonic::Stre
         Some(16 << 20),
     );
     agent.create_container(create("c3", hog)).await.unwrap();
-    agent
-        .start_container(pb::ContainerRequest {
-            container_id: "c3".into(),
-        })
-        .await
-        .unwrap();
-    let waited = agent
-        .wait_process(ids("c3", ""))
-        .await
-        .unwrap()
-        .into_inner();
+    agent.start_container(container("c3")).await.unwrap();
+    let waited = wait(agent, "c3", "").await;
     assert_eq!(
         (waited.exit_code, waited.signal, waited.oom_killed),
         (137, 9, true),
@@ -144,12 +135,7 @@ pub async fn bad_requests(agent: &mut AgentClient<Channel>) {
     );
     eprintln!("missing entry point: {:?} {}", e.code(), e.message());
     assert_ne!(e.code(), Code::Ok);
-    let gone = agent
-        .stats_container(pb::ContainerRequest {
-            container_id: "c5".into(),
-        })
-        .await
-        .unwrap_err();
+    let gone = agent.stats_container(container("c5")).await.unwrap_err();
     assert_eq!(
         gone.code(),
         Code::NotFound,
@@ -176,12 +162,7 @@ pub async fn bad_requests(agent: &mut AgentClient<Channel>) {
 pub async fn tear_down(agent: &mut AgentClient<Channel>, t: &mut Timings) {
     for c in ["c1", "c2", "c3", "c4"] {
         let removed = t
-            .time(
-                "RemoveContainer",
-                agent.remove_container(pb::ContainerRequest {
-                    container_id: c.into(),
-                }),
-            )
+            .time("RemoveContainer", agent.remove_container(container(c)))
             .await
             .unwrap()
             .into_inner()
@@ -190,9 +171,7 @@ pub async fn tear_down(agent: &mut AgentClient<Channel>, t: &mut Timings) {
     }
     assert!(
         !agent
-            .remove_container(pb::ContainerRequest {
-                container_id: "c1".into()
-            })
+            .remove_container(container("c1"))
             .await
             .unwrap()
             .into_inner()
