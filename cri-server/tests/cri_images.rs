@@ -33,6 +33,14 @@ async fn pull_error(
     pulled.unwrap_err()
 }
 
+/// Runs `cmd`, which must succeed; returns its standard output.
+fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn podvisor(dir: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
     cmd.args(["--metrics-addr", "127.0.0.1:0"]);
@@ -69,18 +77,9 @@ async fn cri_image_service_and_podvisor_pull() {
     let image = format!("{}/cri/busybox:v1", reg.host);
 
     // `podvisor pull` with no daemon: straight into the store.
-    let out = podvisor(
-        dir.path(),
-        &["pull", &format!("{}/cli/busybox:v1", reg.host)],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&cli_id));
+    let cli_ref = format!("{}/cli/busybox:v1", reg.host);
+    let out = stdout_of(&mut podvisor(dir.path(), &["pull", &cli_ref]));
+    assert!(out.contains(&cli_id), "{out}");
 
     let socket = dir.path().join("podvisor.sock");
     let mut daemon_cmd = podvisor(dir.path(), &[]);
@@ -153,17 +152,9 @@ async fn cri_image_service_and_podvisor_pull() {
     assert!(usage.fs_id.as_ref().unwrap().mountpoint.ends_with("images"));
 
     // `podvisor pull` while the daemon holds the store goes through the socket.
-    let out = podvisor(dir.path(), &["pull", &image])
-        .arg("--socket")
-        .arg(&socket)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("pulled by the daemon"));
+    let mut pull = podvisor(dir.path(), &["pull", &image]);
+    let out = stdout_of(pull.arg("--socket").arg(&socket));
+    assert!(out.contains("pulled by the daemon"), "{out}");
 
     // Bad input → the right codes, never a crash.
     let e = client
