@@ -265,27 +265,17 @@ fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<Bytes>> {
     }
     match (kind, shared.cache.consume(token)) {
         ("exec", Some(CachedRequest::Exec(r))) => {
+            let opts = remotecommand::Options::new([r.stdin, r.stdout, r.stderr], r.tty);
             let target = remotecommand::Target::Exec {
                 container_id: r.container_id,
                 cmd: r.cmd,
             };
-            let opts = remotecommand::Options {
-                stdin: r.stdin,
-                stdout: r.stdout,
-                stderr: r.stderr,
-                tty: r.tty,
-            };
             remotecommand::serve(req, target, opts, shared)
         }
         ("attach", Some(CachedRequest::Attach(r))) => {
+            let opts = remotecommand::Options::new([r.stdin, r.stdout, r.stderr], r.tty);
             let target = remotecommand::Target::Attach {
                 container_id: r.container_id,
-            };
-            let opts = remotecommand::Options {
-                stdin: r.stdin,
-                stdout: r.stdout,
-                stderr: r.stderr,
-                tty: r.tty,
             };
             remotecommand::serve(req, target, opts, shared)
         }

@@ -81,6 +81,19 @@ pub struct Options {
     pub tty: bool,
 }
 
+impl Options {
+    /// The options of a request asking for `[stdin, stdout, stderr]` and maybe a terminal.
+    pub fn new(streams: [bool; 3], tty: bool) -> Options {
+        let [stdin, stdout, stderr] = streams;
+        Options {
+            stdin,
+            stdout,
+            stderr,
+            tty,
+        }
+    }
+}
+
 /// Answers the upgrade request and runs the session on the upgraded connection.
 pub fn serve(
     req: Request<Incoming>,
