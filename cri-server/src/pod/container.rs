@@ -8,12 +8,8 @@ use podvisor_proto as pb;
 use tokio::sync::watch;
 
 use super::process::Process;
-use super::Pod;
+use super::{lock, Pod};
 use crate::logs::{LogWriter, Stream};
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Output chunks of a container's main process kept for late attach subscribers.
 const OUTPUT_BACKLOG: usize = 256;

@@ -131,6 +131,11 @@ impl PodError {
     }
 }
 
+/// Locks `m`, taking over a lock poisoned by a panicked holder (the data stays usable).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Maps an agent error to a [`PodError`] tagged with the call.
 pub(crate) fn agent_err(call: &'static str) -> impl FnOnce(tonic::Status) -> PodError {
     move |status| PodError::Agent { call, status }

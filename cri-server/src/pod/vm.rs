@@ -15,12 +15,8 @@ use vmm::{BlockSlotConfig, ExitReason, ExitWatch, Vm, VmConfig};
 
 use super::net::{Attachment, PodNic};
 use super::process::PortStream;
-use super::{agent_err, blocking, ImageDisk, Pod, PodError};
+use super::{agent_err, blocking, lock, ImageDisk, Pod, PodError};
 use crate::cgroups::PodCgroups;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Bytes of the console log quoted in boot errors.
 const CONSOLE_TAIL: usize = 2048;

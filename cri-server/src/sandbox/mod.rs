@@ -28,7 +28,7 @@ use crate::cgroups::{CgroupConfig, CgroupError};
 use crate::network::{Network, NetworkConfig, NetworkError};
 use crate::pod::container::LiveContainer;
 use crate::pod::vm::GuestConfig;
-use crate::pod::{Pod, PodError};
+use crate::pod::{lock, Pod, PodError};
 use crate::spec::SpecError;
 use crate::state::{StateError, StateStore};
 use crate::text::echo;
@@ -200,10 +200,6 @@ struct Inner {
     events: broadcast::Sender<ContainerEvent>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Nanoseconds since the epoch.
 pub fn now_ns() -> i64 {
     SystemTime::now()
@@ -212,13 +208,19 @@ pub fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-/// A new random 64-hex-digit id.
-pub fn new_id() -> Result<String, SandboxError> {
-    let mut bytes = [0u8; 32];
+/// `N` bytes from the kernel's random source.
+fn random_bytes<const N: usize>() -> Result<[u8; N], SandboxError> {
+    let mut bytes = [0u8; N];
     let path = PathBuf::from("/dev/urandom");
     std::fs::File::open(&path)
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .map_err(|source| SandboxError::Io { path, source })?;
+    Ok(bytes)
+}
+
+/// A new random 64-hex-digit id.
+pub fn new_id() -> Result<String, SandboxError> {
+    let bytes = random_bytes::<32>()?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 

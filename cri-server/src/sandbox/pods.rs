@@ -384,11 +384,8 @@ impl Manager {
     }
 }
 
-/// 64 random bytes for the guest's entropy pool.
+/// 64 random bytes for the guest's entropy pool; zeros if the host's source cannot be read (the guest
+/// kernel has sources of its own).
 fn entropy() -> Vec<u8> {
-    let mut entropy = [0u8; 64];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut entropy);
-    }
-    entropy.to_vec()
+    super::random_bytes::<64>().unwrap_or([0; 64]).to_vec()
 }
