@@ -159,16 +159,7 @@ pub async fn connect_hybrid_vsock(
             Ok::<_, ClientError>(TokioIo::new(stream))
         }
     });
-    // The URI is only used for the HTTP/2 :authority; the connector ignores it.
-    // HTTP/2 keepalive: a guest that stopped answering (hung, or gone with the connection half-open)
-    // fails the calls waiting on it instead of leaving them pending forever.
-    let channel = Endpoint::from_static("http://[::]:50051")
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .connect_with_connector(connector)
-        .await?;
-    Ok(AgentClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES))
+    channel(connector).await
 }
 
 /// Why [`wait_for_agent`] gave up: the agent did not answer Health within the timeout. The variant is the
@@ -209,10 +200,34 @@ pub async fn wait_for_agent(
     uds: &Path,
     timeout: Duration,
 ) -> Result<AgentClient<Channel>, ConnectError> {
+    wait_until_healthy(timeout, || {
+        connect_hybrid_vsock(uds, crate::AGENT_VSOCK_PORT)
+    })
+    .await
+}
+
+/// Connects to an agent serving on the node (a native pod's) at the unix socket `path`, retrying until it
+/// answers Health or `timeout` passes.
+pub async fn wait_for_node_agent(
+    path: &Path,
+    timeout: Duration,
+) -> Result<AgentClient<Channel>, ConnectError> {
+    wait_until_healthy(timeout, || connect_unix(path)).await
+}
+
+/// Retries `connect` and Health until both succeed or `timeout` passes.
+async fn wait_until_healthy<F, Fut>(
+    timeout: Duration,
+    connect: F,
+) -> Result<AgentClient<Channel>, ConnectError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<AgentClient<Channel>, ClientError>>,
+{
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = ConnectError::Timeout { timeout };
     while tokio::time::Instant::now() < deadline {
-        match connect_hybrid_vsock(uds, crate::AGENT_VSOCK_PORT).await {
+        match connect().await {
             Ok(mut client) => match client.health(crate::HealthRequest {}).await {
                 Ok(_) => return Ok(client),
                 Err(status) => {
@@ -227,6 +242,49 @@ pub async fn wait_for_agent(
         tokio::time::sleep(RETRY_INTERVAL).await;
     }
     Err(last)
+}
+
+/// Opens an [`AgentClient`] to an agent listening on the unix socket `path` (a native pod's agent on the
+/// node). The first connection is made before returning; reconnects open the socket again.
+pub async fn connect_unix(path: &Path) -> Result<AgentClient<Channel>, ClientError> {
+    let open = |path: PathBuf| async move {
+        UnixStream::connect(&path)
+            .await
+            .map_err(|source| ClientError::Connect { path, source })
+    };
+    let first = Arc::new(Mutex::new(Some(open(path.to_path_buf()).await?)));
+    let path = path.to_path_buf();
+    let connector = tower::service_fn(move |_: Uri| {
+        let first = first.clone();
+        let path = path.clone();
+        async move {
+            let ready = first.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let stream = match ready {
+                Some(stream) => stream,
+                None => open(path).await?,
+            };
+            Ok::<_, ClientError>(TokioIo::new(stream))
+        }
+    });
+    channel(connector).await
+}
+
+/// The agent channel over `connector`'s streams, with HTTP/2 keepalive: an agent that stopped answering
+/// (hung, or gone with the connection half-open) fails the calls waiting on it instead of leaving them
+/// pending forever.
+async fn channel<C>(connector: C) -> Result<AgentClient<Channel>, ClientError>
+where
+    C: tower::Service<Uri, Response = TokioIo<UnixStream>, Error = ClientError> + Send + 'static,
+    C::Future: Send + 'static,
+{
+    // The URI is only used for the HTTP/2 :authority; the connector ignores it.
+    let channel = Endpoint::from_static("http://[::]:50051")
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .connect_with_connector(connector)
+        .await?;
+    Ok(AgentClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES))
 }
 
 #[cfg(test)]
@@ -448,5 +506,36 @@ mod tests {
         // Methods the fake does not implement answer Unimplemented (default stubs).
         let err = client.version(crate::VersionRequest {}).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unimplemented);
+    }
+
+    #[tokio::test]
+    async fn node_agent_over_a_plain_unix_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        // Nothing listens yet: the wait keeps the connect error as its cause.
+        let err = wait_for_node_agent(&path, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnectError::Connect { .. }), "{err}");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(tonic::transport::Server::builder().serve_with_incoming(
+            AgentServer::new(FakeAgent),
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+        ));
+        let mut client = wait_for_node_agent(&path, Duration::from_secs(5))
+            .await
+            .unwrap();
+        // Every call works, and a second client opens its own connection.
+        let chunk = client
+            .read_file(ReadFileRequest {
+                path: "/x".into(),
+                offset: 0,
+                max_bytes: 0,
+            })
+            .await
+            .unwrap();
+        assert!(chunk.into_inner().eof);
+        let mut other = connect_unix(&path).await.unwrap();
+        other.health(HealthRequest {}).await.unwrap();
     }
 }

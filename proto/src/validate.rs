@@ -134,6 +134,16 @@ pub fn check_sandbox(req: &CreateSandboxRequest) -> Result<(), InvalidField> {
     Ok(())
 }
 
+/// The node namespace a sysctl would write into, when the pod shares it (runc refuses those too).
+fn node_namespace_of(req: &CreateSandboxRequest, sysctl: &str) -> Option<&'static str> {
+    let node = req.node_namespaces.unwrap_or_default();
+    if node.network && sysctl.starts_with("net.") {
+        return Some("network");
+    }
+    let ipc = !sysctl.starts_with("net.");
+    (node.ipc && ipc).then_some("IPC")
+}
+
 fn check_sysctls(req: &CreateSandboxRequest) -> Result<(), InvalidField> {
     if req.sysctls.len() > MAX_ITEMS {
         return Err(invalid(
@@ -155,6 +165,16 @@ fn check_sysctls(req: &CreateSandboxRequest) -> Result<(), InvalidField> {
                     "{} is not a namespaced sysctl a pod may set ({})",
                     quoted(name),
                     SYSCTL_PREFIXES.join(", ")
+                ),
+            ));
+        }
+        if let Some(ns) = node_namespace_of(req, name) {
+            return Err(invalid(
+                "sysctls",
+                format!(
+                    "{} is not allowed: the pod shares the node's {ns} namespace, so it would change \
+                     the node's",
+                    quoted(name)
                 ),
             ));
         }
@@ -226,6 +246,26 @@ mod tests {
                 "sysctls[net.a]",
             ),
             (Box::new(|r| r.entropy = vec![0; 4097]), "entropy"),
+            // A native pod on the node's network must not change the node's (runc's rule).
+            (
+                Box::new(|r| {
+                    r.node_namespaces = Some(crate::NodeNamespaces {
+                        network: true,
+                        ..Default::default()
+                    })
+                }),
+                "sysctls",
+            ),
+            (
+                Box::new(|r| {
+                    r.sysctls = [("kernel.shmmax".to_string(), "1".to_string())].into();
+                    r.node_namespaces = Some(crate::NodeNamespaces {
+                        ipc: true,
+                        ..Default::default()
+                    })
+                }),
+                "sysctls",
+            ),
             (
                 Box::new(|r| r.dns_servers = vec!["1.1.1.1".into(); 65]),
                 "dns_servers",

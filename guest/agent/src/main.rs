@@ -12,6 +12,7 @@ mod files;
 mod init;
 mod netdev;
 mod network;
+mod node;
 mod portforward;
 mod sandbox;
 mod server;
@@ -27,10 +28,13 @@ use podvisor_proto::{AGENT_VSOCK_PORT, PORT_FORWARD_VSOCK_PORT};
 use tokio::sync::Notify;
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
 
+use crate::container::spec::PodContext;
 use crate::container::{ContainerManager, Paths};
 use crate::engine::EngineClient;
 use crate::exits::Exits;
+use crate::node::NodeArgs;
 use crate::sandbox::Sandbox;
+use crate::server::Listener;
 use crate::service::{AgentService, BootInfo};
 use crate::storage::StorageManager;
 
@@ -57,6 +61,9 @@ enum AgentError {
         waited: Duration,
         source: std::io::Error,
     },
+    /// A node agent could not set itself up (subreaper, its directory, its socket).
+    #[error("preparing the node agent: {0}")]
+    Node(#[source] std::io::Error),
     /// The gRPC server failed too often.
     #[error("the gRPC server failed {restarts} times, last error: {source}")]
     Serve {
@@ -82,7 +89,14 @@ fn fatal(pid1: bool, err: &AgentError) -> ! {
 
 fn main() {
     let started = Instant::now();
-    let pid1 = std::process::id() == 1;
+    let node = match NodeArgs::parse(std::env::args_os().skip(1)) {
+        Ok(node) => node,
+        Err(e) => {
+            log(&e.to_string());
+            std::process::exit(2)
+        }
+    };
+    let pid1 = node.is_none() && std::process::id() == 1;
     if pid1 {
         if let Err(err) = init::leave_rootfs() {
             log(&format!("{err}; containers cannot pivot_root"));
@@ -98,7 +112,8 @@ fn main() {
         }
     }
     // Before any thread exists: the engine must be forked from a single-threaded process.
-    let engine = engine::spawn(&Paths::system().engine_state)
+    let paths = node.as_ref().map_or_else(Paths::system, NodeArgs::paths);
+    let engine = engine::spawn(&paths.engine_state)
         .map_err(|e| log(&format!("{e}; containers are unavailable")))
         .ok();
     let boot_to_agent_start_ms = init::kernel_uptime_ms()
@@ -123,15 +138,28 @@ fn main() {
         .enable_all()
         .build();
     let err = match runtime {
-        Ok(rt) => rt.block_on(run(pid1, boot, engine)),
+        Ok(rt) => rt.block_on(run(pid1, boot, engine, paths, node)),
         Err(e) => AgentError::Runtime(e),
     };
     fatal(pid1, &err)
 }
 
 /// Serves until the server cannot be kept up; returns why.
-async fn run(pid1: bool, boot: Arc<BootInfo>, engine: Option<std::os::fd::OwnedFd>) -> AgentError {
-    let storage = Arc::new(StorageManager::system());
+async fn run(
+    pid1: bool,
+    boot: Arc<BootInfo>,
+    engine: Option<std::os::fd::OwnedFd>,
+    paths: Paths,
+    node: Option<NodeArgs>,
+) -> AgentError {
+    let (storage, sandbox) = match &node {
+        None => (StorageManager::system(), Sandbox::system()),
+        Some(n) => (
+            StorageManager::node(n.root.join("storage")),
+            Sandbox::node(n.root.join("sandbox")),
+        ),
+    };
+    let (storage, sandbox) = (Arc::new(storage), Arc::new(sandbox));
     let shutdown = Arc::new(Notify::new());
     let exits = Arc::new(Exits::default());
     {
@@ -142,27 +170,18 @@ async fn run(pid1: bool, boot: Arc<BootInfo>, engine: Option<std::os::fd::OwnedF
             }
         });
     }
-    tokio::spawn(shutdown_when_asked(pid1, shutdown.clone(), storage.clone()));
-    let mut service = AgentService::new(boot.clone(), storage.clone(), shutdown);
-    match network::Network::new() {
-        Ok(network) => {
-            if let Err(err) = network.loopback_up().await {
-                log(&format!("loopback: {err}"));
-            }
-            service = service.with_network(Arc::new(network));
-        }
-        Err(err) => log(&format!("{err}; network configuration is unavailable")),
+    let mut service = AgentService::new(boot.clone(), storage.clone(), shutdown.clone());
+    if node.is_none() {
+        service = with_guest_network(service).await;
     }
     match engine.map(EngineClient::new).transpose() {
         Ok(Some(engine)) => {
-            let sandbox = Arc::new(Sandbox::system());
-            let manager = ContainerManager::new(
-                Arc::new(engine),
-                exits,
-                storage,
-                Paths::system(),
-                sandbox.files_dir().to_path_buf(),
-            );
+            let mut pod = PodContext::guest(sandbox.files_dir().to_path_buf());
+            if node.is_some() {
+                // A native pod binds the node's paths, as runc does (the daemon checked them).
+                pod.bind_roots.clear();
+            }
+            let manager = ContainerManager::new(Arc::new(engine), exits, storage, paths, pod);
             service = service.with_containers(Arc::new(manager), sandbox);
         }
         Ok(None) => {}
@@ -170,16 +189,67 @@ async fn run(pid1: bool, boot: Arc<BootInfo>, engine: Option<std::os::fd::OwnedF
             "container engine channel: {err}; containers are unavailable"
         )),
     }
+    tokio::spawn(shutdown_when_asked(pid1, shutdown.clone(), service.clone()));
+    match node {
+        Some(node) => serve_on_node(&node, service, shutdown).await,
+        None => serve_in_guest(&boot, service).await,
+    }
+}
+
+/// Adds the guest's network configuration and port forwarder.
+async fn with_guest_network(service: AgentService) -> AgentService {
     match bind_with_retry(PORT_FORWARD_VSOCK_PORT).await {
         Ok(listener) => {
             tokio::spawn(portforward::serve(listener));
         }
         Err(err) => log(&format!("port forwarding is unavailable: {err}")),
     }
+    match network::Network::new() {
+        Ok(network) => {
+            if let Err(err) = network.loopback_up().await {
+                log(&format!("loopback: {err}"));
+            }
+            service.with_network(Arc::new(network))
+        }
+        Err(err) => {
+            log(&format!("{err}; network configuration is unavailable"));
+            service
+        }
+    }
+}
+
+/// A native pod's agent: serves on its unix socket until the lifeline closes, then tears the pod down.
+async fn serve_on_node(
+    node: &NodeArgs,
+    service: AgentService,
+    shutdown: Arc<Notify>,
+) -> AgentError {
+    let listener = match node::prepare(node) {
+        Ok(listener) => Listener::Unix(listener),
+        Err(e) => return AgentError::Node(e),
+    };
+    tokio::spawn(async move {
+        node::lifeline_closed().await;
+        log("the daemon is gone (lifeline closed): removing the pod");
+        shutdown.notify_one();
+    });
+    log(&format!(
+        "{VERSION} ready on {} (native pod)",
+        node.socket().display()
+    ));
+    let source = server::serve(&listener, service).await;
+    AgentError::Serve {
+        restarts: 0,
+        source,
+    }
+}
+
+/// A pod VM's agent: serves on vsock, restarting the server a few times if it fails.
+async fn serve_in_guest(boot: &BootInfo, service: AgentService) -> AgentError {
     let mut restarts = 0;
     loop {
         let listener = match bind_with_retry(AGENT_VSOCK_PORT).await {
-            Ok(listener) => listener,
+            Ok(listener) => Listener::Vsock(listener),
             Err(err) => return err,
         };
         if restarts == 0 {
@@ -197,7 +267,7 @@ async fn run(pid1: bool, boot: Arc<BootInfo>, engine: Option<std::os::fd::OwnedF
         } else {
             log(&format!("listening again on vsock port {AGENT_VSOCK_PORT}"));
         }
-        let source = server::serve(listener, service.clone()).await;
+        let source = server::serve(&listener, service.clone()).await;
         restarts += 1;
         log(&format!(
             "server failed ({restarts}/{SERVER_RESTARTS}): {source}"
@@ -248,13 +318,21 @@ async fn bind_with_retry(port: u32) -> Result<VsockListener, AgentError> {
     }
 }
 
-/// After a `Shutdown` call: let the reply go out, sync, unmount storages and reboot (exit when not PID 1).
-async fn shutdown_when_asked(pid1: bool, asked: Arc<Notify>, storage: Arc<StorageManager>) {
+/// After a `Shutdown` call (or, on the node, the lifeline closing): let the reply go out, remove the pod's
+/// containers when they would outlive the agent (on the node), sync, unmount storages, and reboot (exit
+/// when not PID 1).
+async fn shutdown_when_asked(pid1: bool, asked: Arc<Notify>, service: AgentService) {
     asked.notified().await;
     tokio::time::sleep(SHUTDOWN_FLUSH_DELAY).await;
+    if !pid1 {
+        // In a VM the power-off ends them; on the node nothing would.
+        for err in service.tear_down().await {
+            log(&err);
+        }
+    }
     log("shutting down: sync, unmount storages, reboot");
     nix::unistd::sync();
-    for err in storage.unmount_all() {
+    for err in service.storage().unmount_all() {
         log(&err.to_string());
     }
     if pid1 {

@@ -19,7 +19,19 @@ fn invalid(msg: String) -> ContainerError {
 pub struct Sandbox {
     files_dir: PathBuf,
     proc_sys: PathBuf,
+    /// Where the agent runs: a pod VM (it owns the machine: hostname, clock, entropy) or the node (a
+    /// native pod: only the namespaces the host made for the pod are its).
+    place: Place,
     holder: Mutex<Option<Pid>>,
+}
+
+/// Where an agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// PID 1 of a pod VM.
+    Guest,
+    /// A native pod's agent on the node.
+    Node,
 }
 
 /// Where a real guest keeps the pod files (a bind source containers may use).
@@ -33,12 +45,23 @@ impl Sandbox {
         Self::new(FILES_DIR.into(), PROC_SYS.into())
     }
 
-    /// A sandbox writing its files to `files_dir` and sysctls under `proc_sys`.
+    /// A sandbox writing its files to `files_dir` and sysctls under `proc_sys`; it sets hostname, clock
+    /// and entropy only when `proc_sys` is the real [`PROC_SYS`].
     pub fn new(files_dir: PathBuf, proc_sys: PathBuf) -> Self {
         Self {
             files_dir,
             proc_sys,
+            place: Place::Guest,
             holder: Mutex::new(None),
+        }
+    }
+
+    /// A native pod's sandbox on the node: files in `files_dir`; sysctls and hostname go to the namespaces
+    /// the host made for the pod, never to the node's (the request says which are the node's).
+    pub fn node(files_dir: PathBuf) -> Self {
+        Self {
+            place: Place::Node,
+            ..Self::new(files_dir, PROC_SYS.into())
         }
     }
 
@@ -48,8 +71,20 @@ impl Sandbox {
     }
 
     /// Checks the whole request before anything changes (the host runs the same checks before boot).
-    pub fn validate(req: &pb::CreateSandboxRequest) -> Result<(), ContainerError> {
-        pb::validate::check_sandbox(req).map_err(|e| invalid(e.to_string()))
+    pub fn validate(&self, req: &pb::CreateSandboxRequest) -> Result<(), ContainerError> {
+        pb::validate::check_sandbox(req).map_err(|e| invalid(e.to_string()))?;
+        let node = req.node_namespaces.unwrap_or_default();
+        if self.place == Place::Guest && (node.network || node.pid || node.ipc) {
+            return Err(invalid(
+                "node_namespaces: a pod VM cannot share the node's namespaces".into(),
+            ));
+        }
+        if node.pid && req.share_pid_namespace {
+            return Err(invalid(
+                "share_pid_namespace: the pod shares the node's PID namespace".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The pod's resolv.conf.
@@ -67,13 +102,14 @@ impl Sandbox {
         out
     }
 
-    /// Writes the pod files and sysctls and sets hostname, clock and entropy. Returns the PID namespace
-    /// path containers join when the request shares one.
+    /// Writes the pod files and sysctls and sets hostname, clock and entropy (a VM's; on the node only the
+    /// hostname of the pod's own UTS namespace). Returns the PID namespace path containers join when the
+    /// request shares one.
     pub fn create(
         &self,
         req: &pb::CreateSandboxRequest,
     ) -> Result<Option<PathBuf>, ContainerError> {
-        Self::validate(req)?;
+        self.validate(req)?;
         std::fs::create_dir_all(&self.files_dir)?;
         let hosts = if req.hosts.is_empty() {
             format!("127.0.0.1\tlocalhost\n127.0.1.1\t{}\n", req.hostname)
@@ -91,7 +127,12 @@ impl Sandbox {
             std::fs::write(&path, value)
                 .map_err(|e| invalid(format!("sysctls: setting {name} = {value:?}: {e}")))?;
         }
-        if self.proc_sys == Path::new(PROC_SYS) {
+        let node = req.node_namespaces.unwrap_or_default();
+        if self.place == Place::Node && !node.network {
+            // The host gave the pod its own UTS namespace with its network namespace.
+            nix::unistd::sethostname(&req.hostname)?;
+        }
+        if self.place == Place::Guest && self.proc_sys == Path::new(PROC_SYS) {
             nix::unistd::sethostname(&req.hostname)?;
             if req.time_unix_ns > 0 {
                 let ts = nix::sys::time::TimeSpec::new(
@@ -250,7 +291,8 @@ mod tests {
         let check = |f: fn(&mut pb::CreateSandboxRequest), field: &str| {
             let mut r = request();
             f(&mut r);
-            let ContainerError::InvalidArgument(msg) = Sandbox::validate(&r).unwrap_err() else {
+            let guest = Sandbox::new("/nowhere".into(), "/nowhere".into());
+            let ContainerError::InvalidArgument(msg) = guest.validate(&r).unwrap_err() else {
                 panic!("not InvalidArgument")
             };
             assert!(msg.starts_with(field), "{msg}");
@@ -274,6 +316,45 @@ mod tests {
             |r| r.entropy = vec![0; pb::validate::MAX_ENTROPY + 1],
             "entropy:",
         );
-        assert!(Sandbox::validate(&request()).is_ok());
+        check(
+            |r| {
+                r.node_namespaces = Some(pb::NodeNamespaces {
+                    pid: true,
+                    ..Default::default()
+                })
+            },
+            "node_namespaces:",
+        );
+        let guest = Sandbox::new("/nowhere".into(), "/nowhere".into());
+        assert!(guest.validate(&request()).is_ok());
+    }
+
+    #[test]
+    fn a_native_pod_on_the_node_network_leaves_the_node_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let sb = Sandbox::node(dir.path().join("files"));
+        let mut r = request();
+        r.node_namespaces = Some(pb::NodeNamespaces {
+            network: true,
+            pid: true,
+            ipc: false,
+        });
+        // net.* would be the node's: refused before anything is written.
+        let e = sb.create(&r).unwrap_err().to_string();
+        assert!(e.starts_with("sysctls:"), "{e}");
+        assert!(!dir.path().join("files").exists());
+        // Without sysctls: files only; the node's hostname is not touched (the test would need
+        // CAP_SYS_ADMIN in a new UTS namespace to notice, so compare before and after).
+        r.sysctls.clear();
+        r.hostname = "not-this-node".into();
+        let before = nix::unistd::gethostname().unwrap();
+        assert_eq!(sb.create(&r).unwrap(), None);
+        assert_eq!(nix::unistd::gethostname().unwrap(), before);
+        let hostname = std::fs::read_to_string(dir.path().join("files/hostname")).unwrap();
+        assert_eq!(hostname, "not-this-node\n");
+        // The node's PID namespace and a shared pod one exclude each other.
+        r.share_pid_namespace = true;
+        let e = sb.create(&r).unwrap_err().to_string();
+        assert!(e.starts_with("share_pid_namespace:"), "{e}");
     }
 }

@@ -29,16 +29,38 @@ pub enum ServerError {
     },
 }
 
+/// Where the agent listens: vsock in a pod VM, a unix socket on the node (a native pod's agent).
+pub enum Listener {
+    /// The guest's vsock port.
+    Vsock(VsockListener),
+    /// A unix socket on the node.
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    /// Accepts one connection and serves it on its own task.
+    async fn accept_one(&self, grpc: &AgentServer<AgentService>) -> std::io::Result<()> {
+        match self {
+            Listener::Vsock(l) => {
+                let (stream, _) = l.accept().await?;
+                tokio::spawn(serve_connection(TokioIo::new(stream), grpc.clone()));
+            }
+            Listener::Unix(l) => {
+                let (stream, _) = l.accept().await?;
+                tokio::spawn(serve_connection(TokioIo::new(stream), grpc.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Accepts connections forever, serving each on its own task; returns only if accepting keeps failing.
-pub async fn serve(listener: VsockListener, service: AgentService) -> ServerError {
+pub async fn serve(listener: &Listener, service: AgentService) -> ServerError {
     let grpc = AgentServer::new(service);
     let mut errors = 0;
     loop {
-        match listener.accept().await {
-            Ok((stream, _peer)) => {
-                errors = 0;
-                tokio::spawn(serve_connection(TokioIo::new(stream), grpc.clone()));
-            }
+        match listener.accept_one(&grpc).await {
+            Ok(()) => errors = 0,
             Err(source) => {
                 errors += 1;
                 if errors >= MAX_ACCEPT_ERRORS {

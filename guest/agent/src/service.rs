@@ -176,6 +176,27 @@ impl AgentService {
             .ok_or_else(|| Status::unavailable("guest network configuration is not available"))
     }
 
+    /// The image storages.
+    pub fn storage(&self) -> &StorageManager {
+        &self.storage
+    }
+
+    /// Removes every container (killing what runs) and the pod's files; returns what failed. A native
+    /// pod's agent does this before it exits: on the node nothing else would end its containers.
+    pub async fn tear_down(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Some(containers) = &self.containers {
+            for id in containers.ids() {
+                if let Err(e) = containers.remove(&id).await {
+                    errors.push(format!("removing container {id}: {e}"));
+                }
+            }
+            containers.set_pid_namespace(None, false);
+        }
+        self.sandbox.destroy();
+        errors
+    }
+
     fn containers(&self) -> Result<&ContainerManager, Status> {
         self.containers
             .as_deref()
@@ -285,7 +306,8 @@ impl pb::Agent for AgentService {
     ) -> Result<Response<pb::CreateSandboxResponse>, Status> {
         let containers = self.containers()?;
         let pid_ns = self.sandbox.create(req.get_ref())?;
-        containers.set_pid_namespace(pid_ns);
+        let host_pid = req.get_ref().node_namespaces.is_some_and(|n| n.pid);
+        containers.set_pid_namespace(pid_ns, host_pid);
         // A fact of the guest kernel: DestroySandbox leaves it.
         containers.set_avoid_avx(req.get_ref().avoid_avx);
         crate::log(&format!("sandbox {} created", req.get_ref().hostname));
@@ -303,7 +325,7 @@ impl pb::Agent for AgentService {
                 removed_containers.push(id);
             }
         }
-        containers.set_pid_namespace(None);
+        containers.set_pid_namespace(None, false);
         self.sandbox.destroy();
         Ok(Response::new(pb::DestroySandboxResponse {
             removed_containers,

@@ -15,6 +15,9 @@ use podvisor_proto::{
 };
 
 use crate::files::{validate_path, FileError};
+use crate::sandbox::Place;
+
+pub mod loopdev;
 
 /// How often the slot's size is polled while waiting for its image.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -160,6 +163,8 @@ pub struct StorageSpec {
     pub mount_point: PathBuf,
     /// How long to wait for the image.
     pub timeout: Duration,
+    /// A native pod's image file on the node (mounted through a loop device instead of a slot).
+    pub image_path: Option<PathBuf>,
 }
 
 /// Checks a storage id: 1-64 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
@@ -224,7 +229,12 @@ impl StorageSpec {
                 })
             }
         };
+        let image_path = match &req.image_path {
+            Some(p) => Some(validate_path("image_path", p)?),
+            None => None,
+        };
         Ok(Self {
+            image_path,
             id: req.id.clone(),
             slot: req.block_slot,
             fstype,
@@ -332,6 +342,7 @@ pub struct StorageManager {
     poll: Duration,
     ops: Box<dyn SystemOps>,
     slots: Mutex<HashMap<String, Slot>>,
+    place: Place,
 }
 
 impl StorageManager {
@@ -361,6 +372,22 @@ impl StorageManager {
             poll,
             ops,
             slots: Mutex::new(HashMap::new()),
+            place: Place::Guest,
+        }
+    }
+
+    /// The manager of a native pod's agent on the node: image files through loop devices, mounted under
+    /// `root`.
+    pub fn node(root: PathBuf) -> Self {
+        Self {
+            place: Place::Node,
+            ..Self::new(
+                "/sys/block".into(),
+                "/dev".into(),
+                root,
+                POLL_INTERVAL,
+                Box::new(RealOps),
+            )
         }
     }
 
@@ -383,6 +410,21 @@ impl StorageManager {
 
     /// Waits for the slot's image and mounts it; returns the mount point and the device.
     pub async fn add(&self, spec: &StorageSpec) -> Result<(PathBuf, PathBuf), StorageError> {
+        match (self.place, &spec.image_path) {
+            (Place::Guest, Some(_)) => {
+                return Err(StorageError::InvalidArgument {
+                    field: "image_path",
+                    reason: "a pod VM mounts images from block slots".into(),
+                })
+            }
+            (Place::Node, None) => {
+                return Err(StorageError::InvalidArgument {
+                    field: "image_path",
+                    reason: "missing: a native pod has no block slots".into(),
+                })
+            }
+            _ => {}
+        }
         {
             let mut slots = self.slots();
             if slots.contains_key(&spec.id) {
@@ -424,9 +466,24 @@ impl StorageManager {
     }
 
     async fn attach(&self, spec: &StorageSpec) -> Result<(PathBuf, PathBuf), StorageError> {
-        let name = find_slot_device(&self.sys_block, spec.slot)?;
-        wait_for_image(&self.sys_block, &name, spec.slot, spec.timeout, self.poll).await?;
-        let device = self.ensure_device_node(&name)?;
+        // Held until the mount holds the device (it then clears itself when unmounted).
+        let mut loop_device = None;
+        let device = match &spec.image_path {
+            Some(file) => {
+                let device = loopdev::attach_read_only(file).map_err(|e| StorageError::Io {
+                    what: format!("attaching {} to a loop device", file.display()),
+                    source: e.into(),
+                })?;
+                let path = device.path.clone();
+                loop_device = Some(device);
+                path
+            }
+            None => {
+                let name = find_slot_device(&self.sys_block, spec.slot)?;
+                wait_for_image(&self.sys_block, &name, spec.slot, spec.timeout, self.poll).await?;
+                self.ensure_device_node(&name)?
+            }
+        };
         if let Some((other, _)) = self
             .slots()
             .iter()
@@ -456,6 +513,7 @@ impl StorageManager {
                 errno,
             });
         }
+        drop(loop_device);
         Ok((spec.mount_point.clone(), device))
     }
 

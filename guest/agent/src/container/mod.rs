@@ -117,8 +117,10 @@ pub struct Paths {
     pub engine_state: PathBuf,
     /// Console sockets.
     pub tty: PathBuf,
-    /// cgroup2 mount.
-    pub cgroup_root: PathBuf,
+    /// The cgroup2 mount of a guest; None on the node, whose hierarchy (v1 or v2) is detected.
+    pub cgroup_root: Option<PathBuf>,
+    /// The cgroup containers are created under (`<parent>/<id>`).
+    pub cgroup_parent: String,
     /// procfs.
     pub proc: PathBuf,
 }
@@ -130,7 +132,21 @@ impl Paths {
             containers: "/run/podvisor/containers".into(),
             engine_state: "/run/podvisor/engine".into(),
             tty: "/run/podvisor/tty".into(),
-            cgroup_root: cgroup::CGROUP_ROOT.into(),
+            cgroup_root: Some(cgroup::CGROUP_ROOT.into()),
+            cgroup_parent: "/podvisor".into(),
+            proc: "/proc".into(),
+        }
+    }
+
+    /// The layout of a native pod's agent on the node: everything under `root`, containers' cgroups
+    /// under `cgroup_parent` in the node's hierarchy.
+    pub fn node(root: &Path, cgroup_parent: &str) -> Self {
+        Self {
+            containers: root.join("containers"),
+            engine_state: root.join("engine"),
+            tty: root.join("tty"),
+            cgroup_root: None,
+            cgroup_parent: cgroup_parent.trim_end_matches('/').to_string(),
             proc: "/proc".into(),
         }
     }
@@ -160,13 +176,14 @@ pub struct ContainerManager {
 }
 
 impl ContainerManager {
-    /// A manager using `engine`, with exits from `exits` and image storages from `storage`.
+    /// A manager using `engine`, with exits from `exits` and image storages from `storage`, for the pod
+    /// `pod` (its namespaces are completed by CreateSandbox).
     pub fn new(
         engine: Arc<EngineClient>,
         exits: Arc<Exits>,
         storage: Arc<StorageManager>,
         paths: Paths,
-        pod_files: PathBuf,
+        pod: PodContext,
     ) -> Self {
         Self {
             engine,
@@ -174,20 +191,19 @@ impl ContainerManager {
             storage,
             events: Arc::new(Events::default()),
             paths,
-            pod: Mutex::new(PodContext {
-                files_dir: pod_files,
-                pid_namespace: None,
-                avoid_avx: false,
-            }),
+            pod: Mutex::new(pod),
             containers: Mutex::new(HashMap::new()),
             create: tokio::sync::Mutex::new(()),
             tty_seq: 0.into(),
         }
     }
 
-    /// Sets the pod PID namespace containers join (None: one per container).
-    pub fn set_pid_namespace(&self, ns: Option<PathBuf>) {
-        self.pod.lock().expect("pod lock").pid_namespace = ns;
+    /// Sets the pod PID namespace containers join (None: one per container), or that they stay in the
+    /// node's (`host_pid`, native pods).
+    pub fn set_pid_namespace(&self, ns: Option<PathBuf>, host_pid: bool) {
+        let mut pod = self.pod.lock().expect("pod lock");
+        pod.pid_namespace = ns;
+        pod.host_pid = host_pid;
     }
 
     /// Sets whether containers created from now on are told to avoid AVX
@@ -328,7 +344,7 @@ impl ContainerManager {
         }
         let rootfs = rootfs::mount(bundle, image, layer_bytes)?;
 
-        let cgroup_rel = format!("/podvisor/{id}");
+        let cgroup_rel = format!("{}/{id}", self.paths.cgroup_parent);
         let pod = self.pod.lock().expect("pod lock").clone();
         let mut spec = spec::prepare(&req.oci_spec_json, &cgroup_rel, &pod)?;
         let own_pid_ns = pod.pid_namespace.is_none();
@@ -346,7 +362,11 @@ impl ContainerManager {
         let json = serde_json::to_vec_pretty(&spec).map_err(ContainerError::Encode)?;
         std::fs::write(bundle.join("config.json"), json)?;
 
-        let cgroup = Cgroup::new(&self.paths.cgroup_root, &cgroup_rel);
+        let cgroup = match &self.paths.cgroup_root {
+            Some(root) => Cgroup::new(root, &cgroup_rel),
+            // FIXME(merge): Cgroup::host
+            None => Cgroup::new(Path::new(cgroup::CGROUP_ROOT), &cgroup_rel),
+        };
         let (engine_stdio, stdio, child_fds, console) = self.stdio(terminal)?;
         let raw: Vec<_> = child_fds.iter().map(|f| f.as_raw_fd()).collect();
         let since = Instant::now();

@@ -34,6 +34,24 @@ pub struct PodContext {
     pub files_dir: PathBuf,
     /// PID namespace to join (shared pod PID namespace), or a new one per container.
     pub pid_namespace: Option<PathBuf>,
+    /// A native pod sharing the node's PID namespace: containers get no PID namespace of their own.
+    pub host_pid: bool,
+    /// Directories bind mounts may take their source from; empty on the node, where a native pod's
+    /// mounts are the node's paths (as runc takes them; the host checked them).
+    pub bind_roots: Vec<PathBuf>,
+}
+
+impl PodContext {
+    /// The context of a pod VM: [`BIND_SOURCE_ROOTS`], pod files in `files_dir`.
+    pub fn guest(files_dir: PathBuf) -> Self {
+        Self {
+            avoid_avx: false,
+            files_dir,
+            pid_namespace: None,
+            host_pid: false,
+            bind_roots: BIND_SOURCE_ROOTS.iter().map(PathBuf::from).collect(),
+        }
+    }
 }
 
 fn invalid(field: &str, msg: impl std::fmt::Display) -> ContainerError {
@@ -85,7 +103,7 @@ pub fn prepare(json: &[u8], cgroup: &str, pod: &PodContext) -> Result<Spec, Cont
     ));
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for (i, m) in mounts.iter().enumerate() {
-        check_mount(&format!("oci_spec_json.mounts[{i}]"), m)?;
+        check_mount(&format!("oci_spec_json.mounts[{i}]"), m, &pod.bind_roots)?;
     }
     for file in POD_FILES {
         if !mounts.iter().any(|m| m.destination() == Path::new(file)) {
@@ -143,10 +161,12 @@ pub fn prepare(json: &[u8], cgroup: &str, pod: &PodContext) -> Result<Spec, Cont
     {
         namespaces.push(namespace(LinuxNamespaceType::Mount, None)?);
     }
-    namespaces.push(namespace(
-        LinuxNamespaceType::Pid,
-        pod.pid_namespace.clone(),
-    )?);
+    if !pod.host_pid {
+        namespaces.push(namespace(
+            LinuxNamespaceType::Pid,
+            pod.pid_namespace.clone(),
+        )?);
+    }
     linux.set_namespaces(Some(namespaces));
     if linux.uid_mappings().is_some() || linux.gid_mappings().is_some() {
         return Err(invalid(
@@ -264,7 +284,7 @@ pub fn exec_process(
     Ok(process)
 }
 
-fn check_mount(field: &str, m: &Mount) -> Result<(), ContainerError> {
+fn check_mount(field: &str, m: &Mount, roots: &[PathBuf]) -> Result<(), ContainerError> {
     check_absolute(&format!("{field}.destination"), m.destination())?;
     let bind = m.typ().as_deref() == Some("bind")
         || m.options()
@@ -277,16 +297,14 @@ fn check_mount(field: &str, m: &Mount) -> Result<(), ContainerError> {
             .as_ref()
             .ok_or_else(|| invalid(&format!("{field}.source"), "a bind mount needs a source"))?;
         check_absolute(&format!("{field}.source"), source)?;
-        if !BIND_SOURCE_ROOTS
-            .iter()
-            .any(|root| source.starts_with(root))
-        {
+        if !roots.is_empty() && !roots.iter().any(|root| source.starts_with(root)) {
+            let roots: Vec<_> = roots.iter().map(|r| r.display().to_string()).collect();
             return Err(invalid(
                 &format!("{field}.source"),
                 format!(
                     "{} is outside the guest directories a container may bind ({})",
                     source.display(),
-                    BIND_SOURCE_ROOTS.join(", ")
+                    roots.join(", ")
                 ),
             ));
         }

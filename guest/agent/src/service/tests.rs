@@ -123,6 +123,7 @@ async fn storage_status_codes() {
             fstype: fstype.into(),
             read_only: true,
             mount_point: None,
+            image_path: None,
             timeout_ms,
         }))
     };

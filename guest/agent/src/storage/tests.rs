@@ -107,6 +107,7 @@ fn request(id: &str, slot: u32, fstype: &str, read_only: bool) -> AddStorageRequ
         fstype: fstype.into(),
         read_only,
         mount_point: None,
+        image_path: None,
         timeout_ms: 0,
     }
 }

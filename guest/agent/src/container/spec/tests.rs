@@ -1,11 +1,45 @@
 use super::*;
 
 fn pod() -> PodContext {
-    PodContext {
-        files_dir: "/run/podvisor/sandbox".into(),
-        pid_namespace: None,
-        avoid_avx: false,
-    }
+    PodContext::guest("/run/podvisor/sandbox".into())
+}
+
+#[test]
+fn native_pods_bind_node_paths_and_may_keep_the_node_pid_namespace() {
+    let mut v = base();
+    v["mounts"] = serde_json::json!([{"destination": "/host", "type": "bind",
+        "source": "/var/lib/kubelet", "options": ["rbind", "rshared"]}]);
+    // In a VM a node path is not a guest directory a container may bind.
+    let e = prep(&v, &pod()).unwrap_err().to_string();
+    assert!(e.starts_with("oci_spec_json.mounts[0].source"), "{e}");
+    let node = PodContext {
+        host_pid: true,
+        bind_roots: Vec::new(),
+        ..pod()
+    };
+    let spec = prep(&v, &node).unwrap();
+    let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+    assert!(
+        !namespaces
+            .iter()
+            .any(|n| n.typ() == LinuxNamespaceType::Pid),
+        "{namespaces:?}"
+    );
+    let mount = &spec.mounts().as_ref().unwrap()[0];
+    assert_eq!(
+        mount.source().as_deref(),
+        Some(Path::new("/var/lib/kubelet"))
+    );
+    // Without host_pid each container gets its own PID namespace there too.
+    let own = PodContext {
+        bind_roots: Vec::new(),
+        ..pod()
+    };
+    let spec = prep(&v, &own).unwrap();
+    let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+    assert!(namespaces
+        .iter()
+        .any(|n| n.typ() == LinuxNamespaceType::Pid));
 }
 
 #[test]

@@ -1,0 +1,169 @@
+//! The agent of a native pod, running on the node: `podvisor-agent node --root DIR --cgroup-parent PATH`.
+//!
+//! The daemon starts one per native pod, already inside the pod's namespaces (its network, UTS and IPC
+//! namespaces, or the node's where the pod shares them), with a pipe as stdin: the *lifeline*. The agent
+//! serves the same API as in a VM, on the unix socket `DIR/agent.sock`, keeps its state under `DIR`, and
+//! creates containers in the node's cgroups under `PATH`. When the lifeline closes (the daemon exited or
+//! was killed) or on `Shutdown`, it removes every container, unmounts every image, and exits: a native pod
+//! never outlives its daemon.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use crate::container::Paths;
+
+/// The command line of a node agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeArgs {
+    /// The pod's directory on the node (socket, bundles, storages, pod files).
+    pub root: PathBuf,
+    /// The cgroup containers are created under, in the node's hierarchy.
+    pub cgroup_parent: String,
+}
+
+/// Errors of the command line.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    /// An argument the agent does not know, or a flag without its value.
+    #[error("usage: podvisor-agent node --root DIR --cgroup-parent PATH ({0})")]
+    Usage(String),
+}
+
+impl NodeArgs {
+    /// Parses the arguments after the program name: none for a guest agent (Ok(None)), or `node` and
+    /// its flags.
+    pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Self>, ArgsError> {
+        let mut args = args.into_iter();
+        match args.next() {
+            None => return Ok(None),
+            Some(mode) if mode == "node" => {}
+            Some(other) => return Err(ArgsError::Usage(format!("unknown mode {other:?}"))),
+        }
+        let (mut root, mut cgroup_parent) = (None, None);
+        while let Some(flag) = args.next() {
+            let value = args
+                .next()
+                .ok_or_else(|| ArgsError::Usage(format!("{flag:?} needs a value")))?;
+            match flag.to_str() {
+                Some("--root") => root = Some(PathBuf::from(value)),
+                Some("--cgroup-parent") => {
+                    cgroup_parent = Some(
+                        value
+                            .into_string()
+                            .map_err(|v| ArgsError::Usage(format!("cgroup parent {v:?}")))?,
+                    )
+                }
+                _ => return Err(ArgsError::Usage(format!("unknown flag {flag:?}"))),
+            }
+        }
+        let root = root
+            .filter(|r| r.is_absolute())
+            .ok_or_else(|| ArgsError::Usage("--root must be an absolute path".into()))?;
+        let cgroup_parent = cgroup_parent
+            .filter(|c| c.starts_with('/'))
+            .ok_or_else(|| ArgsError::Usage("--cgroup-parent must start with /".into()))?;
+        Ok(Some(Self {
+            root,
+            cgroup_parent,
+        }))
+    }
+
+    /// Where containers live.
+    pub fn paths(&self) -> Paths {
+        Paths::node(&self.root, &self.cgroup_parent)
+    }
+
+    /// The socket the agent serves on.
+    pub fn socket(&self) -> PathBuf {
+        socket(&self.root)
+    }
+}
+
+/// The agent socket of the native pod whose directory is `root` (the daemon connects here).
+pub fn socket(root: &Path) -> PathBuf {
+    root.join("agent.sock")
+}
+
+/// Becomes the subreaper of everything the pod starts (as PID 1 is in a VM), so every exit is recorded,
+/// and binds the socket.
+pub fn prepare(args: &NodeArgs) -> std::io::Result<tokio::net::UnixListener> {
+    nix::sys::prctl::set_child_subreaper(true)?;
+    std::fs::create_dir_all(&args.root)?;
+    let socket = args.socket();
+    match std::fs::remove_file(&socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    tokio::net::UnixListener::bind(&socket)
+}
+
+/// Returns when the lifeline (stdin, a pipe from the daemon) closes: the daemon is gone. A stdin that
+/// cannot be watched counts as closed: a pod must not outlive a daemon it cannot see.
+pub async fn lifeline_closed() {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: fd 0 is open (the daemon's pipe) and nothing else in the agent uses stdin: it is owned here.
+    let stdin = unsafe { OwnedFd::from_raw_fd(0) };
+    let nonblocking = fcntl(&stdin, FcntlArg::F_GETFL).and_then(|f| {
+        fcntl(
+            &stdin,
+            FcntlArg::F_SETFL(OFlag::from_bits_retain(f) | OFlag::O_NONBLOCK),
+        )
+    });
+    if nonblocking.is_err() {
+        return;
+    }
+    // SAFETY: the OwnedFd is moved in and stays open, the same descriptor, for the AsyncFd's lifetime.
+    let Ok(fd) = (unsafe { tokio::io::unix::AsyncFd::register(stdin) }) else {
+        return;
+    };
+    let mut buf = [0u8; 64];
+    loop {
+        let Ok(mut ready) = fd.readable().await else {
+            return;
+        };
+        match nix::unistd::read(fd.get_ref(), &mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(nix::errno::Errno::EAGAIN) => ready.clear_ready(),
+            Err(_) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Option<NodeArgs>, ArgsError> {
+        NodeArgs::parse(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn command_lines() {
+        assert_eq!(parse(&[]).unwrap(), None);
+        let args = parse(&[
+            "node",
+            "--root",
+            "/run/p/x",
+            "--cgroup-parent",
+            "/kubepods/pod1",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(args.root, Path::new("/run/p/x"));
+        assert_eq!(args.socket(), Path::new("/run/p/x/agent.sock"));
+        assert_eq!(args.paths().cgroup_parent, "/kubepods/pod1");
+        for bad in [
+            &["guest"][..],
+            &["node", "--root"],
+            &["node", "--root", "rel", "--cgroup-parent", "/a"],
+            &["node", "--root", "/a", "--cgroup-parent", "a"],
+            &["node", "--root", "/a"],
+            &["node", "--root", "/a", "--cgroup-parent", "/a", "--x", "y"],
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.starts_with("usage: podvisor-agent node"), "{bad:?}: {e}");
+        }
+    }
+}
