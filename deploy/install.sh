@@ -131,13 +131,15 @@ has_cni_network() {
 do_install() {
   [ "$(id -u)" = 0 ] || die "run as root"
   local f
-  for f in "$SRC_BIN" "$SRC_GUEST/vmlinux" "$SRC_GUEST/initramfs.cpio" "$SRC_UNIT" "$SRC_CNI"; do
+  for f in "$SRC_BIN" "$SRC_GUEST/vmlinux" "$SRC_GUEST/initramfs.cpio" "$SRC_GUEST/podvisor-agent" "$SRC_UNIT" \
+    "$SRC_CNI"; do
     [ -s "$f" ] || die "$f is missing (build with: cargo build --release -p cri-server && guest/build.sh)"
   done
   [ -e "$SRC_CONFIG" ] || die "$SRC_CONFIG is missing"
   put "$SRC_BIN" "$BIN" 0755
   put "$SRC_GUEST/vmlinux" "$GUEST_DIR/vmlinux" 0644
   put "$SRC_GUEST/initramfs.cpio" "$GUEST_DIR/initramfs.cpio" 0644
+  put "$SRC_GUEST/podvisor-agent" "$GUEST_DIR/podvisor-agent" 0755
   put "$SRC_UNIT" "$UNIT" 0644
   # An explicit config (the ConfigMap) is authoritative; the bundled default never replaces the node's.
   if [ -n "${PODVISOR_CONFIG:-}" ] || [ ! -e "$(h "$CONFIG")" ]; then

@@ -94,6 +94,7 @@ smoke() {
   printf '#!/bin/sh\necho "podvisor 9.9.9"\n' >"$bundle/bin/podvisor"
   echo kernel >"$bundle/guest/vmlinux"
   echo initramfs >"$bundle/guest/initramfs.cpio"
+  echo agent >"$bundle/guest/podvisor-agent"
   # nsenter runs the command with absolute paths mapped into the scratch root; systemctl keeps a state file.
   cat >"$stubs/nsenter" <<'EOF'
 #!/bin/bash
@@ -119,6 +120,7 @@ EOF
   run install 2>"$TMP/install.log" || { cat "$TMP/install.log"; return 1; }
   local f
   for f in usr/local/bin/podvisor:755 usr/share/podvisor/vmlinux:644 usr/share/podvisor/initramfs.cpio:644 \
+    usr/share/podvisor/podvisor-agent:755 \
     etc/systemd/system/podvisor.service:644 etc/podvisor/config.toml:644 etc/cni/net.d/10-podvisor.conflist:644; do
     [ "$(stat -c %a "$host/${f%:*}" 2>/dev/null)" = "${f#*:}" ] || { echo "/${f%:*} missing or not mode ${f#*:}"; return 1; }
   done

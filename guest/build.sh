@@ -2,6 +2,7 @@
 # Build the guest artifacts the VMM boots:
 #   target/guest/initramfs.cpio  uncompressed newc: /dev/{console,null}, base dirs, the static agent as /init
 #   target/guest/vmlinux         the guest kernel (guest/kernel/build.sh, cached under ~/.cache/podvisor/kernel)
+#   target/guest/podvisor-agent  the same static agent, which native pods run on the node
 #
 #   guest/build.sh [--extra SRC:DST]...   extra files are added to the initramfs (podvisor-initramfs --extra)
 #
@@ -27,6 +28,11 @@ if readelf -l "$AGENT" | grep -q "Requesting program interpreter" || readelf -d 
   echo "error: $AGENT is dynamically linked" >&2
   readelf -d "$AGENT" | grep NEEDED >&2 || true
   exit 1
+fi
+
+if ! cmp -s "$AGENT" "$OUT/podvisor-agent"; then
+  cp -f "$AGENT" "$OUT/podvisor-agent.tmp"
+  mv -f "$OUT/podvisor-agent.tmp" "$OUT/podvisor-agent"
 fi
 
 echo "building initramfs" >&2

@@ -152,6 +152,17 @@ impl CgroupConfig {
         if !self.enabled {
             return Ok(None);
         }
+        let join = |parent: &str, leaf: &str| format!("{}/{leaf}", parent.trim_end_matches('/'));
+        Ok(Some(PodCgroups {
+            sandbox: self.sandbox_path(id, config)?,
+            overhead: (!self.sandbox_cgroup_only)
+                .then(|| join(&parent_path(&self.overhead_parent).unwrap_or_default(), id)),
+        }))
+    }
+
+    /// The sandbox cgroup of pod `id`: `<cgroup_parent>/podvisor-<id>` (the default parent without
+    /// one). A native pod's containers are created under it, whatever `enabled` says.
+    pub fn sandbox_path(&self, id: &str, config: &PodSandboxConfig) -> Result<String, CgroupError> {
         let given = config
             .linux
             .as_ref()
@@ -162,12 +173,10 @@ impl CgroupConfig {
         } else {
             given
         })?;
-        let join = |parent: &str, leaf: &str| format!("{}/{leaf}", parent.trim_end_matches('/'));
-        Ok(Some(PodCgroups {
-            sandbox: join(&parent, &format!("podvisor-{id}")),
-            overhead: (!self.sandbox_cgroup_only)
-                .then(|| join(&parent_path(&self.overhead_parent).unwrap_or_default(), id)),
-        }))
+        Ok(format!(
+            "{}/podvisor-{id}",
+            parent.trim_end_matches('/')
+        ))
     }
 
     /// Checks the settings (the overhead parent is a path or a slice) before the daemon starts.

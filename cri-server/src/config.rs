@@ -51,6 +51,7 @@ pub const KEYS: &[Key] = &[
     key("pods.default_memory_mib", "--default-pod-memory-mib"),
     key("pods.guest_overhead_mib", "--guest-overhead-mib"),
     key("pods.writable_layer_mib", "--writable-layer-mib"),
+    key("pods.host_pods", "--host-pods"),
     key("network.cni_conf_dir", "--cni-conf-dir"),
     Key {
         path: "network.cni_bin_dirs",

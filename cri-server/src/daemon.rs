@@ -149,6 +149,20 @@ pub struct PodArgs {
     /// Size cap of each container's writable layer (tmpfs in the guest), MiB.
     #[arg(long, default_value_t = 256)]
     pub writable_layer_mib: u64,
+    /// Pods that share the node's network, PID or IPC namespace (kube-proxy, CNI agents, CSI node
+    /// plugins) and pods of the `native` runtime handler: run them natively on the node, without a VM
+    /// (`native`), or refuse them (`refuse`: a VM-only node).
+    #[arg(long, value_enum, default_value_t = HostPods::Native)]
+    pub host_pods: HostPods,
+}
+
+/// What the daemon does with pods a VM cannot run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostPods {
+    /// Run them on the node with the pod agent's container engine: no VM boundary.
+    Native,
+    /// Refuse them (hostNetwork: InvalidArgument; host PID or IPC: Unimplemented; `native`: NotFound).
+    Refuse,
 }
 
 /// Errors starting the daemon.
@@ -249,6 +263,11 @@ fn manager_config(args: &DaemonArgs) -> ManagerConfig {
             ..Default::default()
         },
         cgroups: args.cgroups.config(),
+        native: crate::pod::native::NativeConfig {
+            enabled: p.host_pods == HostPods::Native,
+            agent: args.guest_dir.join("podvisor-agent"),
+            start_timeout: std::time::Duration::from_secs(60),
+        },
     }
 }
 

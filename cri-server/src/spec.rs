@@ -16,6 +16,9 @@ use k8s_cri::v1::{
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxResources, Process, Root, Spec, User};
 use serde_json::Value;
 
+use crate::pod::PodKind;
+
+mod host_mounts;
 mod linux;
 mod security;
 #[cfg(test)]
@@ -75,6 +78,9 @@ pub enum SpecError {
     /// The request is valid CRI but a pod VM cannot do it; the message names the field.
     #[error("{0}")]
     Unimplemented(String),
+    /// The node is not in a state the request needs (a mount that does not propagate).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Our OCI spec does not serialize.
     #[error("serializing the OCI spec: {0}")]
     Serialize(#[source] serde_json::Error),
@@ -132,6 +138,7 @@ pub fn container_spec(
     config: &ContainerConfig,
     pod: &PodSandboxConfig,
     image_config: &Value,
+    kind: PodKind,
 ) -> Result<BuiltSpec, SpecError> {
     check_no_nul(config)?;
     let image = ImageDefaults::from_blob(image_config);
@@ -170,7 +177,7 @@ pub fn container_spec(
 
     let mut linux = oci_spec::runtime::Linux::default();
     linux
-        .set_namespaces(Some(namespaces(sc.namespace_options.as_ref())?))
+        .set_namespaces(Some(namespaces(sc.namespace_options.as_ref(), kind)?))
         .set_seccomp(seccomp)
         .set_uid_mappings(None)
         .set_gid_mappings(None)
@@ -198,7 +205,8 @@ pub fn container_spec(
     }
     linux.set_resources(Some(resources));
 
-    let (mounts, host_mounts) = mounts(config, sc.privileged)?;
+    let cri_mounts = mounts(config, sc.privileged, kind)?;
+    linux.set_rootfs_propagation(cri_mounts.rootfs_propagation.map(String::from));
     let mut root = Root::default();
     root.set_path(PathBuf::from("rootfs"))
         .set_readonly(Some(sc.readonly_rootfs));
@@ -209,7 +217,7 @@ pub fn container_spec(
         .set_process(Some(process))
         // No hostname: containers share the VM's UTS namespace, whose hostname the agent sets.
         .set_hostname(None)
-        .set_mounts(Some(mounts))
+        .set_mounts(Some(cri_mounts.mounts))
         .set_annotations(Some(annotations(config, pod)))
         .set_linux(Some(linux));
     let oci_spec_json = serde_json::to_vec(&spec).map_err(SpecError::Serialize)?;
@@ -217,7 +225,7 @@ pub fn container_spec(
         oci_spec_json,
         user: to_resolve,
         stop_signal: stop_signal(&image.stop_signal)?,
-        mounts: host_mounts,
+        mounts: cri_mounts.copies,
     })
 }
 

@@ -90,6 +90,12 @@ pub struct PodRecord {
     /// The CRI runtime handler the pod was run with (echoed in its status).
     #[serde(default)]
     pub runtime_handler: String,
+    /// VM or native (records written before native pods existed are VM pods).
+    #[serde(default)]
+    pub kind: crate::pod::PodKind,
+    /// A native pod's directory and cgroup on the node, recorded before its agent starts.
+    #[serde(default)]
+    pub native: Option<crate::pod::native::NativeRecord>,
 }
 
 /// A container.
@@ -162,6 +168,9 @@ pub struct ReleaseRecord {
     pub network: Option<crate::network::NetworkRecord>,
     /// The host cgroups to remove.
     pub cgroups: Option<crate::cgroups::PodCgroups>,
+    /// A native pod's leftovers to sweep (processes, mounts, cgroups, directory).
+    #[serde(default)]
+    pub native: Option<crate::pod::native::NativeRecord>,
     /// Why the last attempt failed.
     pub last_error: String,
     /// Failed attempts so far.
@@ -405,6 +414,8 @@ mod tests {
             network: None,
             cgroups: None,
             runtime_handler: String::new(),
+            kind: Default::default(),
+            native: None,
         }
     }
 

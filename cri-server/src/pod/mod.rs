@@ -1,11 +1,12 @@
 //! The pod layer: what runs a pod's containers once the sandbox manager has decided to. A pod is one
-//! [`Pod`]: today a [`vm::VmPod`] (a microVM with the guest agent as PID 1); native pods on the host
-//! implement the same interface next. The manager above keeps records, locks, CRI rules and rollback;
+//! [`Pod`]: a [`vm::VmPod`] (a microVM with the guest agent as PID 1) or a [`native::NativePod`] (the
+//! same agent as a process of the node, for pods that share the node's namespaces). The manager above keeps records, locks, CRI rules and rollback;
 //! everything that talks to a VM, a guest agent, a network namespace or a pod's files is here.
 //!
 //! | module | concern |
 //! |---|---|
 //! | [`vm`] | a VM pod: boot (cgroups, agent wait), image slots, stop, exit watch |
+//! | [`native`] | a native pod: its agent on the node, in the pod's namespaces; crash sweep |
 //! | [`net`] | a pod's network: CNI attachment, tap and tc, the guest interface |
 //! | [`process`] | the one path that runs a process in a container (ExecSync, exec, attach) |
 //! | [`container`] | what lives while the daemon runs: a container's exit, log and attach output |
@@ -15,6 +16,7 @@
 
 pub mod container;
 pub mod files;
+pub mod native;
 pub mod net;
 pub mod process;
 pub mod vm;
@@ -55,6 +57,22 @@ pub enum PodError {
         op: &'static str,
         /// The VMM's error.
         source: vmm::Error,
+    },
+    /// A native pod's agent did not start or never answered.
+    #[error("the native pod's agent did not come up: {why}; agent log tail:\n{log}")]
+    NativeStart {
+        /// What failed.
+        why: String,
+        /// The end of the agent's log.
+        log: String,
+    },
+    /// What a native pod left on the node could not be removed.
+    #[error("cleaning up native pod {}: {why}", dir.display())]
+    NativeSweep {
+        /// The pod's directory.
+        dir: std::path::PathBuf,
+        /// What failed.
+        why: String,
     },
     /// The pod VM is stopped: nothing can run in it any more.
     #[error("the pod VM is stopped")]
@@ -153,6 +171,17 @@ where
         .await
         .map_err(|source| PodError::Task { what, source })?
         .map_err(PodError::from)
+}
+
+/// What runs a pod, decided at RunPodSandbox and kept in its record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum PodKind {
+    /// A microVM with the guest agent as PID 1 (the default).
+    #[default]
+    Vm,
+    /// On the node, with the pod's agent as a process of the node: pods that share the node's
+    /// network, PID or IPC namespace, and pods of the `native` runtime handler. No VM boundary.
+    Native,
 }
 
 /// An image made available to a pod's containers: a read-only block image the pod mounts as its

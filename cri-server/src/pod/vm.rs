@@ -203,6 +203,7 @@ impl Pod for VmPod {
                 fstype: image.fstype.clone(),
                 read_only: true,
                 mount_point: None,
+                image_path: None,
                 timeout_ms: pb::DEFAULT_STORAGE_TIMEOUT_MS,
             })
             .await

@@ -27,6 +27,8 @@ pub use error::to_status;
 pub const CRI_API_VERSION: &str = "v1";
 /// Runtime name reported by Version.
 pub const RUNTIME_NAME: &str = "podvisor";
+/// The runtime handler of native pods.
+pub use crate::sandbox::validate::NATIVE_HANDLER;
 
 /// The CRI runtime.
 #[derive(Clone)]
@@ -189,8 +191,9 @@ impl RuntimeService for Runtime {
                     .to_string(),
             );
         }
-        // The default handler ("") and its name; a pod VM has no user namespaces and its mounts are
-        // copies (no submounts to make read-only recursively).
+        // The default handler ("") and its name, and `native` where native pods are allowed. A pod VM
+        // has no user namespaces and its mounts are copies (no submounts to make read-only
+        // recursively); native pods offer neither yet.
         let handler = |name: &str| RuntimeHandler {
             name: name.into(),
             features: Some(RuntimeHandlerFeatures {
@@ -198,12 +201,16 @@ impl RuntimeService for Runtime {
                 user_namespaces: false,
             }),
         };
+        let mut runtime_handlers = vec![handler(""), handler(RUNTIME_NAME)];
+        if self.manager.native_pods() {
+            runtime_handlers.push(handler(NATIVE_HANDLER));
+        }
         ok(StatusResponse {
             status: Some(RuntimeStatus {
                 conditions: vec![self.runtime_condition(), network],
             }),
             info,
-            runtime_handlers: vec![handler(""), handler(RUNTIME_NAME)],
+            runtime_handlers,
             features: Some(RuntimeFeatures {
                 supplemental_groups_policy: false,
             }),
@@ -215,9 +222,20 @@ impl RuntimeService for Runtime {
         request: Request<RunPodSandboxRequest>,
     ) -> Result<RunPodSandboxResponse> {
         let req = request.into_inner();
-        if !matches!(req.runtime_handler.as_str(), "" | RUNTIME_NAME) {
+        let native = self.manager.native_pods();
+        let known = match req.runtime_handler.as_str() {
+            "" | RUNTIME_NAME => true,
+            NATIVE_HANDLER => native,
+            _ => false,
+        };
+        if !known {
+            let served = if native {
+                format!("\"\", \"{RUNTIME_NAME}\" and \"{NATIVE_HANDLER}\"")
+            } else {
+                format!("\"\" and \"{RUNTIME_NAME}\"; native pods are refused on this node")
+            };
             return Err(Status::not_found(format!(
-                "runtime_handler: {} is not configured (podvisor serves \"\" and \"{RUNTIME_NAME}\")",
+                "runtime_handler: {} is not configured (podvisor serves {served})",
                 crate::text::echo(&req.runtime_handler)
             )));
         }

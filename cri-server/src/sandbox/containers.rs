@@ -12,11 +12,13 @@ use super::{now_ns, EventKind, Manager, SandboxError};
 use crate::logs::LogWriter;
 use crate::pod::container::LiveContainer;
 use crate::pod::process::{Process, SIGKILL};
-use crate::pod::{ImageDisk, NewContainer, Pod, PodError};
+use crate::pod::{ImageDisk, NewContainer, Pod, PodError, PodKind};
 use crate::spec::SpecError;
 use crate::state::{ContainerRecord, ContainerState, PodRecord};
 use crate::text::echo;
 
+/// Distinct images a native pod may attach (loop devices on the node, no slots to boot with).
+const NATIVE_IMAGES: u32 = 64;
 /// How long a killed container has to be reported exited.
 const KILL_WAIT: Duration = Duration::from_secs(60);
 /// How long log copiers get to drain after an exit.
@@ -27,6 +29,7 @@ impl From<SpecError> for SandboxError {
         match e {
             SpecError::InvalidArgument(m) => SandboxError::InvalidArgument(m),
             SpecError::Unimplemented(m) => SandboxError::Unimplemented(m),
+            SpecError::FailedPrecondition(m) => SandboxError::FailedPrecondition(m),
             e @ SpecError::Serialize(_) => SandboxError::Spec(e),
         }
     }
@@ -129,7 +132,7 @@ impl Manager {
         })?;
         let image_config = images.config_json(&image)?;
         let id = super::new_id()?;
-        let built = crate::spec::container_spec(&config, &pod_config, &image_config)?;
+        let built = crate::spec::container_spec(&config, &pod_config, &image_config, pod.kind)?;
         // As containerd: no log file unless both the pod's directory and the container's path are set.
         let log_path = match (pod_config.log_directory.as_str(), config.log_path.as_str()) {
             ("", _) | (_, "") => None,
@@ -197,13 +200,16 @@ impl Manager {
         let slot = match pod.slots.iter().find(|(_, i)| **i == record.image_id) {
             Some((slot, _)) => *slot,
             None => {
-                let slot = (0..self.config().guest.image_slots)
+                let limit = match pod.kind {
+                    PodKind::Vm => self.config().guest.image_slots,
+                    PodKind::Native => NATIVE_IMAGES,
+                };
+                let slot = (0..limit)
                     .find(|s| !pod.slots.contains_key(s))
                     .ok_or_else(|| {
                         SandboxError::ResourceExhausted(format!(
-                            "config.image: the pod already runs {} distinct images, the most a pod VM \
-                             can attach",
-                            self.config().guest.image_slots
+                            "config.image: the pod already runs {limit} distinct images, the most \
+                             a pod can attach",
                         ))
                     })?;
                 pod.slots.insert(slot, record.image_id.clone());

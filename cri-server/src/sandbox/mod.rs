@@ -12,7 +12,7 @@ mod pods;
 mod release;
 mod size;
 mod stream;
-mod validate;
+pub mod validate;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -155,6 +155,8 @@ pub struct ManagerConfig {
     pub network: NetworkConfig,
     /// Host cgroups of the pod VMs' threads.
     pub cgroups: CgroupConfig,
+    /// Native pods (pods that share the node's namespaces, the `native` handler).
+    pub native: crate::pod::native::NativeConfig,
 }
 
 /// What a CRI container event reports.
@@ -245,6 +247,11 @@ impl Manager {
     /// The state store.
     pub fn store(&self) -> &StateStore {
         &self.inner.store
+    }
+
+    /// Whether native pods (the `native` handler, pods sharing node namespaces) are allowed.
+    pub fn native_pods(&self) -> bool {
+        self.inner.config.native.enabled
     }
 
     fn config(&self) -> &ManagerConfig {
@@ -351,6 +358,12 @@ impl Manager {
 
     fn pod_dir(&self, id: &str) -> PathBuf {
         self.inner.config.pods_dir.join(id)
+    }
+
+    /// The directory of native pod `id`'s agent (`<run dir>/native/<id>`: its socket path must stay
+    /// under 108 bytes).
+    fn native_dir(&self, id: &str) -> PathBuf {
+        self.inner.config.run_dir.join("native").join(id)
     }
 
     /// The host end of pod `id`'s vsock device.

@@ -12,13 +12,15 @@ use super::size::vm_size;
 use super::validate;
 use super::{now_ns, Manager, SandboxError};
 use crate::network::NetworkRecord;
+use crate::pod::native::{NativePod, NativeRecord, NativeShape};
 use crate::pod::vm::{VmPod, VmShape};
-use crate::pod::{net, Pod};
+use crate::pod::{net, Pod, PodError, PodKind};
 use crate::state::{ContainerState, PodRecord, PodState};
 
 impl Manager {
-    /// RunPodSandbox: reserves the name, records the intent, boots the VM and sets up the guest.
-    /// Returns the pod id once its agent serves.
+    /// RunPodSandbox: decides the pod's kind, reserves the name, records the intent, and starts the
+    /// pod (boots its VM, or starts its agent on the node) and sets it up. Returns the pod id once its
+    /// agent serves.
     pub async fn run_pod(
         &self,
         mut config: PodSandboxConfig,
@@ -26,27 +28,45 @@ impl Manager {
     ) -> Result<String, SandboxError> {
         // Everything checkable on the host is checked before anything is created.
         let name_key = validate::pod_name_key(&config)?;
-        validate::check_supported(&config)?;
-        let sandbox = validate::sandbox_request(&config, &validate::node_hostname()?)?;
+        let c = &self.config();
+        let kind = validate::pod_kind(&config, runtime_handler, c.native.enabled)?;
+        let sandbox = validate::sandbox_request(&config, &validate::node_hostname()?, kind)?;
         // The pod's hostname from here on (containers' HOSTNAME too): the node's when it has none.
         config.hostname = sandbox.hostname.clone();
-        let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        let c = &self.config();
-        let (vcpus, mem_mib) =
-            vm_size(&config, c.default_mem_mib, c.guest_overhead_mib, host_cpus)?;
+        let (vcpus, mem_mib) = match kind {
+            PodKind::Vm => {
+                let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+                vm_size(&config, c.default_mem_mib, c.guest_overhead_mib, host_cpus)?
+            }
+            PodKind::Native => (0, 0),
+        };
         validate::check_host_cpusets(&config)?;
-        for file in [&c.guest.kernel, &c.guest.initramfs] {
+        let files = match kind {
+            PodKind::Vm => vec![&c.guest.kernel, &c.guest.initramfs],
+            PodKind::Native => vec![&c.native.agent],
+        };
+        for file in files {
             if !file.is_file() {
                 return Err(SandboxError::FailedPrecondition(format!(
-                    "the runtime is not ready: the guest file {} is missing",
+                    "the runtime is not ready: {} is missing",
                     file.display()
                 )));
             }
         }
         let id = super::new_id()?;
-        let cgroups = c.cgroups.plan(&id, &config)?;
+        let (cgroups, native) = match kind {
+            PodKind::Vm => (c.cgroups.plan(&id, &config)?, None),
+            PodKind::Native => {
+                let cgroup_parent = c.cgroups.sandbox_path(&id, &config)?;
+                let dir = self.native_dir(&id);
+                (None, Some(NativeRecord { dir, cgroup_parent }))
+            }
+        };
         // Validates the port mappings and loads the CNI configuration before anything is reserved.
-        let network = self.network().prepare(&net::pod_network(&id, &config))?;
+        let network = match sandbox.node_namespaces {
+            Some(node) if node.network => None,
+            _ => Some(self.network().prepare(&net::pod_network(&id, &config))?),
+        };
         self.store()
             .reserve_name(&name_key, &id)
             .map_err(|e| SandboxError::AlreadyExists(format!("pod sandbox {e}")))?;
@@ -63,12 +83,24 @@ impl Manager {
             slots: BTreeMap::new(),
             reason: String::new(),
             released: false,
-            network: Some(network.clone()),
+            network: network.clone(),
             cgroups,
             runtime_handler: runtime_handler.into(),
+            kind,
+            native,
         };
         self.store().put_pod(&record)?;
-        match self.boot_pod(&config, sandbox, &network, &mut record).await {
+        let started = match kind {
+            PodKind::Vm => {
+                let intent = network.expect("a VM pod has a network");
+                self.boot_pod(&config, sandbox, &intent, &mut record).await
+            }
+            PodKind::Native => {
+                self.start_native(&config, sandbox, network.as_ref(), &mut record)
+                    .await
+            }
+        };
+        match started {
             Ok(live) => {
                 record.state = PodState::Ready;
                 if let Err(e) = self.store().put_pod(&record) {
@@ -78,7 +110,7 @@ impl Manager {
                     return Err(e.into());
                 }
                 self.insert_live_pod(&id, live);
-                tracing::info!(pod = %id, vcpus, mem_mib, "pod sandbox ready");
+                tracing::info!(pod = %id, ?kind, vcpus, mem_mib, "pod sandbox ready");
                 Ok(id)
             }
             Err(e) => {
@@ -102,10 +134,7 @@ impl Manager {
         let id = record.id.clone();
         let dir = self.pod_dir(&id);
         for d in [&dir, &self.config().run_dir.join("vm")] {
-            std::fs::create_dir_all(d).map_err(|source| SandboxError::Io {
-                path: d.to_path_buf(),
-                source,
-            })?;
+            create_dir(d)?;
         }
         if let Some(cgroups) = record.cgroups.clone() {
             let limits = crate::cgroups::limits(config);
@@ -116,22 +145,7 @@ impl Manager {
         record.network = Some(attachment.record().clone());
         self.store().put_pod(record)?;
         let nic = net::vm_nic(network, &attachment).await?;
-        // kubelet always sends the pod's DNS config; without one, the CNI result's applies, or the
-        // node's when CNI has none (checked before the boot like the rest of the request).
-        if config.dns_config.is_none() {
-            let cni = &attachment.dns;
-            if cni.nameservers.is_empty() {
-                let node = validate::node_dns();
-                sandbox.dns_servers = node.servers;
-                sandbox.dns_searches = node.searches;
-                sandbox.dns_options = node.options;
-            } else {
-                sandbox.dns_servers = cni.nameservers.clone();
-                sandbox.dns_searches = cni.search.clone();
-                sandbox.dns_options = cni.options.clone();
-            }
-            validate::check_sandbox(&sandbox, false)?;
-        }
+        fill_dns(config, &mut sandbox, Some(&attachment.dns))?;
         let shape = VmShape {
             vcpus: record.vcpus,
             mem_mib: record.mem_mib,
@@ -145,15 +159,49 @@ impl Manager {
         sandbox.entropy = entropy();
         if let Err(e) = vm.set_up(sandbox, &attachment).await {
             vm.stop().await;
-            // The agent names the field of the sandbox request it refused.
-            return Err(match e.agent_status() {
-                Some(s) if s.code() == tonic::Code::InvalidArgument => {
-                    SandboxError::InvalidArgument(format!("config: {}", s.message()))
-                }
-                _ => e.into(),
-            });
+            return Err(refused_sandbox(e));
         }
         let pod: Arc<dyn Pod> = Arc::new(vm);
+        self.watch_pod(&id, pod.clone());
+        Ok(pod)
+    }
+
+    /// Attaches the pod network (unless the pod is on the node's), starts the pod's agent on the node
+    /// in the pod's namespaces and sets the pod up. Recorded before created, as [`Self::boot_pod`].
+    async fn start_native(
+        &self,
+        config: &PodSandboxConfig,
+        mut sandbox: pb::CreateSandboxRequest,
+        intent: Option<&NetworkRecord>,
+        record: &mut PodRecord,
+    ) -> Result<Arc<dyn Pod>, SandboxError> {
+        let id = record.id.clone();
+        let native = record.native.clone().expect("a native pod has its record");
+        let log_dir = self.pod_dir(&id);
+        create_dir(&log_dir)?;
+        let (netns, dns) = match intent {
+            Some(intent) => {
+                let attachment = net::attach(self.network(), intent).await?;
+                record.network = Some(attachment.record().clone());
+                self.store().put_pod(record)?;
+                (Some(attachment.netns.clone()), Some(attachment.dns.clone()))
+            }
+            None => (None, None),
+        };
+        fill_dns(config, &mut sandbox, dns.as_ref())?;
+        let shape = NativeShape {
+            dir: native.dir,
+            log: log_dir.join("agent.log"),
+            netns,
+            node: sandbox.node_namespaces.unwrap_or_default(),
+            cgroup_parent: native.cgroup_parent,
+        };
+        let pod = NativePod::start(&self.config().native, shape).await?;
+        if let Err(e) = pod.set_up(sandbox).await {
+            pod.stop().await;
+            return Err(refused_sandbox(e));
+        }
+        let pod: Arc<dyn Pod> = Arc::new(pod);
         self.watch_pod(&id, pod.clone());
         Ok(pod)
     }
@@ -381,6 +429,49 @@ impl Manager {
             );
         }
         Ok(touched)
+    }
+}
+
+fn create_dir(dir: &std::path::Path) -> Result<(), SandboxError> {
+    std::fs::create_dir_all(dir).map_err(|source| SandboxError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// A pod's resolver without a DNS config (kubelet always sends one): the CNI result's, or the node's
+/// when CNI has none (checked like the rest of the request).
+fn fill_dns(
+    config: &PodSandboxConfig,
+    sandbox: &mut pb::CreateSandboxRequest,
+    cni: Option<&crate::network::Dns>,
+) -> Result<(), SandboxError> {
+    if config.dns_config.is_some() {
+        return Ok(());
+    }
+    match cni.filter(|d| !d.nameservers.is_empty()) {
+        Some(cni) => {
+            sandbox.dns_servers = cni.nameservers.clone();
+            sandbox.dns_searches = cni.search.clone();
+            sandbox.dns_options = cni.options.clone();
+        }
+        None => {
+            let node = validate::node_dns();
+            sandbox.dns_servers = node.servers;
+            sandbox.dns_searches = node.searches;
+            sandbox.dns_options = node.options;
+        }
+    }
+    validate::check_sandbox(sandbox, false)
+}
+
+/// A failed sandbox set-up; the agent names the field of the request it refused.
+fn refused_sandbox(e: PodError) -> SandboxError {
+    match e.agent_status() {
+        Some(s) if s.code() == tonic::Code::InvalidArgument => {
+            SandboxError::InvalidArgument(format!("config: {}", s.message()))
+        }
+        _ => e.into(),
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::{now_ns, Manager, SandboxError};
 use crate::cgroups::PodCgroups;
 use crate::network::NetworkRecord;
+use crate::pod::native::NativeRecord;
 use crate::state::{PodRecord, ReleaseRecord};
 
 /// First retry delay; doubled after each failure up to [`MAX_BACKOFF`].
@@ -44,7 +45,11 @@ impl Manager {
         }
         let network = record.network.clone();
         let cgroups = record.cgroups.clone();
-        match self.release(network.as_ref(), cgroups.clone()).await {
+        let native = record.native.clone();
+        match self
+            .release(network.as_ref(), cgroups.clone(), native.as_ref())
+            .await
+        {
             Ok(()) => Ok(true),
             Err(e) => {
                 let now = now_ns();
@@ -53,6 +58,7 @@ impl Manager {
                     pod_name: pod_name(record),
                     network,
                     cgroups,
+                    native,
                     last_error: e.to_string(),
                     attempts: 1,
                     since: now,
@@ -70,13 +76,21 @@ impl Manager {
         }
     }
 
-    /// Releases a pod network and host cgroups; each is tried even if the other fails, and the first
-    /// failure is returned.
+    /// Releases a pod network and host cgroups, after sweeping what a native pod left on the node;
+    /// each is tried even if another fails, and the first failure is returned.
     async fn release(
         &self,
         network: Option<&NetworkRecord>,
         cgroups: Option<PodCgroups>,
+        native: Option<&NativeRecord>,
     ) -> Result<(), SandboxError> {
+        // Its processes first: they may hold the network namespace and the cgroups.
+        let swept = match native {
+            Some(native) => crate::pod::native::sweep(&self.config().native.agent, native)
+                .await
+                .map_err(SandboxError::from),
+            None => Ok(()),
+        };
         let network = match network {
             Some(network) => self
                 .inner
@@ -92,7 +106,7 @@ impl Manager {
                 .map_err(SandboxError::from),
             None => Ok(()),
         };
-        network.and(cgroups)
+        swept.and(network).and(cgroups)
     }
 
     /// Retries the pending releases that are due; returns how many remain.
@@ -105,7 +119,11 @@ impl Manager {
                 continue;
             }
             match self
-                .release(pending.network.as_ref(), pending.cgroups.clone())
+                .release(
+                    pending.network.as_ref(),
+                    pending.cgroups.clone(),
+                    pending.native.as_ref(),
+                )
                 .await
             {
                 Ok(()) => {

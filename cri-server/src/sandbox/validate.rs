@@ -8,6 +8,7 @@ use k8s_cri::v1::{ContainerConfig, LinuxContainerResources, NamespaceMode, PodSa
 use podvisor_proto as pb;
 
 use super::SandboxError;
+use crate::pod::PodKind;
 use crate::text::echo;
 
 /// The longest pod or container name, namespace or uid (a Kubernetes DNS subdomain).
@@ -76,32 +77,57 @@ pub fn container_name_key(
     ))
 }
 
-/// Refuses pod options a VM pod cannot honour.
-pub fn check_supported(config: &PodSandboxConfig) -> Result<(), SandboxError> {
+/// The runtime handler of native pods.
+pub const NATIVE_HANDLER: &str = "native";
+
+/// The node namespaces a pod config asks to share.
+pub fn node_namespaces(config: &PodSandboxConfig) -> pb::NodeNamespaces {
     let ns = config
         .linux
         .as_ref()
         .and_then(|l| l.security_context.as_ref())
-        .and_then(|s| s.namespace_options.as_ref());
-    let Some(ns) = ns else {
-        return Ok(());
-    };
+        .and_then(|s| s.namespace_options.clone())
+        .unwrap_or_default();
     let node = NamespaceMode::Node as i32;
-    if ns.network == node {
+    pb::NodeNamespaces {
+        network: ns.network == node,
+        pid: ns.pid == node,
+        ipc: ns.ipc == node,
+    }
+}
+
+/// What runs the pod: natively on the node for the [`NATIVE_HANDLER`] and, under the default handler,
+/// for pods that share a node namespace (a VM cannot); a VM otherwise. With native pods refused
+/// (`native` false), or under the VM handler named explicitly, a pod that needs the node is refused
+/// with what a VM cannot do.
+pub fn pod_kind(
+    config: &PodSandboxConfig,
+    handler: &str,
+    native: bool,
+) -> Result<PodKind, SandboxError> {
+    let node = node_namespaces(config);
+    if handler == NATIVE_HANDLER && native {
+        return Ok(PodKind::Native);
+    }
+    if !(node.network || node.pid || node.ipc) {
+        return Ok(PodKind::Vm);
+    }
+    if native && handler.is_empty() {
+        return Ok(PodKind::Native);
+    }
+    let field = "config.linux.security_context.namespace_options";
+    if node.network {
         return Err(invalid(
-            "config.linux.security_context.namespace_options.network",
-            "hostNetwork pods are not supported: a podvisor pod is a VM with its own network",
+            &format!("{field}.network"),
+            "hostNetwork pods are not supported: a podvisor pod is a VM with its own network \
+             (native pods, which share the node's, are refused on this node)",
         ));
     }
-    for (field, mode) in [("pid", ns.pid), ("ipc", ns.ipc)] {
-        if mode == node {
-            return Err(SandboxError::Unimplemented(format!(
-                "config.linux.security_context.namespace_options.{field}: the node's {field} \
-                 namespace cannot be shared with a pod VM"
-            )));
-        }
-    }
-    Ok(())
+    let name = if node.pid { "pid" } else { "ipc" };
+    Err(SandboxError::Unimplemented(format!(
+        "{field}.{name}: the node's {name} namespace cannot be shared with a pod VM (native pods, \
+         which can, are refused on this node)"
+    )))
 }
 
 /// /etc/hosts of a pod.
@@ -127,7 +153,22 @@ pub fn node_hostname() -> Result<String, SandboxError> {
 pub fn sandbox_request(
     config: &PodSandboxConfig,
     node_hostname: &str,
+    kind: PodKind,
 ) -> Result<pb::CreateSandboxRequest, SandboxError> {
+    let node = node_namespaces(config);
+    if kind == PodKind::Native && node.network && !config.hostname.is_empty() {
+        if config.hostname != node_hostname {
+            return Err(invalid(
+                "config.hostname",
+                &format!(
+                    "{} cannot be set: the pod shares the node's network and UTS namespaces, whose \
+                     hostname is {}",
+                    crate::text::echo(&config.hostname),
+                    crate::text::echo(node_hostname)
+                ),
+            ));
+        }
+    }
     let hostname = if config.hostname.is_empty() {
         node_hostname.to_string()
     } else {
@@ -140,8 +181,16 @@ pub fn sandbox_request(
         .and_then(|s| s.namespace_options.as_ref())
         .is_some_and(|n| n.pid == NamespaceMode::Pod as i32);
     let dns = config.dns_config.clone().unwrap_or_default();
+    let hosts = match kind {
+        // The node's own hosts file, as containerd copies it for every pod (kubelet mounts its own
+        // over it where it manages one).
+        PodKind::Native if node.network => {
+            std::fs::read_to_string("/etc/hosts").unwrap_or_else(|_| hosts_file(&hostname))
+        }
+        _ => hosts_file(&hostname),
+    };
     let request = pb::CreateSandboxRequest {
-        hosts: hosts_file(&hostname),
+        hosts,
         hostname,
         dns_servers: dns.servers,
         dns_searches: dns.searches,
@@ -152,6 +201,7 @@ pub fn sandbox_request(
         share_pid_namespace: share_pid,
         // The pod layer knows its guest (VmPod::set_up).
         avoid_avx: false,
+        node_namespaces: (kind == PodKind::Native).then_some(node),
     };
     check_sandbox(&request, config.hostname.is_empty())?;
     Ok(request)
@@ -311,29 +361,84 @@ mod tests {
         assert_eq!(pod_name_key(&p).unwrap(), "web___1");
     }
 
-    #[test]
-    fn host_namespaces_are_refused() {
-        let mut c = pod("web");
+    fn with_node(mut c: PodSandboxConfig, network: bool, pid: bool, ipc: bool) -> PodSandboxConfig {
+        let mode = |node: bool| {
+            if node {
+                NamespaceMode::Node as i32
+            } else {
+                NamespaceMode::Pod as i32
+            }
+        };
         c.linux = Some(LinuxPodSandboxConfig {
             security_context: Some(k8s_cri::v1::LinuxSandboxSecurityContext {
                 namespace_options: Some(k8s_cri::v1::NamespaceOption {
-                    network: NamespaceMode::Node as i32,
+                    network: mode(network),
+                    pid: mode(pid),
+                    ipc: mode(ipc),
                     ..Default::default()
                 }),
                 ..Default::default()
             }),
             ..Default::default()
         });
-        let e = check_supported(&c).unwrap_err();
-        assert!(
-            matches!(e, SandboxError::InvalidArgument(ref m) if m.contains("hostNetwork")),
-            "{e}"
-        );
+        c
+    }
+
+    #[test]
+    fn pods_that_need_the_node_run_natively_unless_refused() {
+        let vm = pod("web");
+        assert_eq!(pod_kind(&vm, "", true).unwrap(), PodKind::Vm);
+        assert_eq!(pod_kind(&vm, "podvisor", true).unwrap(), PodKind::Vm);
+        assert_eq!(pod_kind(&vm, NATIVE_HANDLER, true).unwrap(), PodKind::Native);
+        for (network, pid, ipc) in [(true, false, false), (false, true, false), (false, false, true)] {
+            let c = with_node(pod("web"), network, pid, ipc);
+            assert_eq!(pod_kind(&c, "", true).unwrap(), PodKind::Native);
+            assert_eq!(pod_kind(&c, NATIVE_HANDLER, true).unwrap(), PodKind::Native);
+            // Refused on a VM-only node, and under the VM handler by name: today's errors.
+            for (handler, native) in [("", false), ("podvisor", true)] {
+                let e = pod_kind(&c, handler, native).unwrap_err();
+                match e {
+                    SandboxError::InvalidArgument(m) => {
+                        assert!(network && m.contains("hostNetwork"), "{m}")
+                    }
+                    SandboxError::Unimplemented(m) => {
+                        let field = if pid { ".pid:" } else { ".ipc:" };
+                        assert!(!network && m.contains(field), "{m}")
+                    }
+                    other => panic!("{other}"),
+                }
+            }
+        }
+        let c = with_node(pod("web"), true, true, true);
+        let node = node_namespaces(&c);
+        assert!(node.network && node.pid && node.ipc);
+    }
+
+    #[test]
+    fn native_pods_on_the_node_network_keep_the_nodes_name() {
+        let c = with_node(pod("web"), true, false, false);
+        let r = sandbox_request(&c, "node-1", PodKind::Native).unwrap();
+        assert_eq!(r.hostname, "node-1");
+        assert!(r.node_namespaces.unwrap().network);
+        let mut named = c.clone();
+        named.hostname = "web-0".into();
+        let e = sandbox_request(&named, "node-1", PodKind::Native).unwrap_err();
+        assert!(e.to_string().starts_with("config.hostname:"), "{e}");
+        named.hostname = "node-1".into();
+        sandbox_request(&named, "node-1", PodKind::Native).unwrap();
+        // A net.* sysctl would change the node's network: refused before anything starts.
+        let mut sysctl = c.clone();
+        sysctl.linux.as_mut().unwrap().sysctls = [("net.core.somaxconn".to_string(), "1024".to_string())].into();
+        let e = sandbox_request(&sysctl, "node-1", PodKind::Native).unwrap_err();
+        assert!(e.to_string().starts_with("config.linux.sysctls:"), "{e}");
+        // A VM pod's request never names node namespaces.
+        let r = sandbox_request(&pod("web"), "node-1", PodKind::Vm).unwrap();
+        assert_eq!(r.node_namespaces, None);
     }
 
     #[test]
     fn an_empty_hostname_is_the_nodes() {
-        let r = sandbox_request(&pod("web"), "node-1.example").unwrap();
+        let r = sandbox_request(&pod("web"), "node-1.example", PodKind::Vm).unwrap();
         assert_eq!(r.hostname, "node-1.example");
         assert!(
             r.hosts.contains("127.0.1.1\tnode-1.example\n"),
@@ -342,11 +447,11 @@ mod tests {
         );
         let mut p = pod("web");
         p.hostname = "web-0".into();
-        assert_eq!(sandbox_request(&p, "node").unwrap().hostname, "web-0");
+        assert_eq!(sandbox_request(&p, "node", PodKind::Vm).unwrap().hostname, "web-0");
         p.hostname = "Bad_Host".into();
-        let e = sandbox_request(&p, "node").unwrap_err().to_string();
+        let e = sandbox_request(&p, "node", PodKind::Vm).unwrap_err().to_string();
         assert!(e.starts_with("config.hostname:"), "{e}");
-        let e = sandbox_request(&pod("web"), "bad host")
+        let e = sandbox_request(&pod("web"), "bad host", PodKind::Vm)
             .unwrap_err()
             .to_string();
         assert!(e.contains("node's hostname"), "{e}");
@@ -359,14 +464,14 @@ mod tests {
             servers: vec!["not-an-ip".into()],
             ..Default::default()
         });
-        let e = sandbox_request(&p, "node").unwrap_err().to_string();
+        let e = sandbox_request(&p, "node", PodKind::Vm).unwrap_err().to_string();
         assert!(e.starts_with("config.dns_config.servers[0]:"), "{e}");
         let mut p = pod("web");
         p.linux = Some(LinuxPodSandboxConfig {
             sysctls: [("kernel.panic".to_string(), "1".to_string())].into(),
             ..Default::default()
         });
-        let e = sandbox_request(&p, "node").unwrap_err().to_string();
+        let e = sandbox_request(&p, "node", PodKind::Vm).unwrap_err().to_string();
         assert!(e.starts_with("config.linux.sysctls:"), "{e}");
     }
 

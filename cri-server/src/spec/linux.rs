@@ -10,11 +10,16 @@ use oci_spec::runtime::{
 };
 
 use super::{invalid, unimplemented, HostMount, SpecError, GUEST_MOUNTS_DIR, RES, SC};
+use crate::pod::PodKind;
 
-/// The namespaces a container spec lists (like `runc spec`); the agent points them at the pod's.
-pub(super) fn namespaces(opts: Option<&NamespaceOption>) -> Result<Vec<LinuxNamespace>, SpecError> {
+/// The namespaces a container spec lists (like `runc spec`); the agent points them at the pod's. A
+/// native pod's agent runs in the pod's namespaces (or the node's where the pod shares them).
+pub(super) fn namespaces(
+    opts: Option<&NamespaceOption>,
+    kind: PodKind,
+) -> Result<Vec<LinuxNamespace>, SpecError> {
     let field = format!("{SC}.namespace_options");
-    if let Some(o) = opts {
+    if let Some(o) = opts.filter(|_| kind == PodKind::Vm) {
         let mode = |v: i32| NamespaceMode::try_from(v).ok();
         match mode(o.pid) {
             Some(NamespaceMode::Pod | NamespaceMode::Container) => {}
@@ -40,6 +45,14 @@ pub(super) fn namespaces(opts: Option<&NamespaceOption>) -> Result<Vec<LinuxName
                     "user namespaces are not supported",
                 ));
             }
+        }
+    }
+    if let Some(u) = opts.and_then(|o| o.userns_options.as_ref()) {
+        if NamespaceMode::try_from(u.mode).ok() != Some(NamespaceMode::Node) {
+            return Err(unimplemented(
+                format!("{field}.userns_options"),
+                "user namespaces are not supported",
+            ));
         }
     }
     let ns = |typ| {
@@ -228,8 +241,14 @@ fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Mount {
 pub(super) fn mounts(
     config: &ContainerConfig,
     privileged: bool,
-) -> Result<(Vec<Mount>, Vec<HostMount>), SpecError> {
+    kind: PodKind,
+) -> Result<CriMounts, SpecError> {
     let sys_mode = if privileged { "rw" } else { "ro" };
+    // On the node, runc's type: the runtime mounts the node's hierarchy (v1 or v2) read-only.
+    let cgroup_type = match kind {
+        PodKind::Vm => "cgroup2",
+        PodKind::Native => "cgroup",
+    };
     let mut standard = vec![
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
         mount(
@@ -271,13 +290,14 @@ pub(super) fn mounts(
         ),
         mount(
             "/sys/fs/cgroup",
-            "cgroup2",
+            cgroup_type,
             "cgroup",
             &["nosuid", "noexec", "nodev", "relatime", sys_mode],
         ),
     ];
     let mut cri = Vec::new();
     let mut host = Vec::new();
+    let mut rootfs_propagation = None;
     for (i, m) in config.mounts.iter().enumerate() {
         let field = format!("config.mounts[{i}]");
         if m.image.is_some() {
@@ -292,7 +312,7 @@ pub(super) fn mounts(
                 "id-mapped mounts are not supported",
             ));
         }
-        if m.propagation != MountPropagation::PropagationPrivate as i32 {
+        if m.propagation != MountPropagation::PropagationPrivate as i32 && kind == PodKind::Vm {
             return Err(unimplemented(
                 format!("{field}.propagation"),
                 "only PROPAGATION_PRIVATE mounts can be delivered into the pod VM",
@@ -319,11 +339,17 @@ pub(super) fn mounts(
         }
         // Normalise "//a/./b/" to "/a/b" so duplicates and ordering compare paths.
         let clean: PathBuf = dest.components().collect();
+        standard.retain(|s| s.destination() != &clean);
+        if kind == PodKind::Native {
+            let (spec_mount, propagation) = super::host_mounts::bind(&field, m, &clean)?;
+            rootfs_propagation = super::host_mounts::stronger(rootfs_propagation, propagation);
+            cri.push(spec_mount);
+            continue;
+        }
         let guest_source = guest_mount_source(&m.host_path);
         let mode = if m.readonly { "ro" } else { "rw" };
         let mut spec_mount = mount("", "bind", &guest_source, &["rbind", "rprivate", mode]);
         spec_mount.set_destination(clean.clone());
-        standard.retain(|s| s.destination() != &clean);
         cri.push(spec_mount);
         host.push(HostMount {
             host_path: PathBuf::from(&m.host_path),
@@ -335,5 +361,19 @@ pub(super) fn mounts(
     // Parents before children, whatever order kubelet sent them in (as containerd).
     cri.sort_by_key(|m| m.destination().components().count());
     standard.extend(cri);
-    Ok((standard, host))
+    Ok(CriMounts {
+        mounts: standard,
+        copies: host,
+        rootfs_propagation,
+    })
+}
+
+/// A container's mounts.
+pub(super) struct CriMounts {
+    /// The spec's mounts: runc's standard ones and the CRI mounts.
+    pub mounts: Vec<Mount>,
+    /// What the host copies into a pod VM before the container is created.
+    pub copies: Vec<HostMount>,
+    /// The rootfs propagation the CRI mounts need (`rslave`, `rshared`; native pods only).
+    pub rootfs_propagation: Option<&'static str>,
 }

@@ -51,7 +51,7 @@ fn with_res(r: LinuxContainerResources) -> ContainerConfig {
 }
 
 fn build(c: &ContainerConfig) -> (Spec, BuiltSpec) {
-    let built = container_spec(c, &pod(), &image()).expect("spec builds");
+    let built = container_spec(c, &pod(), &image(), PodKind::Vm).expect("spec builds");
     let spec: Spec = serde_json::from_slice(&built.oci_spec_json).expect("valid OCI JSON");
     (spec, built)
 }
@@ -66,21 +66,21 @@ fn linux(c: &ContainerConfig) -> oci_spec::runtime::Linux {
 
 /// Asserts the config is refused as InvalidArgument with a message starting with `field`.
 fn invalid_field(c: &ContainerConfig, field: &str) {
-    match container_spec(c, &pod(), &image()) {
+    match container_spec(c, &pod(), &image(), PodKind::Vm) {
         Err(SpecError::InvalidArgument(m)) => assert!(m.starts_with(field), "{m}"),
         other => panic!("expected InvalidArgument({field}), got {other:?}"),
     }
 }
 
 fn unimplemented_field(c: &ContainerConfig, field: &str) {
-    match container_spec(c, &pod(), &image()) {
+    match container_spec(c, &pod(), &image(), PodKind::Vm) {
         Err(SpecError::Unimplemented(m)) => assert!(m.starts_with(field), "{m}"),
         other => panic!("expected Unimplemented({field}), got {other:?}"),
     }
 }
 
 fn args(c: &ContainerConfig, img: &Value) -> Result<Vec<String>, SpecError> {
-    let built = container_spec(c, &pod(), img)?;
+    let built = container_spec(c, &pod(), img, PodKind::Vm)?;
     let spec: Spec = serde_json::from_slice(&built.oci_spec_json).unwrap();
     Ok(spec.process().as_ref().unwrap().args().clone().unwrap())
 }
@@ -148,6 +148,7 @@ fn env_merges_image_hostname_and_cri() {
         &ContainerConfig::default(),
         &pod(),
         &json!({"config":{"Cmd":["x"]}}),
+        PodKind::Vm,
     )
     .map(|b| serde_json::from_slice::<Spec>(&b.oci_spec_json).unwrap())
     .unwrap()
@@ -195,6 +196,7 @@ fn working_dir_sources_and_validation() {
         &ContainerConfig::default(),
         &pod(),
         &json!({"config":{"Cmd":["x"]}}),
+        PodKind::Vm,
     )
     .unwrap();
     let spec: Spec = serde_json::from_slice(&built.oci_spec_json).unwrap();
@@ -208,7 +210,7 @@ fn working_dir_sources_and_validation() {
 
 fn user_of(sc: LinuxContainerSecurityContext, img_user: &str) -> (User, String) {
     let img = json!({"config": {"Cmd": ["x"], "User": img_user}});
-    let built = container_spec(&with_sc(sc), &pod(), &img).unwrap();
+    let built = container_spec(&with_sc(sc), &pod(), &img, PodKind::Vm).unwrap();
     let spec: Spec = serde_json::from_slice(&built.oci_spec_json).unwrap();
     (spec.process().as_ref().unwrap().user().clone(), built.user)
 }
@@ -285,7 +287,7 @@ fn tty_and_stop_signal() {
         assert!(stop_signal(s).is_err(), "{s}");
     }
     let img = json!({"config": {"Cmd": ["x"], "StopSignal": "SIGUSR1"}});
-    let built = container_spec(&ContainerConfig::default(), &pod(), &img).unwrap();
+    let built = container_spec(&ContainerConfig::default(), &pod(), &img, PodKind::Vm).unwrap();
     assert_eq!(built.stop_signal, 10);
 }
 

@@ -96,6 +96,20 @@ fn main() {
             std::process::exit(2)
         }
     };
+    if let Some(n) = &node {
+        if n.mode == node::Mode::Sweep {
+            let errors = node::sweep(n);
+            for e in &errors {
+                log(e);
+            }
+            std::process::exit(i32::from(!errors.is_empty()))
+        }
+        // While the process has one thread.
+        if let Err(e) = node::enter_namespaces(n) {
+            log(&e.to_string());
+            std::process::exit(1)
+        }
+    }
     let pid1 = node.is_none() && std::process::id() == 1;
     if pid1 {
         if let Err(err) = init::leave_rootfs() {

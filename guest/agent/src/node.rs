@@ -1,31 +1,57 @@
-//! The agent of a native pod, running on the node: `podvisor-agent node --root DIR --cgroup-parent PATH`.
+//! The agent of a native pod, running on the node:
+//! `podvisor-agent node --root DIR --cgroup-parent PATH [--netns FILE] [--new-uts] [--new-ipc]`.
 //!
-//! The daemon starts one per native pod, already inside the pod's namespaces (its network, UTS and IPC
-//! namespaces, or the node's where the pod shares them), with a pipe as stdin: the *lifeline*. The agent
+//! The daemon starts one per native pod, with a pipe as stdin: the *lifeline*. Before anything else
+//! the agent enters the pod's namespaces (the network namespace `FILE`, new UTS and IPC namespaces; the
+//! node's where the pod shares them), so its containers share them as a VM's share the VM's. The agent
 //! serves the same API as in a VM, on the unix socket `DIR/agent.sock`, keeps its state under `DIR`, and
 //! creates containers in the node's cgroups under `PATH`. When the lifeline closes (the daemon exited or
 //! was killed) or on `Shutdown`, it removes every container, unmounts every image, and exits: a native pod
-//! never outlives its daemon.
+//! never outlives its daemon. `podvisor-agent sweep --root DIR --cgroup-parent PATH` removes what an agent
+//! that was killed left (the daemon runs it after a crash).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use crate::container::Paths;
 
+mod sweep;
+pub use sweep::sweep;
+
 /// The command line of a node agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeArgs {
+    /// Serve the pod, or remove what a killed agent left.
+    pub mode: Mode,
     /// The pod's directory on the node (socket, bundles, storages, pod files).
     pub root: PathBuf,
     /// The cgroup containers are created under, in the node's hierarchy.
     pub cgroup_parent: String,
+    /// The pod's network namespace (None: stay in the node's).
+    pub netns: Option<PathBuf>,
+    /// Give the pod its own UTS namespace (its hostname).
+    pub new_uts: bool,
+    /// Give the pod its own IPC namespace.
+    pub new_ipc: bool,
+}
+
+/// What a node agent does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Serve the pod until the lifeline closes.
+    Serve,
+    /// Remove what a killed agent left, then exit.
+    Sweep,
 }
 
 /// Errors of the command line.
 #[derive(Debug, thiserror::Error)]
 pub enum ArgsError {
     /// An argument the agent does not know, or a flag without its value.
-    #[error("usage: podvisor-agent node --root DIR --cgroup-parent PATH ({0})")]
+    #[error(
+        "usage: podvisor-agent node|sweep --root DIR --cgroup-parent PATH [--netns FILE] \
+         [--new-uts] [--new-ipc] ({0})"
+    )]
     Usage(String),
 }
 
@@ -34,18 +60,32 @@ impl NodeArgs {
     /// its flags.
     pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Self>, ArgsError> {
         let mut args = args.into_iter();
-        match args.next() {
+        let mode = match args.next() {
             None => return Ok(None),
-            Some(mode) if mode == "node" => {}
+            Some(mode) if mode == "node" => Mode::Serve,
+            Some(mode) if mode == "sweep" => Mode::Sweep,
             Some(other) => return Err(ArgsError::Usage(format!("unknown mode {other:?}"))),
-        }
-        let (mut root, mut cgroup_parent) = (None, None);
+        };
+        let (mut root, mut cgroup_parent, mut netns) = (None, None, None);
+        let (mut new_uts, mut new_ipc) = (false, false);
         while let Some(flag) = args.next() {
+            match flag.to_str() {
+                Some("--new-uts") => {
+                    new_uts = true;
+                    continue;
+                }
+                Some("--new-ipc") => {
+                    new_ipc = true;
+                    continue;
+                }
+                _ => {}
+            }
             let value = args
                 .next()
                 .ok_or_else(|| ArgsError::Usage(format!("{flag:?} needs a value")))?;
             match flag.to_str() {
                 Some("--root") => root = Some(PathBuf::from(value)),
+                Some("--netns") => netns = Some(PathBuf::from(value)),
                 Some("--cgroup-parent") => {
                     cgroup_parent = Some(
                         value
@@ -63,8 +103,12 @@ impl NodeArgs {
             .filter(|c| c.starts_with('/'))
             .ok_or_else(|| ArgsError::Usage("--cgroup-parent must start with /".into()))?;
         Ok(Some(Self {
+            mode,
             root,
             cgroup_parent,
+            netns,
+            new_uts,
+            new_ipc,
         }))
     }
 
@@ -79,16 +123,59 @@ impl NodeArgs {
     }
 }
 
+/// Where a node agent records its pid.
+const PID_FILE: &str = "agent.pid";
+
 /// The agent socket of the native pod whose directory is `root` (the daemon connects here).
 pub fn socket(root: &Path) -> PathBuf {
     root.join("agent.sock")
 }
 
+/// Enters the pod's namespaces. Call first, while the process has one thread (setns and unshare of
+/// these namespaces need it).
+pub fn enter_namespaces(args: &NodeArgs) -> Result<(), EnterError> {
+    use nix::sched::CloneFlags;
+    if let Some(path) = &args.netns {
+        let file = std::fs::File::open(path).map_err(|e| EnterError::Netns {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        nix::sched::setns(file, CloneFlags::CLONE_NEWNET).map_err(|source| EnterError::Netns {
+            path: path.clone(),
+            source: source.into(),
+        })?;
+    }
+    let mut flags = CloneFlags::empty();
+    flags.set(CloneFlags::CLONE_NEWUTS, args.new_uts);
+    flags.set(CloneFlags::CLONE_NEWIPC, args.new_ipc);
+    if !flags.is_empty() {
+        nix::sched::unshare(flags).map_err(EnterError::Unshare)?;
+    }
+    Ok(())
+}
+
+/// Why the agent could not enter the pod's namespaces.
+#[derive(Debug, thiserror::Error)]
+pub enum EnterError {
+    /// The network namespace could not be opened or joined.
+    #[error("entering the network namespace {}: {source}", path.display())]
+    Netns {
+        /// Its file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// New UTS or IPC namespaces could not be made.
+    #[error("new UTS/IPC namespaces: {0}")]
+    Unshare(#[source] nix::Error),
+}
+
 /// Becomes the subreaper of everything the pod starts (as PID 1 is in a VM), so every exit is recorded,
-/// and binds the socket.
+/// records its pid for [`sweep`], and binds the socket.
 pub fn prepare(args: &NodeArgs) -> std::io::Result<tokio::net::UnixListener> {
     nix::sys::prctl::set_child_subreaper(true)?;
     std::fs::create_dir_all(&args.root)?;
+    std::fs::write(args.root.join(PID_FILE), std::process::id().to_string())?;
     let socket = args.socket();
     match std::fs::remove_file(&socket) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -154,6 +241,16 @@ mod tests {
         assert_eq!(args.root, Path::new("/run/p/x"));
         assert_eq!(args.socket(), Path::new("/run/p/x/agent.sock"));
         assert_eq!(args.paths().cgroup_parent, "/kubepods/pod1");
+        assert_eq!((args.mode, args.netns, args.new_uts, args.new_ipc), (Mode::Serve, None, false, false));
+        let args = parse(&[
+            "sweep", "--new-ipc", "--root", "/r", "--netns", "/run/netns/p", "--cgroup-parent", "/c",
+            "--new-uts",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(args.mode, Mode::Sweep);
+        assert_eq!(args.netns.as_deref(), Some(Path::new("/run/netns/p")));
+        assert!(args.new_uts && args.new_ipc);
         for bad in [
             &["guest"][..],
             &["node", "--root"],

@@ -36,6 +36,8 @@ pub enum Place {
 
 /// Where a real guest keeps the pod files (a bind source containers may use).
 pub const FILES_DIR: &str = "/run/podvisor/sandbox";
+/// The file in the pod files directory a native pod's PID namespace holder's pid is kept in.
+pub const HOLDER_PID_FILE: &str = "pid-namespace-holder";
 /// The real sysctl tree; only a sandbox writing here also sets hostname, clock and entropy.
 const PROC_SYS: &str = "/proc/sys";
 
@@ -154,6 +156,10 @@ impl Sandbox {
             None => {
                 let pid = spawn_pid_namespace_holder()?;
                 *holder = Some(pid);
+                if self.place == Place::Node {
+                    // For the sweep after a crash: on the node it would outlive a killed agent.
+                    std::fs::write(self.files_dir.join(HOLDER_PID_FILE), pid.to_string())?;
+                }
                 pid
             }
         };

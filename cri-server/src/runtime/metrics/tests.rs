@@ -104,6 +104,8 @@ fn pod() -> PodRecord {
         network: None,
         cgroups: None,
         runtime_handler: String::new(),
+        kind: Default::default(),
+        native: None,
     }
 }
 
