@@ -173,10 +173,11 @@ pub fn report_oom(watch: &Watch, kills: u64) {
     }
 }
 
-/// Watches the container's memory.events and reports OOM kills while its init lives.
+/// Watches the container's memory.events (v2, inotify) or polls its OOM kill count every 250 ms (v1, whose
+/// memory.oom_control changes raise no inotify event) and reports OOM kills while its init lives.
 pub async fn monitor_oom(watch: Watch, init: std::sync::Weak<Process>) {
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-    let file = watch.cgroup.dir().join("memory.events");
+    let file = watch.cgroup.memory_events_path();
     /// Inotify as a raw-fd object for tokio.
     struct Watcher(Inotify);
     impl std::os::fd::AsRawFd for Watcher {
@@ -186,7 +187,10 @@ pub async fn monitor_oom(watch: Watch, init: std::sync::Weak<Process>) {
     }
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
         .ok()
-        .filter(|i| i.add_watch(&file, AddWatchFlags::IN_MODIFY).is_ok())
+        .filter(|i| {
+            file.as_deref()
+                .is_some_and(|f| i.add_watch(f, AddWatchFlags::IN_MODIFY).is_ok())
+        })
         // SAFETY: the Inotify is moved in and keeps its descriptor open for the AsyncFd's lifetime.
         .and_then(|i| unsafe { tokio::io::unix::AsyncFd::register(Watcher(i)) }.ok());
     loop {
@@ -203,7 +207,7 @@ pub async fn monitor_oom(watch: Watch, init: std::sync::Weak<Process>) {
                 let _ = fd.get_ref().0.read_events();
                 guard.clear_ready();
             }
-            None => tokio::time::sleep(Duration::from_secs(1)).await,
+            None => tokio::time::sleep(Duration::from_millis(250)).await,
         }
         report_oom(&watch, watch.cgroup.oom_kills());
         if init.upgrade().is_none_or(|p| p.ended().is_some()) {

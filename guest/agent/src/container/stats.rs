@@ -1,5 +1,6 @@
-//! A container's usage numbers, read straight from its cgroup v2 files, its processes' /proc entries and its
-//! writable layer (libcgroups' stats also need PSI and hugetlb files, which the guest kernel leaves out).
+//! A container's usage numbers, read straight from its cgroup files (v2, or v1 on hosts: `v1`), its processes'
+//! /proc entries and its writable layer (libcgroups' stats also need PSI and hugetlb files, which the guest
+//! kernel leaves out).
 
 use std::path::Path;
 
@@ -24,13 +25,31 @@ pub fn read(
     layer: &Path,
     roots: Roots<'_>,
 ) -> Result<pb::StatsContainerResponse, ContainerError> {
-    let dir = cgroup.dir();
-    if !dir.exists() {
+    if !cgroup.exists() {
         return Err(ContainerError::Internal(format!(
             "cgroup {} is gone",
-            dir.display()
+            cgroup.relative().display()
         )));
     }
+    let mut s = match cgroup.v2_dir() {
+        Some(dir) => v2(&dir, roots.sys),
+        None => v1::read(cgroup, roots.sys),
+    };
+    processes(&mut s, &cgroup.pids(), roots.proc);
+    if let Ok(fs) = nix::sys::statvfs::statvfs(layer) {
+        let frag = fs.fragment_size();
+        s.writable_layer_capacity_bytes = fs.blocks().saturating_mul(frag);
+        s.writable_layer_used_bytes = fs.blocks().saturating_sub(fs.blocks_free()) * frag;
+        s.writable_layer_inodes_total = fs.files();
+        s.writable_layer_inodes_free = fs.files_free();
+        s.writable_layer_inodes_used = fs.files().saturating_sub(fs.files_free());
+    }
+    s.timestamp_unix_ns = super::process::unix_ns(std::time::SystemTime::now());
+    Ok(s)
+}
+
+/// The cgroup figures of the v2 cgroup `dir`.
+fn v2(dir: &Path, sys: &Path) -> pb::StatsContainerResponse {
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
     let text = |f: &str| read(f).unwrap_or_default();
     // "max" (unlimited) and missing files parse as 0, which is what the response uses for "no limit".
@@ -54,7 +73,7 @@ pub fn read(
     s.memory_swap_limit_bytes = single("memory.swap.max");
     s.pids = single("pids.current");
     s.pids_limit = single("pids.max");
-    s.block_io = block_io(&text("io.stat"), roots.sys);
+    s.block_io = block_io(&text("io.stat"), sys);
     s.io_read_bytes = s.block_io.iter().map(|d| d.read_bytes).sum();
     s.io_write_bytes = s.block_io.iter().map(|d| d.write_bytes).sum();
     s.pressure = match (
@@ -65,17 +84,7 @@ pub fn read(
         (Some(c), Some(i), Some(m)) => Some(pressure(&c, &i, &m)),
         _ => None,
     };
-    processes(&mut s, &cgroup.pids(), roots.proc);
-    if let Ok(fs) = nix::sys::statvfs::statvfs(layer) {
-        let frag = fs.fragment_size();
-        s.writable_layer_capacity_bytes = fs.blocks().saturating_mul(frag);
-        s.writable_layer_used_bytes = fs.blocks().saturating_sub(fs.blocks_free()) * frag;
-        s.writable_layer_inodes_total = fs.files();
-        s.writable_layer_inodes_free = fs.files_free();
-        s.writable_layer_inodes_used = fs.files().saturating_sub(fs.files_free());
-    }
-    s.timestamp_unix_ns = super::process::unix_ns(std::time::SystemTime::now());
-    Ok(s)
+    s
 }
 
 fn stat_or_0(text: &str, key: &str) -> u64 {
@@ -224,6 +233,8 @@ fn nofile_soft(limits: &str) -> Option<u64> {
         v => v.parse().ok(),
     }
 }
+
+mod v1;
 
 #[cfg(test)]
 mod tests;
