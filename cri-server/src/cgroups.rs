@@ -173,10 +173,7 @@ impl CgroupConfig {
         } else {
             given
         })?;
-        Ok(format!(
-            "{}/podvisor-{id}",
-            parent.trim_end_matches('/')
-        ))
+        Ok(format!("{}/podvisor-{id}", parent.trim_end_matches('/')))
     }
 
     /// Checks the settings (the overhead parent is a path or a slice) before the daemon starts.

@@ -389,8 +389,15 @@ mod tests {
         let vm = pod("web");
         assert_eq!(pod_kind(&vm, "", true).unwrap(), PodKind::Vm);
         assert_eq!(pod_kind(&vm, "podvisor", true).unwrap(), PodKind::Vm);
-        assert_eq!(pod_kind(&vm, NATIVE_HANDLER, true).unwrap(), PodKind::Native);
-        for (network, pid, ipc) in [(true, false, false), (false, true, false), (false, false, true)] {
+        assert_eq!(
+            pod_kind(&vm, NATIVE_HANDLER, true).unwrap(),
+            PodKind::Native
+        );
+        for (network, pid, ipc) in [
+            (true, false, false),
+            (false, true, false),
+            (false, false, true),
+        ] {
             let c = with_node(pod("web"), network, pid, ipc);
             assert_eq!(pod_kind(&c, "", true).unwrap(), PodKind::Native);
             assert_eq!(pod_kind(&c, NATIVE_HANDLER, true).unwrap(), PodKind::Native);
@@ -428,7 +435,8 @@ mod tests {
         sandbox_request(&named, "node-1", PodKind::Native).unwrap();
         // A net.* sysctl would change the node's network: refused before anything starts.
         let mut sysctl = c.clone();
-        sysctl.linux.as_mut().unwrap().sysctls = [("net.core.somaxconn".to_string(), "1024".to_string())].into();
+        sysctl.linux.as_mut().unwrap().sysctls =
+            [("net.core.somaxconn".to_string(), "1024".to_string())].into();
         let e = sandbox_request(&sysctl, "node-1", PodKind::Native).unwrap_err();
         assert!(e.to_string().starts_with("config.linux.sysctls:"), "{e}");
         // A VM pod's request never names node namespaces.
@@ -447,9 +455,14 @@ mod tests {
         );
         let mut p = pod("web");
         p.hostname = "web-0".into();
-        assert_eq!(sandbox_request(&p, "node", PodKind::Vm).unwrap().hostname, "web-0");
+        assert_eq!(
+            sandbox_request(&p, "node", PodKind::Vm).unwrap().hostname,
+            "web-0"
+        );
         p.hostname = "Bad_Host".into();
-        let e = sandbox_request(&p, "node", PodKind::Vm).unwrap_err().to_string();
+        let e = sandbox_request(&p, "node", PodKind::Vm)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("config.hostname:"), "{e}");
         let e = sandbox_request(&pod("web"), "bad host", PodKind::Vm)
             .unwrap_err()
@@ -464,14 +477,18 @@ mod tests {
             servers: vec!["not-an-ip".into()],
             ..Default::default()
         });
-        let e = sandbox_request(&p, "node", PodKind::Vm).unwrap_err().to_string();
+        let e = sandbox_request(&p, "node", PodKind::Vm)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("config.dns_config.servers[0]:"), "{e}");
         let mut p = pod("web");
         p.linux = Some(LinuxPodSandboxConfig {
             sysctls: [("kernel.panic".to_string(), "1".to_string())].into(),
             ..Default::default()
         });
-        let e = sandbox_request(&p, "node", PodKind::Vm).unwrap_err().to_string();
+        let e = sandbox_request(&p, "node", PodKind::Vm)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("config.linux.sysctls:"), "{e}");
     }
 

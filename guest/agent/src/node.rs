@@ -241,9 +241,19 @@ mod tests {
         assert_eq!(args.root, Path::new("/run/p/x"));
         assert_eq!(args.socket(), Path::new("/run/p/x/agent.sock"));
         assert_eq!(args.paths().cgroup_parent, "/kubepods/pod1");
-        assert_eq!((args.mode, args.netns, args.new_uts, args.new_ipc), (Mode::Serve, None, false, false));
+        assert_eq!(
+            (args.mode, args.netns, args.new_uts, args.new_ipc),
+            (Mode::Serve, None, false, false)
+        );
         let args = parse(&[
-            "sweep", "--new-ipc", "--root", "/r", "--netns", "/run/netns/p", "--cgroup-parent", "/c",
+            "sweep",
+            "--new-ipc",
+            "--root",
+            "/r",
+            "--netns",
+            "/run/netns/p",
+            "--cgroup-parent",
+            "/c",
             "--new-uts",
         ])
         .unwrap()

@@ -49,10 +49,6 @@ impl Cgroup {
     }
 
     /// The v1 cgroup `relative` in the hierarchies `mounts` (controller name, mount point).
-    #[allow(
-        dead_code,
-        reason = "for the native pods' host agent, wired up in container/mod.rs separately"
-    )]
     pub fn v1(mounts: impl IntoIterator<Item = (String, PathBuf)>, relative: &str) -> Self {
         Self {
             layout: Layout::V1(mounts.into_iter().collect()),
@@ -62,10 +58,6 @@ impl Cgroup {
 
     /// The cgroup `relative` on this host: v2 under /sys/fs/cgroup when it is unified, else (legacy or hybrid,
     /// where libcontainer also uses v1) in the v1 hierarchies found in /proc/self/mountinfo.
-    #[allow(
-        dead_code,
-        reason = "for the native pods' host agent, wired up in container/mod.rs separately"
-    )]
     pub fn host(relative: &str) -> Result<Cgroup, ContainerError> {
         use libcgroups::common::{get_cgroup_setup, CgroupSetup};
         let setup = get_cgroup_setup()
@@ -230,10 +222,6 @@ impl Cgroup {
 
     /// Removes the cgroup and its descendants from every hierarchy, deepest first (missing directories are
     /// fine; cgroups still holding processes stay, with a warning). For clean-up after a crash.
-    #[allow(
-        dead_code,
-        reason = "for the native pods' host agent, wired up in container/mod.rs separately"
-    )]
     pub fn remove_tree(&self) {
         for dir in self.dirs() {
             walk_post(&dir, &mut |d| {

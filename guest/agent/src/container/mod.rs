@@ -364,8 +364,7 @@ impl ContainerManager {
 
         let cgroup = match &self.paths.cgroup_root {
             Some(root) => Cgroup::new(root, &cgroup_rel),
-            // FIXME(merge): Cgroup::host
-            None => Cgroup::new(Path::new(cgroup::CGROUP_ROOT), &cgroup_rel),
+            None => Cgroup::host(&cgroup_rel)?,
         };
         let (engine_stdio, stdio, child_fds, console) = self.stdio(terminal)?;
         let raw: Vec<_> = child_fds.iter().map(|f| f.as_raw_fd()).collect();

@@ -84,8 +84,10 @@ fn kill_recorded(file: &Path, comm: &str, errors: &mut Vec<String>) {
     };
     // /proc/<pid>/comm is the name cut to 15 bytes; a zombie is as good as gone.
     let is_it = || {
-        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')));
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        });
         !zombie
             && std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|c| !c.trim().is_empty() && comm.starts_with(c.trim()))
