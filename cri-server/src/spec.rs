@@ -171,7 +171,11 @@ pub fn container_spec(
         .set_no_new_privileges(sc.no_new_privs.then_some(true));
     let (user, to_resolve) = process_user(sc, &image)?;
     process.set_user(user);
-    let caps = security::capabilities(sc.privileged, sc.capabilities.as_ref())?;
+    let caps = security::capabilities(
+        sc.privileged,
+        sc.capabilities.as_ref(),
+        &security::privileged_set(kind),
+    )?;
     let seccomp = security::seccomp(sc, &caps)?;
     process.set_capabilities(Some(caps));
 

@@ -10,6 +10,7 @@ use oci_spec::runtime::{
 };
 
 use super::{invalid, unimplemented, SpecError, SC};
+use crate::pod::PodKind;
 
 use Capability::*;
 
@@ -87,12 +88,32 @@ fn is_all(name: &str) -> bool {
     name.trim().eq_ignore_ascii_case("ALL")
 }
 
+/// Every capability a privileged container gets: all of them in a pod VM; on the node, those this
+/// daemon may give (its bounding set), as containerd's `WithAllCurrentCapabilities`.
+pub(super) fn privileged_set(kind: PodKind) -> Vec<Capability> {
+    match kind {
+        PodKind::Vm => ALL_CAPS.to_vec(),
+        PodKind::Native => {
+            let node = caps::read(None, caps::CapSet::Bounding).unwrap_or_default();
+            ALL_CAPS
+                .iter()
+                .copied()
+                .filter(|c| {
+                    let name = format!("CAP_{c}").to_ascii_uppercase();
+                    caps::Capability::from_str(&name).is_ok_and(|n| node.contains(&n))
+                })
+                .collect()
+        }
+    }
+}
+
 /// The process capabilities (containerd order: ALL add, ALL drop, single adds, single drops).
 /// Bounding, effective and permitted are the same set; inheritable and ambient hold only the
-/// ambient capabilities asked for. Privileged containers get every capability.
+/// ambient capabilities asked for. Privileged containers get `privileged_set`.
 pub(super) fn capabilities(
     privileged: bool,
     caps: Option<&CriCapability>,
+    privileged_set: &[Capability],
 ) -> Result<LinuxCapabilities, SpecError> {
     let add_field = format!("{SC}.capabilities.add_capabilities");
     let drop_field = format!("{SC}.capabilities.drop_capabilities");
@@ -117,7 +138,7 @@ pub(super) fn capabilities(
         set.retain(|c| *c != cap);
     }
     if privileged {
-        set = ALL_CAPS.to_vec();
+        set = privileged_set.to_vec();
     }
     let mut ambient = Capabilities::new();
     for name in &caps.add_ambient_capabilities {

@@ -10,7 +10,7 @@ use k8s_cri::v1::{ImageSpec, PullImageRequest};
 use tonic::transport::Channel;
 
 use crate::cni::TestNetwork;
-use crate::guest::pod_prerequisites;
+use crate::guest::{native_prerequisites, pod_prerequisites};
 use crate::image::push_pod_image;
 
 /// Everything a pod test needs before it starts the daemon. Dropping it removes the network, the
@@ -31,7 +31,15 @@ impl PodBed {
     /// The bed of `test` with the pod image pushed as `repo`; None (the test prints why it skips)
     /// when KVM, the guest files, the registry tools or CNI are missing.
     pub fn new(test: &str, repo: &str) -> Option<PodBed> {
-        let guest = pod_prerequisites(test)?;
+        Self::with(pod_prerequisites(test)?, test, repo)
+    }
+
+    /// The bed of a test of native pods (no KVM needed, the agent binary is).
+    pub fn native(test: &str, repo: &str) -> Option<PodBed> {
+        Self::with(native_prerequisites(test)?, test, repo)
+    }
+
+    fn with(guest: PathBuf, test: &str, repo: &str) -> Option<PodBed> {
         let reg = Registry::start(None).unwrap();
         let dir = testing::tempdir();
         let net = TestNetwork::new(dir.path(), test)?;
@@ -57,19 +65,20 @@ impl PodBed {
     }
 }
 
-/// Prints the tail of the daemon log and of every pod's guest console under `dir`: what a failed pod
+/// Prints the tail of the daemon log and of every pod's guest console (or native agent log) under `dir`: what a failed pod
 /// test needs to be understood.
 pub fn dump_failure(dir: &Path, daemon_log: &Path) {
     let log = std::fs::read_to_string(daemon_log).unwrap_or_default();
     eprintln!("daemon log (tail):\n{}", tail(&log, 20_000));
     let pods = std::fs::read_dir(dir.join("state/pods"));
     for pod in pods.into_iter().flatten().flatten() {
-        let console = std::fs::read_to_string(pod.path().join("console.log")).unwrap_or_default();
-        eprintln!(
-            "console of {}:\n{}",
-            pod.path().display(),
-            tail(&console, 6000)
-        );
+        // A VM's console, or a native pod's agent log.
+        for name in ["console.log", "agent.log"] {
+            let Ok(log) = std::fs::read_to_string(pod.path().join(name)) else {
+                continue;
+            };
+            eprintln!("{name} of {}:\n{}", pod.path().display(), tail(&log, 6000));
+        }
     }
 }
 

@@ -79,3 +79,31 @@ pub fn pod_prerequisites(test: &str) -> Option<PathBuf> {
         }
     }
 }
+
+/// The guest directory holding `podvisor-agent` (built by `guest/build.sh`), if this host can run
+/// native pods: root, and the test registry's tools. Otherwise prints a SKIPPED line and returns None —
+/// or panics when PODVISOR_REQUIRE_KVM=1 (CI runs every pod test).
+#[cfg(feature = "cri")]
+pub fn native_prerequisites(test: &str) -> Option<PathBuf> {
+    let guest = guest_dir();
+    let why = if !crate::procfs::is_root() {
+        Some("native pods need root".to_string())
+    } else if !guest.join("podvisor-agent").is_file() {
+        Some(format!(
+            "{} has no podvisor-agent (run guest/build.sh)",
+            guest.display()
+        ))
+    } else {
+        image_service::testing::skip_reason()
+    };
+    match why {
+        None => Some(guest),
+        Some(reason) if std::env::var("PODVISOR_REQUIRE_KVM").as_deref() == Ok("1") => {
+            panic!("{test}: PODVISOR_REQUIRE_KVM=1 but {reason}")
+        }
+        Some(reason) => {
+            println!("SKIPPED {test}: {reason}");
+            None
+        }
+    }
+}
