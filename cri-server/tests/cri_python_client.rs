@@ -1,6 +1,6 @@
 //! A pod lifecycle driven by a CRI client we did not write: `e2e/cri_pod_lifecycle.py` on PyPI
 //! `container-runtime-interface-api` (installed by `e2e/setup-host.sh` into ~/.cache/podvisor/venv),
-//! against the real daemon, a real registry and real VMs.
+//! against the real daemon, a real registry and real VMs — and the same life as a native pod.
 
 use std::path::Path;
 
@@ -11,13 +11,26 @@ use podvisor_testkit::python::python;
 
 #[tokio::test]
 async fn python_cri_client_drives_a_pod() {
+    let test = "python_cri_client_drives_a_pod";
+    if let Some(bed) = PodBed::new(test, "py/busybox") {
+        drive(test, bed, "").await;
+    }
+}
+
+#[tokio::test]
+async fn python_cri_client_drives_a_native_pod() {
+    let test = "python_cri_client_drives_a_native_pod";
+    if let Some(bed) = PodBed::native(test, "py/native") {
+        drive(test, bed, "native").await;
+    }
+}
+
+/// Runs the Python scenario on `bed` with pods of `handler`.
+async fn drive(test: &str, bed: PodBed, handler: &str) {
     let Some(python) = python(
-        "python_cri_client_drives_a_pod",
+        test,
         "cri_api.v1.api_pb2_grpc, prometheus_client.openmetrics.parser",
     ) else {
-        return;
-    };
-    let Some(bed) = PodBed::new("python_cri_client_drives_a_pod", "py/busybox") else {
         return;
     };
     let (d, guest, image) = (bed.dir(), &bed.guest, &bed.image);
@@ -46,6 +59,7 @@ async fn python_cri_client_drives_a_pod() {
         .env("IMAGE", image)
         .env("LOG_DIR", &logs)
         .env("METRICS_URL", format!("http://{metrics}/metrics"))
+        .env("RUNTIME_HANDLER", handler)
         .output()
         .await
         .unwrap();
@@ -53,8 +67,14 @@ async fn python_cri_client_drives_a_pod() {
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     if !out.status.success() || !stdout.contains("PASS") {
         let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
+        let agents: String = std::fs::read_dir(d.join("state/pods"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|p| std::fs::read_to_string(p.path().join("agent.log")).ok())
+            .collect();
         panic!(
-            "the Python CRI client scenario failed; daemon log tail:\n{}",
+            "the Python CRI client scenario failed ({handler:?}); daemon log tail:\n{}\nagent logs:\n{agents}",
             &log[log.len().saturating_sub(10_000)..]
         );
     }

@@ -37,16 +37,16 @@ async fn native_pods_share_the_node() {
     }
 }
 
-async fn start(guest: &Path, d: &Path) -> (Daemon, Rt, Channel) {
+async fn start(guest: &Path, d: &Path, extra: &[&str]) -> (Daemon, Rt, Channel) {
     let socket = d.join("podvisor.sock");
-    let cmd = podvisor_cmd(env!("CARGO_BIN_EXE_podvisor"), d, &[]);
+    let cmd = podvisor_cmd(env!("CARGO_BIN_EXE_podvisor"), d, extra);
     let daemon = Daemon::start_with(cmd, &socket, guest, Some(&d.join("daemon.log"))).await;
     let chan = connect(socket).await;
     (daemon, RuntimeServiceClient::new(chan.clone()), chan)
 }
 
 async fn scenario(guest: PathBuf, d: PathBuf, image: String) {
-    let (mut daemon, mut rt, chan) = start(&guest, &d).await;
+    let (mut daemon, mut rt, chan) = start(&guest, &d, &[]).await;
     pull(chan, &image).await;
     let status = rt
         .status(StatusRequest { verbose: false })
@@ -107,8 +107,9 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // The restarted daemon reports the pod as ended and sweeps the rest (cgroups, its directory).
-    let (_daemon, mut rt, _) = start(&guest, &d).await;
+    // The restarted daemon reports the pod as ended and sweeps the rest (cgroups, its directory), even
+    // on a node that now refuses native pods.
+    let (_daemon, mut rt, _) = start(&guest, &d, &["--host-pods", "refuse"]).await;
     let st = rt
         .pod_sandbox_status(PodSandboxStatusRequest {
             pod_sandbox_id: isolated.clone(),
@@ -138,6 +139,44 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String) {
     })
     .await
     .unwrap();
+    refused(&mut rt, &logs).await;
+}
+
+/// With `--host-pods refuse`: no `native` handler, and pods that need the node get a VM's errors.
+async fn refused(rt: &mut Rt, logs: &Path) {
+    let status = rt
+        .status(StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner();
+    let handlers: Vec<_> = status
+        .runtime_handlers
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(handlers, ["", "podvisor"]);
+    let mut config = pod_config("proxy", "uid-refused", logs);
+    config.hostname.clear();
+    config.linux = Some(LinuxPodSandboxConfig {
+        security_context: Some(LinuxSandboxSecurityContext {
+            namespace_options: Some(node_namespaces()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    for (handler, code) in [
+        ("", tonic::Code::InvalidArgument),
+        ("native", tonic::Code::NotFound),
+    ] {
+        let e = rt
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: handler.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{handler:?}: {}", e.message());
+    }
 }
 
 /// The namespace options of a pod that shares the node's network, PID and IPC namespaces.

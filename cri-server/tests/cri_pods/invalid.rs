@@ -110,10 +110,12 @@ pub async fn invalid_requests(rt: &mut Rt, image: &str, logs: &Path) {
         }),
         ..Default::default()
     });
+    // Under the default handler it would run natively (tests/cri_native.rs); the VM handler by name
+    // cannot give it the node's network.
     let (c, m) = code(
         rt.run_pod_sandbox(RunPodSandboxRequest {
             config: Some(host_net),
-            runtime_handler: String::new(),
+            runtime_handler: "podvisor".into(),
         })
         .await,
     );
