@@ -191,8 +191,10 @@ pub enum ConnectError {
     },
 }
 
-/// Pause between two attempts of [`wait_for_agent`].
+/// Pause between two attempts of [`wait_for_agent`] (a VM boots for seconds).
 const RETRY_INTERVAL: Duration = Duration::from_millis(200);
+/// Pause between two attempts of [`wait_for_node_agent`] (a process on the node is up in milliseconds).
+const NODE_RETRY_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Connects to the agent ([`crate::AGENT_VSOCK_PORT`]) through `uds`, retrying until it answers Health or
 /// `timeout` passes.
@@ -200,7 +202,7 @@ pub async fn wait_for_agent(
     uds: &Path,
     timeout: Duration,
 ) -> Result<AgentClient<Channel>, ConnectError> {
-    wait_until_healthy(timeout, || {
+    wait_until_healthy(timeout, RETRY_INTERVAL, || {
         connect_hybrid_vsock(uds, crate::AGENT_VSOCK_PORT)
     })
     .await
@@ -212,12 +214,13 @@ pub async fn wait_for_node_agent(
     path: &Path,
     timeout: Duration,
 ) -> Result<AgentClient<Channel>, ConnectError> {
-    wait_until_healthy(timeout, || connect_unix(path)).await
+    wait_until_healthy(timeout, NODE_RETRY_INTERVAL, || connect_unix(path)).await
 }
 
-/// Retries `connect` and Health until both succeed or `timeout` passes.
+/// Retries `connect` and Health every `interval` until both succeed or `timeout` passes.
 async fn wait_until_healthy<F, Fut>(
     timeout: Duration,
+    interval: Duration,
     connect: F,
 ) -> Result<AgentClient<Channel>, ConnectError>
 where
@@ -239,7 +242,7 @@ where
             },
             Err(source) => last = ConnectError::Connect { timeout, source },
         }
-        tokio::time::sleep(RETRY_INTERVAL).await;
+        tokio::time::sleep(interval).await;
     }
     Err(last)
 }

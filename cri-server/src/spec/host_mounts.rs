@@ -11,7 +11,8 @@ use procfs::process::MountOptFields;
 
 use super::{invalid, unimplemented, SpecError};
 
-/// The spec mount of CRI mount `m` (field `field`) at `dest`, and the rootfs propagation it needs.
+/// The spec mount of CRI mount `m` (field `field`) at `dest`, and the rootfs propagation it needs
+/// (`slave`, `shared`).
 pub(super) fn bind(
     field: &str,
     m: &CriMount,
@@ -28,11 +29,11 @@ pub(super) fn bind(
         Ok(MountPropagation::PropagationPrivate) => ("rprivate", None),
         Ok(MountPropagation::PropagationHostToContainer) => {
             check_propagation(field, &source, false)?;
-            ("rslave", Some("rslave"))
+            ("rslave", Some("slave"))
         }
         Ok(MountPropagation::PropagationBidirectional) => {
             check_propagation(field, &source, true)?;
-            ("rshared", Some("rshared"))
+            ("rshared", Some("shared"))
         }
         Err(_) => {
             return Err(invalid(
@@ -51,10 +52,11 @@ pub(super) fn bind(
     Ok((mount, rootfs))
 }
 
-/// The rootfs propagation that serves both `a` and `b` (`rshared` over `rslave`).
+/// The rootfs propagation that serves both `a` and `b` (`shared` over `slave`; the OCI spec's values,
+/// which the engine applies recursively).
 pub(super) fn stronger(a: Option<&'static str>, b: Option<&'static str>) -> Option<&'static str> {
     match (a, b) {
-        (Some("rshared"), _) | (_, Some("rshared")) => Some("rshared"),
+        (Some("shared"), _) | (_, Some("shared")) => Some("shared"),
         (a, b) => a.or(b),
     }
 }

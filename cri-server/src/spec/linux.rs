@@ -374,6 +374,6 @@ pub(super) struct CriMounts {
     pub mounts: Vec<Mount>,
     /// What the host copies into a pod VM before the container is created.
     pub copies: Vec<HostMount>,
-    /// The rootfs propagation the CRI mounts need (`rslave`, `rshared`; native pods only).
+    /// The rootfs propagation the CRI mounts need (`slave`, `shared`; native pods only).
     pub rootfs_propagation: Option<&'static str>,
 }

@@ -2,10 +2,12 @@
 //! client. A kube-proxy-like pod (hostNetwork, hostPID, hostIPC) runs on the node with the node's
 //! namespaces, serves on a node port, sees a node SysV segment and node processes; a pod of the
 //! `native` handler gets its own namespaces and CNI address, and its memory limit is a real cgroup
-//! limit (OOMKilled, 137). Removing a pod, and killing the daemon with SIGKILL, leave no process,
-//! mount, loop device or cgroup behind.
+//! limit (OOMKilled, 137). A privileged node agent in the host pod programs the node's iptables,
+//! creates a bridge on the node and shares mounts with it (Bidirectional, HostToContainer). Removing a
+//! pod, and killing the daemon with SIGKILL, leave no process, mount, loop device or cgroup behind.
 
 mod leftovers;
+mod node_agent;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -62,7 +64,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String) {
     let logs = d.join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
 
-    let host_pod = host_pod(&mut rt, &image, &logs).await;
+    let host_pod = host_pod(&mut rt, &image, &logs, &d).await;
     let isolated = isolated_pod(&mut rt, &image, &logs).await;
 
     // Stop and remove the host pod: nothing of it stays on the node.
@@ -190,7 +192,7 @@ fn node_namespaces() -> NamespaceOption {
 }
 
 /// A kube-proxy-like pod: on the node's network, PID and IPC namespaces, privileged.
-async fn host_pod(rt: &mut Rt, image: &str, logs: &Path) -> String {
+async fn host_pod(rt: &mut Rt, image: &str, logs: &Path, d: &Path) -> String {
     let mut config = pod_config("proxy", "uid-proxy", logs);
     // kubelet sends no hostname for hostNetwork pods: theirs is the node's.
     config.hostname.clear();
@@ -274,6 +276,8 @@ async fn host_pod(rt: &mut Rt, image: &str, logs: &Path) -> String {
     let node_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let log = wait_log(&logs.join("server.log"), node_name.trim()).await;
     assert!(log.contains(node_name.trim()), "{log}");
+    node_agent::node_agent(rt, &pod, &config, image, d).await;
+    node_agent::private_source_refused(rt, &pod, &config, image, d).await;
     pod
 }
 
