@@ -51,6 +51,7 @@ boot_timeout_secs = 30
 default_memory_mib = 256
 guest_overhead_mib = 64
 writable_layer_mib = 128
+host_pods = "refuse"
 
 [network]
 cni_conf_dir = "/tmp/pv/net.d"
@@ -95,6 +96,7 @@ fn every_key_sets_its_flag_and_flags_win() {
         Some("127.0.0.1:19464".parse().unwrap())
     );
     assert_eq!(args.otlp_endpoint, "http://127.0.0.1:4317");
+    assert_eq!(args.pods.host_pods, crate::daemon::HostPods::Refuse);
     // An empty metrics address turns the endpoint off.
     let other = tempfile::tempdir().unwrap();
     let off = write(other.path(), "[metrics]\naddress = \"\"\n");

@@ -91,6 +91,8 @@ pub fn pod_info(pod: &PodRecord, cni_check: Option<Result<(), String>>) -> HashM
         })
     });
     let info = serde_json::json!({
+        "kind": pod.kind,
+        "native": pod.native,
         "network": network,
         "vcpus": pod.vcpus,
         "memoryMiB": pod.mem_mib,

@@ -295,6 +295,8 @@ mod confinement;
 
 mod linux;
 
+mod native;
+
 #[test]
 fn nul_bytes_are_refused_with_the_field() {
     let c = ContainerConfig {

@@ -210,14 +210,20 @@ async fn host_pod(rt: &mut Rt, image: &str, logs: &Path, d: &Path) -> String {
     let st = rt
         .pod_sandbox_status(PodSandboxStatusRequest {
             pod_sandbox_id: pod.clone(),
-            verbose: false,
+            verbose: true,
         })
         .await
         .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+        .into_inner();
+    assert!(
+        st.info["info"].contains("\"kind\":\"Native\""),
+        "{:?}",
+        st.info
+    );
+    let st = st.status.unwrap();
     assert_eq!(st.state, PodSandboxState::SandboxReady as i32);
+    // No pod IP of its own: kubelet uses the node's.
+    assert_eq!(st.network.map(|n| n.ip).unwrap_or_default(), "");
     let ns = st.linux.unwrap().namespaces.unwrap().options.unwrap();
     assert_eq!(ns.network, NamespaceMode::Node as i32);
 
