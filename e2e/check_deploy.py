@@ -126,6 +126,11 @@ def check_objects():
     handler = const("cri-server/src/runtime/mod.rs", "RUNTIME_NAME")
     check(rc.get("handler") == handler, f"RuntimeClass: handler {rc.get('handler')!r}, daemon accepts {handler!r}")
     check(rc.get("scheduling", {}).get("nodeSelector") == RUNTIME_LABEL, "RuntimeClass: nodeSelector")
+    native = obj("RuntimeClass", "native")
+    native_handler = const("cri-server/src/sandbox/validate.rs", "NATIVE_HANDLER")
+    check(native.get("handler") == native_handler,
+          f"RuntimeClass native: handler {native.get('handler')!r}, daemon accepts {native_handler!r}")
+    check("overhead" not in native, "RuntimeClass native: no VM, no overhead")
     config_toml = obj("ConfigMap", "podvisor-config").get("data", {}).get("config.toml")
     check(config_toml == (DEPLOY / "config.toml").read_text(),
           "ConfigMap podvisor-config: data.config.toml differs from deploy/config.toml")
@@ -163,10 +168,10 @@ def check_objects():
         check(ds["spec"].get("updateStrategy", {}).get("type") == "OnDelete",
               "DaemonSet: updateStrategy must be OnDelete (a restart ends the node's pod VMs)")
         check(spec.get("nodeSelector") == INSTALL_LABEL, "DaemonSet: nodeSelector")
-        terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-        not_podvisor = {"key": "podvisor.io/runtime", "operator": "NotIn", "values": ["true"]}
-        check(terms == [{"matchExpressions": [not_podvisor]}],
-              "DaemonSet: must stay off nodes labelled podvisor.io/runtime=true (the RuntimeClass label)")
+        # A node whose kubelet uses podvisor runs the installer too (a native pod: hostPID, host /).
+        check("podvisor.io/runtime" not in json.dumps(spec.get("affinity", {})),
+              "DaemonSet: must not be kept off podvisor nodes (they run host pods natively)")
+        check(spec.get("hostPID") is True, "DaemonSet: hostPID (nsenter -t 1)")
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
         mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
         cm = [v["name"] for v in spec["volumes"] if v.get("configMap", {}).get("name") == "podvisor-config"]
