@@ -62,9 +62,11 @@ async fn start_one(rt: &mut Rt, handler: &str, config: &PodSandboxConfig, image:
     })
     .await
     .expect("StopPodSandbox");
-    rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
-        .await
-        .expect("RemovePodSandbox");
+    rt.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .expect("RemovePodSandbox");
     took
 }
 
@@ -154,7 +156,8 @@ async fn main() {
         // One warm-up each, then alternate so that both see the same machine.
         for run in 0..=runs {
             let name = format!("{}-{run}", case.replace('_', "-"));
-            let ours_s = start_one(&mut ours, handler, &config(&name, run, host, &logs), &image).await;
+            let ours_s =
+                start_one(&mut ours, handler, &config(&name, run, host, &logs), &image).await;
             let peer_s = start_one(&mut peer, "", &config(&name, run, host, &logs), &image).await;
             eprintln!("{case} run {run}: ours {ours_s:.3}s, containerd+runc {peer_s:.3}s");
             if run > 0 {

@@ -24,6 +24,7 @@ pub struct Check {
 pub fn checks(args: &DaemonArgs) -> Vec<Check> {
     let mut out = vec![config(&args.config), kvm()];
     out.extend(guest_files(&args.guest_dir));
+    out.push(native_agent(args));
     out.push(cgroups(args));
     out.push(tun());
     out.push(cni(args));
@@ -105,6 +106,38 @@ fn guest_files(guest_dir: &Path) -> Vec<Check> {
     .collect()
 }
 
+/// The agent native pods run on the node: an executable ELF speaking this daemon's protocol (not
+/// needed with `--host-pods refuse`).
+fn native_agent(args: &DaemonArgs) -> Check {
+    let agent = args.guest_dir.join("podvisor-agent");
+    let result = if args.pods.host_pods == crate::daemon::HostPods::Refuse {
+        Ok("not needed: native pods are refused (--host-pods refuse)".to_string())
+    } else {
+        std::fs::read(&agent)
+            .map_err(|e| {
+                format!(
+                    "{}: {e} (run guest/build.sh and install it; or --host-pods refuse)",
+                    agent.display()
+                )
+            })
+            .and_then(|bytes| {
+                use std::os::unix::fs::PermissionsExt;
+                let executable =
+                    std::fs::metadata(&agent).is_ok_and(|m| m.permissions().mode() & 0o111 != 0);
+                if !bytes.starts_with(b"\x7fELF") || !executable {
+                    return Err(format!("{} is not an executable ELF", agent.display()));
+                }
+                speaks_protocol(&agent, &bytes)
+            })
+    };
+    Check {
+        name: "native pod agent",
+        ok: result.is_ok(),
+        warning: false,
+        detail: result.unwrap_or_else(|e| e),
+    }
+}
+
 fn agent_matches(path: &Path, bytes: &[u8]) -> Result<String, String> {
     if !bytes.starts_with(b"070701") {
         return Err(format!(
@@ -112,6 +145,11 @@ fn agent_matches(path: &Path, bytes: &[u8]) -> Result<String, String> {
             path.display()
         ));
     }
+    speaks_protocol(path, bytes)
+}
+
+/// Whether the agent in `bytes` (a binary, or an archive holding it) serves every RPC of this daemon.
+fn speaks_protocol(path: &Path, bytes: &[u8]) -> Result<String, String> {
     let missing: Vec<String> = podvisor_proto::agent_method_paths()
         .into_iter()
         .filter(|m| !bytes.windows(m.len()).any(|w| w == m.as_bytes()))
@@ -332,6 +370,24 @@ mod tests {
         cpio.extend_from_slice(b"/podvisor.agent.v1.Agent/CopyFile");
         std::fs::write(dir.path().join("initramfs.cpio"), &cpio).unwrap();
         assert!(find(&checks(&args(&["--guest-dir", d])), "guest initramfs").ok);
+        // The native pods' agent: missing fails, unless native pods are refused.
+        assert!(!find(&checks(&args(&["--guest-dir", d])), "native pod agent").ok);
+        let refused = checks(&args(&["--guest-dir", d, "--host-pods", "refuse"]));
+        assert!(find(&refused, "native pod agent").ok);
+        let agent = dir.path().join("podvisor-agent");
+        std::fs::write(&agent, [&b"\x7fELF"[..], &cpio[6..]].concat()).unwrap();
+        let r = checks(&args(&["--guest-dir", d]));
+        assert!(find(&r, "native pod agent")
+            .detail
+            .contains("not an executable"));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let r = checks(&args(&["--guest-dir", d]));
+        assert!(
+            find(&r, "native pod agent").ok,
+            "{:?}",
+            find(&r, "native pod agent")
+        );
         // The real guest build, when there is one, passes.
         let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
         if built.join("vmlinux").exists() {
@@ -346,6 +402,8 @@ mod tests {
                 "{:?}",
                 find(&r, "guest initramfs")
             );
+            let agent = find(&r, "native pod agent");
+            assert!(agent.ok, "{agent:?}");
         }
     }
 

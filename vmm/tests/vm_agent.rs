@@ -124,6 +124,7 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
             fstype: "ext4".into(),
             read_only: true,
             mount_point: None,
+            image_path: None,
             timeout_ms: 60_000,
         }))
         .expect("AddStorage")
@@ -150,12 +151,26 @@ fn boot_agent_block_hotplug_and_clean_teardown() {
         fstype: "ext4".into(),
         read_only: true,
         mount_point: None,
+        image_path: None,
         timeout_ms: 1_500,
     }));
     assert_eq!(
         again.expect_err("slot 0 is empty").code(),
         tonic::Code::DeadlineExceeded
     );
+    // An image file is how a native pod's agent on the node mounts images; a guest refuses it.
+    let file = rt.block_on(agent.add_storage(AddStorageRequest {
+        id: "file".into(),
+        block_slot: 0,
+        fstype: "ext4".into(),
+        read_only: true,
+        mount_point: None,
+        image_path: Some("/run/image.ext4".into()),
+        timeout_ms: 1_500,
+    }));
+    let e = file.expect_err("a guest has no image files");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("image_path"), "{}", e.message());
 
     // A read-write slot takes a writable image and gives it back.
     vm.attach_block(1, &rw_image, false).expect("attach rw");

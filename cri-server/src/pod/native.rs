@@ -9,6 +9,7 @@
 //! the agent removes every container and image mount and exits, so a native pod never outlives its
 //! daemon; after a crash, [`sweep`] removes whatever the agent could not.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,10 +82,14 @@ pub struct NativePod {
 impl NativePod {
     /// Starts the pod's agent in its namespaces and waits until it serves.
     pub async fn start(config: &NativeConfig, shape: NativeShape) -> Result<NativePod, PodError> {
-        std::fs::create_dir_all(&shape.dir).map_err(|source| PodError::NativeStart {
-            why: format!("creating {}: {source}", shape.dir.display()),
-            log: String::new(),
-        })?;
+        // Root only: whoever reaches the agent's socket runs anything in the pod's containers.
+        let private = std::fs::Permissions::from_mode(0o700);
+        std::fs::create_dir_all(&shape.dir)
+            .and_then(|()| std::fs::set_permissions(&shape.dir, private))
+            .map_err(|source| PodError::NativeStart {
+                why: format!("creating {}: {source}", shape.dir.display()),
+                log: String::new(),
+            })?;
         let log_path = shape.log.clone();
         let mut child = spawn(config, &shape, &log_path).map_err(|e| PodError::NativeStart {
             why: format!("starting {}: {e}", config.agent.display()),

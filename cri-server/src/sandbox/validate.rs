@@ -156,18 +156,17 @@ pub fn sandbox_request(
     kind: PodKind,
 ) -> Result<pb::CreateSandboxRequest, SandboxError> {
     let node = node_namespaces(config);
-    if kind == PodKind::Native && node.network && !config.hostname.is_empty() {
-        if config.hostname != node_hostname {
-            return Err(invalid(
-                "config.hostname",
-                &format!(
-                    "{} cannot be set: the pod shares the node's network and UTS namespaces, whose \
-                     hostname is {}",
-                    crate::text::echo(&config.hostname),
-                    crate::text::echo(node_hostname)
-                ),
-            ));
-        }
+    let named = !config.hostname.is_empty() && config.hostname != node_hostname;
+    if kind == PodKind::Native && node.network && named {
+        return Err(invalid(
+            "config.hostname",
+            format!(
+                "{} cannot be set: the pod shares the node's network and UTS namespaces, whose \
+                 hostname is {}",
+                crate::text::echo(&config.hostname),
+                crate::text::echo(node_hostname)
+            ),
+        ));
     }
     let hostname = if config.hostname.is_empty() {
         node_hostname.to_string()

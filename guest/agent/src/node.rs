@@ -138,7 +138,7 @@ pub fn enter_namespaces(args: &NodeArgs) -> Result<(), EnterError> {
     if let Some(path) = &args.netns {
         let file = std::fs::File::open(path).map_err(|e| EnterError::Netns {
             path: path.clone(),
-            source: e.into(),
+            source: e,
         })?;
         nix::sched::setns(file, CloneFlags::CLONE_NEWNET).map_err(|source| EnterError::Netns {
             path: path.clone(),

@@ -55,6 +55,7 @@ pub async fn set_up(agent: &mut AgentClient<Channel>, t: &mut Timings) -> bool {
             fstype: "ext4".into(),
             read_only: true,
             mount_point: None,
+            image_path: None,
             timeout_ms: 60_000,
         }),
     )
