@@ -306,6 +306,7 @@ async fn serve(args: DaemonArgs) -> Result<(), DaemonError> {
     let streaming =
         StreamingServer::start(args.streaming_addr, crate::sandbox::backend(&manager)).await?;
     tracing::info!(addr = %streaming.addr(), "streaming server (exec, attach, port-forward) listening");
+    let pods = manager.clone();
     let runtime = Runtime::new(args.guest_dir.clone(), manager, Arc::new(streaming));
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -323,6 +324,8 @@ async fn serve(args: DaemonArgs) -> Result<(), DaemonError> {
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(&args.socket);
+    // VM pods end with this process; native pods' agents are processes of their own.
+    pods.stop_native_pods().await;
     Ok(result?)
 }
 

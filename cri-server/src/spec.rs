@@ -11,7 +11,8 @@ use std::fmt::Display;
 use std::path::PathBuf;
 
 use k8s_cri::v1::{
-    ContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext, PodSandboxConfig,
+    ContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext, NamespaceMode,
+    PodSandboxConfig,
 };
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxResources, Process, Root, Spec, User};
 use serde_json::Value;
@@ -193,24 +194,14 @@ pub fn container_spec(
             .set_masked_paths(Some(non_empty_or(&sc.masked_paths, DEFAULT_MASKED)))
             .set_readonly_paths(Some(non_empty_or(&sc.readonly_paths, DEFAULT_READONLY)));
     }
-    let mut resources = LinuxResources::default();
-    let mut device_rule = LinuxDeviceCgroup::default();
-    device_rule
-        .set_allow(sc.privileged)
-        .set_access(Some("rwm".to_string()));
-    resources.set_devices(Some(vec![device_rule]));
-    if let Some(r) = linux_cfg.and_then(|l| l.resources.as_ref()) {
-        container_resources(r, &mut resources)?;
-        let adj = i32::try_from(r.oom_score_adj)
-            .ok()
-            .filter(|a| (-1000..=1000).contains(a))
-            .ok_or_else(|| invalid(format!("{RES}.oom_score_adj"), "must be in -1000..=1000"))?;
-        process.set_oom_score_adj(Some(adj));
-    }
+    let resources = resources(
+        sc,
+        linux_cfg.and_then(|l| l.resources.as_ref()),
+        &mut process,
+    )?;
     linux.set_resources(Some(resources));
 
-    let cri_mounts = mounts(config, sc.privileged, kind)?;
-    linux.set_rootfs_propagation(cri_mounts.rootfs_propagation.map(String::from));
+    let cri_mounts = spec_mounts(config, sc, kind, &mut linux)?;
     let mut root = Root::default();
     root.set_path(PathBuf::from("rootfs"))
         .set_readonly(Some(sc.readonly_rootfs));
@@ -219,7 +210,8 @@ pub fn container_spec(
     spec.set_version("1.1.0".to_string())
         .set_root(Some(root))
         .set_process(Some(process))
-        // No hostname: containers share the VM's UTS namespace, whose hostname the agent sets.
+        // No hostname: containers share the pod's UTS namespace (the VM's, or the one a native
+        // pod's agent runs in), whose hostname the agent sets.
         .set_hostname(None)
         .set_mounts(Some(cri_mounts.mounts))
         .set_annotations(Some(annotations(config, pod)))
@@ -231,6 +223,50 @@ pub fn container_spec(
         stop_signal: stop_signal(&image.stop_signal)?,
         mounts: cri_mounts.copies,
     })
+}
+
+/// The container's OCI resources: its device rule (everything for privileged containers, nothing
+/// otherwise) and the CRI resources; sets the process's `oom_score_adj`.
+fn resources(
+    sc: &LinuxContainerSecurityContext,
+    cri: Option<&LinuxContainerResources>,
+    process: &mut Process,
+) -> Result<LinuxResources, SpecError> {
+    let mut resources = LinuxResources::default();
+    let mut device_rule = LinuxDeviceCgroup::default();
+    device_rule
+        .set_allow(sc.privileged)
+        .set_access(Some("rwm".to_string()));
+    resources.set_devices(Some(vec![device_rule]));
+    if let Some(r) = cri {
+        container_resources(r, &mut resources)?;
+        let adj = i32::try_from(r.oom_score_adj)
+            .ok()
+            .filter(|a| (-1000..=1000).contains(a))
+            .ok_or_else(|| invalid(format!("{RES}.oom_score_adj"), "must be in -1000..=1000"))?;
+        process.set_oom_score_adj(Some(adj));
+    }
+    Ok(resources)
+}
+
+/// The container's mounts, with the rootfs propagation they need set on `linux`; on the node's IPC
+/// namespace a native container gets the node's `/dev/shm`.
+fn spec_mounts(
+    config: &ContainerConfig,
+    sc: &LinuxContainerSecurityContext,
+    kind: PodKind,
+    linux: &mut oci_spec::runtime::Linux,
+) -> Result<linux::CriMounts, SpecError> {
+    let mut cri_mounts = mounts(config, sc.privileged, kind)?;
+    linux.set_rootfs_propagation(cri_mounts.rootfs_propagation.map(String::from));
+    let node_ipc = sc
+        .namespace_options
+        .as_ref()
+        .is_some_and(|n| n.ipc == NamespaceMode::Node as i32);
+    if kind == PodKind::Native && node_ipc {
+        linux::node_shm(&mut cri_mounts.mounts);
+    }
+    Ok(cri_mounts)
 }
 
 /// OCI resources for UpdateContainerResources; errors name the request field (`linux.<field>`).

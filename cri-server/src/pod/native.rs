@@ -113,6 +113,9 @@ impl NativePod {
                 Err(why) => {
                     drop(lifeline);
                     let _ = kill.send(true);
+                    // Gone before the caller sweeps its directory (it would write there again).
+                    let _ =
+                        tokio::time::timeout(STOP_TIMEOUT, exited.wait_for(Option::is_some)).await;
                     return Err(PodError::NativeStart {
                         why,
                         log: tail(&log_path),

@@ -4,6 +4,7 @@
 
 mod convert;
 mod error;
+mod handlers;
 mod metrics;
 mod stats;
 
@@ -191,20 +192,7 @@ impl RuntimeService for Runtime {
                     .to_string(),
             );
         }
-        // The default handler ("") and its name, and `native` where native pods are allowed. A pod VM
-        // has no user namespaces and its mounts are copies (no submounts to make read-only
-        // recursively); native pods offer neither yet.
-        let handler = |name: &str| RuntimeHandler {
-            name: name.into(),
-            features: Some(RuntimeHandlerFeatures {
-                recursive_read_only_mounts: false,
-                user_namespaces: false,
-            }),
-        };
-        let mut runtime_handlers = vec![handler(""), handler(RUNTIME_NAME)];
-        if self.manager.native_pods() {
-            runtime_handlers.push(handler(NATIVE_HANDLER));
-        }
+        let runtime_handlers = handlers::list(self.manager.native_pods());
         ok(StatusResponse {
             status: Some(RuntimeStatus {
                 conditions: vec![self.runtime_condition(), network],
@@ -222,23 +210,7 @@ impl RuntimeService for Runtime {
         request: Request<RunPodSandboxRequest>,
     ) -> Result<RunPodSandboxResponse> {
         let req = request.into_inner();
-        let native = self.manager.native_pods();
-        let known = match req.runtime_handler.as_str() {
-            "" | RUNTIME_NAME => true,
-            NATIVE_HANDLER => native,
-            _ => false,
-        };
-        if !known {
-            let served = if native {
-                format!("\"\", \"{RUNTIME_NAME}\" and \"{NATIVE_HANDLER}\"")
-            } else {
-                format!("\"\" and \"{RUNTIME_NAME}\"; native pods are refused on this node")
-            };
-            return Err(Status::not_found(format!(
-                "runtime_handler: {} is not configured (podvisor serves {served})",
-                crate::text::echo(&req.runtime_handler)
-            )));
-        }
+        handlers::check(&req.runtime_handler, self.manager.native_pods())?;
         let config = req
             .config
             .ok_or_else(|| Status::invalid_argument("config: missing"))?;

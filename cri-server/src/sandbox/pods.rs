@@ -26,54 +26,97 @@ impl Manager {
         mut config: PodSandboxConfig,
         runtime_handler: &str,
     ) -> Result<String, SandboxError> {
-        // Everything checkable on the host is checked before anything is created.
-        let name_key = validate::pod_name_key(&config)?;
+        let (sandbox, mut record) = self.plan_pod(&mut config, runtime_handler)?;
+        let id = record.id.clone();
+        self.store()
+            .reserve_name(&record.name_key, &id)
+            .map_err(|e| SandboxError::AlreadyExists(format!("pod sandbox {e}")))?;
+        let lock = self.pod_lock(&id);
+        let _guard = lock.lock().await;
+        self.store().put_pod(&record)?;
+        let started = match (record.kind, record.network.clone()) {
+            (PodKind::Vm, Some(intent)) => {
+                self.boot_pod(&config, sandbox, &intent, &mut record).await
+            }
+            // pod_kind never gives a pod on the node's network a VM.
+            (PodKind::Vm, None) => Err(SandboxError::InvalidArgument(
+                "config.linux.security_context.namespace_options.network: a pod VM has its own"
+                    .into(),
+            )),
+            (PodKind::Native, intent) => {
+                self.start_native(&config, sandbox, intent.as_ref(), &mut record)
+                    .await
+            }
+        };
+        let live = match started {
+            Ok(live) => live,
+            Err(e) => {
+                tracing::warn!(pod = %id, "RunPodSandbox failed: {e}");
+                self.discard_pod(&record).await;
+                self.forget_lock(&id, &lock);
+                return Err(e);
+            }
+        };
+        record.state = PodState::Ready;
+        if let Err(e) = self.store().put_pod(&record) {
+            live.stop().await;
+            self.discard_pod(&record).await;
+            self.forget_lock(&id, &lock);
+            return Err(e.into());
+        }
+        self.insert_live_pod(&id, live);
+        let (kind, vcpus, mem_mib) = (record.kind, record.vcpus, record.mem_mib);
+        tracing::info!(pod = %id, ?kind, vcpus, mem_mib, "pod sandbox ready");
+        Ok(id)
+    }
+
+    /// Checks everything checkable on the host before anything is created, and decides the pod: its
+    /// kind, its guest's sandbox request, and its record (state `Creating`, with the intent of every
+    /// host resource). `config.hostname` becomes the pod's (the node's when it has none).
+    fn plan_pod(
+        &self,
+        config: &mut PodSandboxConfig,
+        runtime_handler: &str,
+    ) -> Result<(pb::CreateSandboxRequest, PodRecord), SandboxError> {
+        let name_key = validate::pod_name_key(config)?;
         let c = &self.config();
-        let kind = validate::pod_kind(&config, runtime_handler, c.native.enabled)?;
-        let sandbox = validate::sandbox_request(&config, &validate::node_hostname()?, kind)?;
-        // The pod's hostname from here on (containers' HOSTNAME too): the node's when it has none.
+        let kind = validate::pod_kind(config, runtime_handler, c.native.enabled)?;
+        let sandbox = validate::sandbox_request(config, &validate::node_hostname()?, kind)?;
         config.hostname = sandbox.hostname.clone();
         let (vcpus, mem_mib) = match kind {
             PodKind::Vm => {
                 let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-                vm_size(&config, c.default_mem_mib, c.guest_overhead_mib, host_cpus)?
+                vm_size(config, c.default_mem_mib, c.guest_overhead_mib, host_cpus)?
             }
             PodKind::Native => (0, 0),
         };
-        validate::check_host_cpusets(&config)?;
+        validate::check_host_cpusets(config)?;
         let files = match kind {
             PodKind::Vm => vec![&c.guest.kernel, &c.guest.initramfs],
             PodKind::Native => vec![&c.native.agent],
         };
-        for file in files {
-            if !file.is_file() {
-                return Err(SandboxError::FailedPrecondition(format!(
-                    "the runtime is not ready: {} is missing",
-                    file.display()
-                )));
-            }
+        if let Some(missing) = files.into_iter().find(|f| !f.is_file()) {
+            return Err(SandboxError::FailedPrecondition(format!(
+                "the runtime is not ready: {} is missing",
+                missing.display()
+            )));
         }
         let id = super::new_id()?;
         let (cgroups, native) = match kind {
-            PodKind::Vm => (c.cgroups.plan(&id, &config)?, None),
+            PodKind::Vm => (c.cgroups.plan(&id, config)?, None),
             PodKind::Native => {
-                let cgroup_parent = c.cgroups.sandbox_path(&id, &config)?;
+                let cgroup_parent = c.cgroups.sandbox_path(&id, config)?;
                 let dir = self.native_dir(&id);
                 (None, Some(NativeRecord { dir, cgroup_parent }))
             }
         };
-        // Validates the port mappings and loads the CNI configuration before anything is reserved.
+        // Validates the port mappings and loads the CNI configuration.
         let network = match sandbox.node_namespaces {
             Some(node) if node.network => None,
-            _ => Some(self.network().prepare(&net::pod_network(&id, &config))?),
+            _ => Some(self.network().prepare(&net::pod_network(&id, config))?),
         };
-        self.store()
-            .reserve_name(&name_key, &id)
-            .map_err(|e| SandboxError::AlreadyExists(format!("pod sandbox {e}")))?;
-        let lock = self.pod_lock(&id);
-        let _guard = lock.lock().await;
-        let mut record = PodRecord {
-            id: id.clone(),
+        let record = PodRecord {
+            id,
             name_key,
             config: config.encode_to_vec(),
             state: PodState::Creating,
@@ -83,43 +126,13 @@ impl Manager {
             slots: BTreeMap::new(),
             reason: String::new(),
             released: false,
-            network: network.clone(),
+            network,
             cgroups,
             runtime_handler: runtime_handler.into(),
             kind,
             native,
         };
-        self.store().put_pod(&record)?;
-        let started = match kind {
-            PodKind::Vm => {
-                let intent = network.expect("a VM pod has a network");
-                self.boot_pod(&config, sandbox, &intent, &mut record).await
-            }
-            PodKind::Native => {
-                self.start_native(&config, sandbox, network.as_ref(), &mut record)
-                    .await
-            }
-        };
-        match started {
-            Ok(live) => {
-                record.state = PodState::Ready;
-                if let Err(e) = self.store().put_pod(&record) {
-                    live.stop().await;
-                    self.discard_pod(&record).await;
-                    self.forget_lock(&id, &lock);
-                    return Err(e.into());
-                }
-                self.insert_live_pod(&id, live);
-                tracing::info!(pod = %id, ?kind, vcpus, mem_mib, "pod sandbox ready");
-                Ok(id)
-            }
-            Err(e) => {
-                tracing::warn!(pod = %id, "RunPodSandbox failed: {e}");
-                self.discard_pod(&record).await;
-                self.forget_lock(&id, &lock);
-                Err(e)
-            }
-        }
+        Ok((sandbox, record))
     }
 
     /// Attaches the pod network, boots the VM with it and sets up the guest (sandbox, interface). Each
@@ -219,8 +232,11 @@ impl Manager {
             live.stop().await;
             let lock = me.pod_lock(&id);
             let _guard = lock.lock().await;
-            if let Err(e) = me.stop_locked(&id, &format!("VM ended: {reason}")).await {
-                tracing::error!(pod = %id, "recording the VM exit: {e}");
+            if let Err(e) = me
+                .stop_locked(&id, &format!("the pod ended: {reason}"))
+                .await
+            {
+                tracing::error!(pod = %id, "recording the pod's end: {e}");
             }
         });
     }
@@ -371,6 +387,28 @@ impl Manager {
         Some(self.network().check(net).await.map_err(|e| e.to_string()))
     }
 
+    /// At daemon shutdown: stops every native pod (its agent removes its containers and mounts), so that
+    /// none outlives the daemon, even when the service manager kills what the daemon leaves; VM pods
+    /// end with the process. The records stay for the next start's reconcile.
+    pub async fn stop_native_pods(&self) {
+        let pods = match self.store().pods() {
+            Ok(pods) => pods,
+            Err(e) => {
+                tracing::error!("native pods left running at shutdown: reading records: {e}");
+                return;
+            }
+        };
+        let stops = pods
+            .iter()
+            .filter(|p| p.kind == PodKind::Native)
+            .filter_map(|p| self.live_pod(&p.id))
+            .map(|pod| async move { pod.stop().await });
+        let stopped = futures_util::future::join_all(stops).await.len();
+        if stopped > 0 {
+            tracing::info!(pods = stopped, "native pods stopped with the daemon");
+        }
+    }
+
     /// After a restart: no VM survived. Pods that were being created are discarded (the client never
     /// got their id), ready pods become NOTREADY with their containers EXITED, and host resources are
     /// released once. Returns how many pods were touched.
@@ -408,7 +446,7 @@ impl Manager {
                     Ok(())
                 }
                 PodState::Ready => {
-                    self.stop_locked(&pod.id, "the pod VM ended when the daemon stopped")
+                    self.stop_locked(&pod.id, "the pod ended when the daemon stopped")
                         .await
                 }
                 PodState::NotReady if !pod.released => {

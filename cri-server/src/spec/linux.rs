@@ -300,45 +300,7 @@ pub(super) fn mounts(
     let mut rootfs_propagation = None;
     for (i, m) in config.mounts.iter().enumerate() {
         let field = format!("config.mounts[{i}]");
-        if m.image.is_some() {
-            return Err(unimplemented(
-                format!("{field}.image"),
-                "image volumes are not supported",
-            ));
-        }
-        if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
-            return Err(unimplemented(
-                format!("{field}.uid_mappings"),
-                "id-mapped mounts are not supported",
-            ));
-        }
-        if m.propagation != MountPropagation::PropagationPrivate as i32 && kind == PodKind::Vm {
-            return Err(unimplemented(
-                format!("{field}.propagation"),
-                "only PROPAGATION_PRIVATE mounts can be delivered into the pod VM",
-            ));
-        }
-        if !Path::new(&m.host_path).is_absolute() {
-            return Err(invalid(
-                format!("{field}.host_path"),
-                format!("{:?} is not an absolute path", m.host_path),
-            ));
-        }
-        let dest = Path::new(&m.container_path);
-        if !dest.is_absolute() || dest.components().any(|c| c == Component::ParentDir) {
-            return Err(invalid(
-                format!("{field}.container_path"),
-                format!("{:?} must be absolute without \"..\"", m.container_path),
-            ));
-        }
-        if m.recursive_read_only && !m.readonly {
-            return Err(invalid(
-                format!("{field}.recursive_read_only"),
-                "requires readonly",
-            ));
-        }
-        // Normalise "//a/./b/" to "/a/b" so duplicates and ordering compare paths.
-        let clean: PathBuf = dest.components().collect();
+        let clean = cri_mount_destination(&field, m, kind)?;
         standard.retain(|s| s.destination() != &clean);
         if kind == PodKind::Native {
             let (spec_mount, propagation) = super::host_mounts::bind(&field, m, &clean)?;
@@ -366,6 +328,64 @@ pub(super) fn mounts(
         copies: host,
         rootfs_propagation,
     })
+}
+
+/// Checks CRI mount `m` (field `field`) of a pod of `kind`; returns its normalised destination ("//a/./b/"
+/// is "/a/b", so duplicates and ordering compare paths).
+fn cri_mount_destination(
+    field: &str,
+    m: &k8s_cri::v1::Mount,
+    kind: PodKind,
+) -> Result<PathBuf, SpecError> {
+    if m.image.is_some() {
+        return Err(unimplemented(
+            format!("{field}.image"),
+            "image volumes are not supported",
+        ));
+    }
+    if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
+        return Err(unimplemented(
+            format!("{field}.uid_mappings"),
+            "id-mapped mounts are not supported",
+        ));
+    }
+    if m.propagation != MountPropagation::PropagationPrivate as i32 && kind == PodKind::Vm {
+        return Err(unimplemented(
+            format!("{field}.propagation"),
+            "only PROPAGATION_PRIVATE mounts can be delivered into the pod VM",
+        ));
+    }
+    if !Path::new(&m.host_path).is_absolute() {
+        return Err(invalid(
+            format!("{field}.host_path"),
+            format!("{:?} is not an absolute path", m.host_path),
+        ));
+    }
+    let dest = Path::new(&m.container_path);
+    if !dest.is_absolute() || dest.components().any(|c| c == Component::ParentDir) {
+        return Err(invalid(
+            format!("{field}.container_path"),
+            format!("{:?} must be absolute without \"..\"", m.container_path),
+        ));
+    }
+    if m.recursive_read_only && !m.readonly {
+        return Err(invalid(
+            format!("{field}.recursive_read_only"),
+            "requires readonly",
+        ));
+    }
+    Ok(dest.components().collect())
+}
+
+/// Gives a container of a pod on the node's IPC namespace the node's `/dev/shm` (as containerd), in
+/// place of its own tmpfs; a CRI mount at `/dev/shm` stays.
+pub(super) fn node_shm(mounts: &mut [Mount]) {
+    let own = mounts
+        .iter_mut()
+        .find(|m| m.destination() == Path::new("/dev/shm") && m.typ().as_deref() == Some("tmpfs"));
+    if let Some(m) = own {
+        *m = mount("/dev/shm", "bind", "/dev/shm", &["rbind", "rprivate", "rw"]);
+    }
 }
 
 /// A container's mounts.

@@ -48,7 +48,7 @@ async fn start(guest: &Path, d: &Path, extra: &[&str]) -> (Daemon, Rt, Channel) 
 }
 
 async fn scenario(guest: PathBuf, d: PathBuf, image: String) {
-    let (mut daemon, mut rt, chan) = start(&guest, &d, &[]).await;
+    let (daemon, mut rt, chan) = start(&guest, &d, &[]).await;
     pull(chan, &image).await;
     let status = rt
         .status(StatusRequest { verbose: false })
@@ -89,8 +89,20 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String) {
         Vec::<String>::new()
     );
 
-    // SIGKILL the daemon: the isolated pod's agent sees its lifeline close and removes its pod.
-    let running = leftovers::of_pod(&d, &isolated);
+    let (_daemon, mut rt) = crash_and_restart(daemon, &guest, &d, &isolated).await;
+    refused(&mut rt, &logs).await;
+}
+
+/// SIGKILLs the daemon: the isolated pod's agent sees its lifeline close and removes its pod; the
+/// restarted daemon (refusing native pods now) reports it ended and sweeps the rest. Returns the new
+/// daemon and its client.
+async fn crash_and_restart(
+    mut daemon: Daemon,
+    guest: &Path,
+    d: &Path,
+    isolated: &str,
+) -> (Daemon, Rt) {
+    let running = leftovers::of_pod(d, isolated);
     assert!(
         !running.processes.is_empty() && !running.loops.is_empty(),
         "{running:?}"
@@ -98,8 +110,8 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String) {
     daemon.kill9();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let left = leftovers::of_pod(&d, &isolated);
-        let bound = leftovers::still_bound(&running.loops, &d);
+        let left = leftovers::of_pod(d, isolated);
+        let bound = leftovers::still_bound(&running.loops, d);
         if left.processes.is_empty() && left.mounts.is_empty() && bound.is_empty() {
             break;
         }
@@ -111,10 +123,10 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String) {
     }
     // The restarted daemon reports the pod as ended and sweeps the rest (cgroups, its directory), even
     // on a node that now refuses native pods.
-    let (_daemon, mut rt, _) = start(&guest, &d, &["--host-pods", "refuse"]).await;
+    let (restarted, mut rt, _) = start(guest, d, &["--host-pods", "refuse"]).await;
     let st = rt
         .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: isolated.clone(),
+            pod_sandbox_id: isolated.to_string(),
             verbose: false,
         })
         .await
@@ -135,13 +147,13 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String) {
             .all(|c| c.state == ContainerState::ContainerExited as i32),
         "{containers:?}"
     );
-    leftovers::of_pod(&d, &isolated).assert_clean("after the restart");
+    leftovers::of_pod(d, isolated).assert_clean("after the restart");
     rt.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: isolated.clone(),
+        pod_sandbox_id: isolated.to_string(),
     })
     .await
     .unwrap();
-    refused(&mut rt, &logs).await;
+    (restarted, rt)
 }
 
 /// With `--host-pods refuse`: no `native` handler, and pods that need the node get a VM's errors.
@@ -250,8 +262,21 @@ async fn host_pod(rt: &mut Rt, image: &str, logs: &Path, d: &Path) -> String {
     .await
     .unwrap();
 
+    sees_the_node(rt, &server).await;
+    // Logs: the node's hostname was printed.
+    let node_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let log = wait_log(&logs.join("server.log"), node_name.trim()).await;
+    assert!(log.contains(node_name.trim()), "{log}");
+    node_agent::node_agent(rt, &pod, &config, image, d).await;
+    node_agent::private_source_refused(rt, &pod, &config, image, d).await;
+    pod
+}
+
+/// The node's namespaces, processes, SysV and POSIX shared memory and ports, seen from the host pod's
+/// container `server` (which serves [`NODE_PORT`]).
+async fn sees_the_node(rt: &mut Rt, server: &str) {
     // The node's namespaces, seen from inside.
-    let ns = exec(rt, &server, "ls -l /proc/self/ns/").await;
+    let ns = exec(rt, server, "ls -l /proc/self/ns/").await;
     for name in ["net", "pid", "ipc", "uts"] {
         let node = std::fs::read_link(format!("/proc/self/ns/{name}")).unwrap();
         assert!(
@@ -262,13 +287,13 @@ async fn host_pod(rt: &mut Rt, image: &str, logs: &Path, d: &Path) -> String {
     // Node processes (this test's), a node SysV segment, a node port.
     let comm = exec(
         rt,
-        &server,
+        server,
         &format!("cat /proc/{}/comm", std::process::id()),
     )
     .await;
     assert!(!comm.trim().is_empty(), "the test process is visible");
     let segment = ipcmk();
-    let shm = exec(rt, &server, "cat /proc/sysvipc/shm").await;
+    let shm = exec(rt, server, "cat /proc/sysvipc/shm").await;
     let _ = std::process::Command::new("ipcrm")
         .args(["-m", &segment])
         .status();
@@ -278,13 +303,6 @@ async fn host_pod(rt: &mut Rt, image: &str, logs: &Path, d: &Path) -> String {
         "segment {segment} not in\n{shm}"
     );
     assert_eq!(read_node_port().await, "native-hello\n");
-    // Logs: the node's hostname was printed.
-    let node_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-    let log = wait_log(&logs.join("server.log"), node_name.trim()).await;
-    assert!(log.contains(node_name.trim()), "{log}");
-    node_agent::node_agent(rt, &pod, &config, image, d).await;
-    node_agent::private_source_refused(rt, &pod, &config, image, d).await;
-    pod
 }
 
 /// A pod of the `native` handler: its own network (CNI), hostname and IPC; a memory limit kills.

@@ -48,6 +48,17 @@ pub async fn node_agent(rt: &mut Rt, pod: &str, config: &PodSandboxConfig, image
     .await
     .unwrap();
 
+    programs_the_node(rt, &agent).await;
+    shares_mounts(rt, &agent, &both, &inbound).await;
+    rt.remove_container(RemoveContainerRequest {
+        container_id: agent,
+    })
+    .await
+    .unwrap();
+}
+
+/// kube-proxy: a chain in the node's iptables; a CNI agent: a bridge on the node.
+async fn programs_the_node(rt: &mut Rt, agent: &str) {
     // kube-proxy: a chain in the node's iptables, made with the node's own iptables.
     let chain = format!("PODVISOR-E2E-{}", std::process::id());
     let iptables = format!(
@@ -56,7 +67,7 @@ pub async fn node_agent(rt: &mut Rt, pod: &str, config: &PodSandboxConfig, image
     );
     exec(
         rt,
-        &agent,
+        agent,
         &format!("{iptables} -w -N {chain} && {iptables} -w -A {chain} -j RETURN"),
     )
     .await;
@@ -64,7 +75,7 @@ pub async fn node_agent(rt: &mut Rt, pod: &str, config: &PodSandboxConfig, image
     assert!(rules.contains(&format!("-A {chain} -j RETURN")), "{rules}");
     exec(
         rt,
-        &agent,
+        agent,
         &format!("{iptables} -w -F {chain} && {iptables} -w -X {chain}"),
     )
     .await;
@@ -75,15 +86,19 @@ pub async fn node_agent(rt: &mut Rt, pod: &str, config: &PodSandboxConfig, image
 
     // A CNI agent: a bridge on the node.
     let bridge = format!("pvbr{}", std::process::id() % 100_000);
-    exec(rt, &agent, &format!("ip link add {bridge} type bridge")).await;
+    exec(rt, agent, &format!("ip link add {bridge} type bridge")).await;
     let shown = host(&["ip", "link", "show", &bridge]);
     let _ = Command::new("ip").args(["link", "del", &bridge]).status();
     assert!(shown.contains(&bridge), "{shown}");
+}
 
+/// A CSI node plugin: mounts reach the node (`both`: Bidirectional) and come from it (`inbound`:
+/// HostToContainer).
+async fn shares_mounts(rt: &mut Rt, agent: &str, both: &Path, inbound: &Path) {
     // A CSI node plugin: its mount reaches the node (Bidirectional)...
     exec(
         rt,
-        &agent,
+        agent,
         "mkdir -p /both/vol && mount -t tmpfs e2e-bidirectional /both/vol",
     )
     .await;
@@ -97,12 +112,12 @@ pub async fn node_agent(rt: &mut Rt, pod: &str, config: &PodSandboxConfig, image
         "e2e-inbound",
         &inbound.join("late").display().to_string(),
     ]);
-    let inside = exec(rt, &agent, "cat /proc/mounts").await;
+    let inside = exec(rt, agent, "cat /proc/mounts").await;
     for dir in [
         both.join("vol"),
         inbound.join("late"),
-        both.clone(),
-        inbound.clone(),
+        both.to_path_buf(),
+        inbound.to_path_buf(),
     ] {
         let _ = Command::new("umount").arg("-l").arg(&dir).status();
     }
@@ -114,11 +129,6 @@ pub async fn node_agent(rt: &mut Rt, pod: &str, config: &PodSandboxConfig, image
         inside.contains("e2e-inbound /inbound/late tmpfs"),
         "the node's mount did not reach the container:\n{inside}"
     );
-    rt.remove_container(RemoveContainerRequest {
-        container_id: agent,
-    })
-    .await
-    .unwrap();
 }
 
 /// A Bidirectional mount of a node path that does not propagate is refused, as containerd does.

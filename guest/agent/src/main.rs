@@ -89,12 +89,13 @@ fn fatal(pid1: bool, err: &AgentError) -> ! {
 
 fn main() {
     let started = Instant::now();
-    let node = match NodeArgs::parse(std::env::args_os().skip(1)) {
-        Ok(node) => node,
-        Err(e) => {
+    // As PID 1 the arguments are the kernel command line's leftovers (`noxsave`...), never a mode.
+    let node = match std::process::id() {
+        1 => None,
+        _ => NodeArgs::parse(std::env::args_os().skip(1)).unwrap_or_else(|e| {
             log(&e.to_string());
             std::process::exit(2)
-        }
+        }),
     };
     if let Some(n) = &node {
         if n.mode == node::Mode::Sweep {
@@ -103,6 +104,10 @@ fn main() {
                 log(e);
             }
             std::process::exit(i32::from(!errors.is_empty()))
+        }
+        if node::lifeline_already_closed() {
+            log("the daemon is gone (lifeline closed) before the pod started: exiting");
+            std::process::exit(0)
         }
         // While the process has one thread.
         if let Err(e) = node::enter_namespaces(n) {
@@ -242,9 +247,35 @@ async fn serve_on_node(
         Ok(listener) => Listener::Unix(listener),
         Err(e) => return AgentError::Node(e),
     };
+    // The daemon gone, or the agent told to stop (a service manager's SIGTERM): remove the pod.
     tokio::spawn(async move {
-        node::lifeline_closed().await;
-        log("the daemon is gone (lifeline closed): removing the pod");
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            node::lifeline_closed().await;
+            log("the daemon is gone (lifeline closed): removing the pod");
+            shutdown.notify_one();
+            return;
+        };
+        type Why = std::pin::Pin<Box<dyn std::future::Future<Output = &'static str> + Send>>;
+        let whys: Vec<Why> = vec![
+            Box::pin(async {
+                node::lifeline_closed().await;
+                "the daemon is gone (lifeline closed)"
+            }),
+            Box::pin(async move {
+                term.recv().await;
+                "SIGTERM"
+            }),
+            Box::pin(async move {
+                int.recv().await;
+                "SIGINT"
+            }),
+        ];
+        let (why, _, _) = futures_util::future::select_all(whys).await;
+        log(&format!("{why}: removing the pod"));
         shutdown.notify_one();
     });
     log(&format!(

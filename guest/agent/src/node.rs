@@ -184,6 +184,23 @@ pub fn prepare(args: &NodeArgs) -> std::io::Result<tokio::net::UnixListener> {
     tokio::net::UnixListener::bind(&socket)
 }
 
+/// Whether the lifeline is already closed (the daemon died while starting the agent): the agent then
+/// must not create anything.
+pub fn lifeline_already_closed() -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::BorrowedFd;
+    // SAFETY: fd 0 is open for the whole life of the process; it is only borrowed for the poll.
+    let stdin = unsafe { BorrowedFd::borrow_raw(0) };
+    let mut fds = [PollFd::new(stdin, PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(0) => false,
+        Ok(_) => fds[0].revents().is_some_and(|r| {
+            r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL)
+        }),
+        Err(_) => true,
+    }
+}
+
 /// Returns when the lifeline (stdin, a pipe from the daemon) closes: the daemon is gone. A stdin that
 /// cannot be watched counts as closed: a pod must not outlive a daemon it cannot see.
 pub async fn lifeline_closed() {

@@ -47,7 +47,28 @@ fn node_namespaces_are_allowed_for_native_pods_only() {
     });
     let e = container_spec(&c, &pod(), &image(), PodKind::Vm).unwrap_err();
     assert!(matches!(e, SpecError::Unimplemented(_)), "{e}");
-    native(&c).unwrap();
+    // On the node's IPC namespace, the node's /dev/shm (as containerd).
+    let spec = native(&c).unwrap();
+    let shm = spec
+        .mounts()
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.destination() == Path::new("/dev/shm"))
+        .unwrap()
+        .clone();
+    assert_eq!(shm.typ().as_deref(), Some("bind"));
+    assert_eq!(shm.source().as_deref(), Some(Path::new("/dev/shm")));
+    let own = native(&ContainerConfig::default()).unwrap();
+    let shm = own
+        .mounts()
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.destination() == Path::new("/dev/shm"))
+        .unwrap()
+        .clone();
+    assert_eq!(shm.typ().as_deref(), Some("tmpfs"));
 }
 
 #[test]

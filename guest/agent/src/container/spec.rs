@@ -129,8 +129,26 @@ pub fn prepare(json: &[u8], cgroup: &str, pod: &PodContext) -> Result<Spec, Cont
         .as_mut()
         .ok_or_else(|| invalid("oci_spec_json.linux", "missing"))?;
     linux.set_cgroups_path(Some(cgroup.into()));
+    let namespaces = pod_namespaces(linux.namespaces().clone().unwrap_or_default(), pod)?;
+    linux.set_namespaces(Some(namespaces));
+    if linux.uid_mappings().is_some() || linux.gid_mappings().is_some() {
+        return Err(invalid(
+            "oci_spec_json.linux.uidMappings",
+            "user namespaces are not supported in the guest",
+        ));
+    }
+    Ok(spec)
+}
+
+/// The namespaces of a container of `pod` from those its spec lists: the pod's network, UTS and IPC
+/// (the agent's own: the VM's, or those a native pod's agent runs in), a new mount (and cgroup)
+/// namespace, and a new, the pod's shared, or (host PID) no PID namespace.
+fn pod_namespaces(
+    given: Vec<LinuxNamespace>,
+    pod: &PodContext,
+) -> Result<Vec<LinuxNamespace>, ContainerError> {
     let mut namespaces = Vec::new();
-    for ns in linux.namespaces().clone().unwrap_or_default() {
+    for ns in given {
         match ns.typ() {
             // The VM is the pod: containers share its network, hostname and IPC.
             LinuxNamespaceType::Network | LinuxNamespaceType::Uts | LinuxNamespaceType::Ipc => {}
@@ -167,14 +185,7 @@ pub fn prepare(json: &[u8], cgroup: &str, pod: &PodContext) -> Result<Spec, Cont
             pod.pid_namespace.clone(),
         )?);
     }
-    linux.set_namespaces(Some(namespaces));
-    if linux.uid_mappings().is_some() || linux.gid_mappings().is_some() {
-        return Err(invalid(
-            "oci_spec_json.linux.uidMappings",
-            "user namespaces are not supported in the guest",
-        ));
-    }
-    Ok(spec)
+    Ok(namespaces)
 }
 
 fn namespace(
