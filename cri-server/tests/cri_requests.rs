@@ -282,7 +282,8 @@ async fn minimal_client_answers(rt: &mut Rt) {
         .iter()
         .map(|h| h.name.as_str())
         .collect();
-    assert_eq!(handlers, ["", "podvisor"]);
+    // Native pods are on by default.
+    assert_eq!(handlers, ["", "podvisor", "native"]);
     assert!(status.features.is_some());
 }
 

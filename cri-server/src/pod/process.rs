@@ -413,8 +413,10 @@ pub async fn attach(
 ) {
     let input = if stdin { io.stdin } else { None };
     let close = stdin_once && input.is_some();
-    Process::main(pod, container_id).pump_input(input, close, io.resize);
+    // Subscribed before any input goes in: the answer to it must not go out before this client listens
+    // (a native pod's process answers within microseconds).
     let mut output = live.subscribe_output();
+    Process::main(pod, container_id).pump_input(input, close, io.resize);
     loop {
         let chunk = tokio::select! {
             chunk = output.recv() => chunk,
