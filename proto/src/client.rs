@@ -144,22 +144,12 @@ pub async fn connect_hybrid_vsock(
     uds: &Path,
     port: u32,
 ) -> Result<AgentClient<Channel>, ClientError> {
-    let (first, _) = hybrid_vsock_connect(uds, port).await?;
-    let first = Arc::new(Mutex::new(Some(first)));
     let uds = uds.to_path_buf();
-    let connector = tower::service_fn(move |_: Uri| {
-        let first = first.clone();
+    channel_over(move || {
         let uds = uds.clone();
-        async move {
-            let ready = first.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let stream = match ready {
-                Some(stream) => stream,
-                None => hybrid_vsock_connect(&uds, port).await?.0,
-            };
-            Ok::<_, ClientError>(TokioIo::new(stream))
-        }
-    });
-    channel(connector).await
+        async move { Ok(hybrid_vsock_connect(&uds, port).await?.0) }
+    })
+    .await
 }
 
 /// Why [`wait_for_agent`] gave up: the agent did not answer Health within the timeout. The variant is the
@@ -250,21 +240,34 @@ where
 /// Opens an [`AgentClient`] to an agent listening on the unix socket `path` (a native pod's agent on the
 /// node). The first connection is made before returning; reconnects open the socket again.
 pub async fn connect_unix(path: &Path) -> Result<AgentClient<Channel>, ClientError> {
-    let open = |path: PathBuf| async move {
-        UnixStream::connect(&path)
-            .await
-            .map_err(|source| ClientError::Connect { path, source })
-    };
-    let first = Arc::new(Mutex::new(Some(open(path.to_path_buf()).await?)));
     let path = path.to_path_buf();
-    let connector = tower::service_fn(move |_: Uri| {
-        let first = first.clone();
+    channel_over(move || {
         let path = path.clone();
+        async move {
+            UnixStream::connect(&path)
+                .await
+                .map_err(|source| ClientError::Connect { path, source })
+        }
+    })
+    .await
+}
+
+/// The agent channel whose connections `open` makes: the first one before returning (so that its
+/// error comes back to the caller), later ones when the channel reconnects.
+async fn channel_over<F, Fut>(open: F) -> Result<AgentClient<Channel>, ClientError>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<UnixStream, ClientError>> + Send + 'static,
+{
+    let first = Arc::new(Mutex::new(Some(open().await?)));
+    let open = Arc::new(open);
+    let connector = tower::service_fn(move |_: Uri| {
+        let (first, open) = (first.clone(), open.clone());
         async move {
             let ready = first.lock().unwrap_or_else(|e| e.into_inner()).take();
             let stream = match ready {
                 Some(stream) => stream,
-                None => open(path).await?,
+                None => open().await?,
             };
             Ok::<_, ClientError>(TokioIo::new(stream))
         }

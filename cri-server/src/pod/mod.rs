@@ -326,6 +326,21 @@ pub trait Pod: Send + Sync {
     }
 }
 
+/// Unmounts storage `id` in the pod's agent; one it does not know is already gone.
+pub(crate) async fn remove_storage(
+    mut agent: AgentClient<Channel>,
+    id: &str,
+) -> Result<(), PodError> {
+    match agent
+        .remove_storage(pb::RemoveStorageRequest { id: id.into() })
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+        Err(s) => Err(agent_err("RemoveStorage")(s)),
+    }
+}
+
 fn container_request(id: &str) -> pb::ContainerRequest {
     pb::ContainerRequest {
         container_id: id.into(),

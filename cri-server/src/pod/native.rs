@@ -258,17 +258,7 @@ impl Pod for NativePod {
     }
 
     async fn remove_image(&self, _slot: u32, storage_id: &str) -> Result<(), PodError> {
-        let removed = self
-            .agent()
-            .remove_storage(pb::RemoveStorageRequest {
-                id: storage_id.into(),
-            })
-            .await;
-        match removed {
-            Ok(_) => Ok(()),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
-            Err(s) => Err(agent_err("RemoveStorage")(s)),
-        }
+        super::remove_storage(self.agent(), storage_id).await
     }
 
     async fn port_forward(&self, port: u16) -> Result<PortStream, PodError> {

@@ -212,17 +212,7 @@ impl Pod for VmPod {
     }
 
     async fn remove_image(&self, slot: u32, storage_id: &str) -> Result<(), PodError> {
-        let removed = self
-            .agent()
-            .remove_storage(pb::RemoveStorageRequest {
-                id: storage_id.into(),
-            })
-            .await;
-        match removed {
-            Ok(_) => {}
-            Err(s) if s.code() == tonic::Code::NotFound => {}
-            Err(s) => return Err(agent_err("RemoveStorage")(s)),
-        }
+        super::remove_storage(self.agent(), storage_id).await?;
         if let Err(e) = self
             .with_vm("detach block", move |vm| vm.detach_block(slot as usize))
             .await

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use podvisor_testkit::bed::{dump_failure, pull, PodBed};
-use podvisor_testkit::cri::{container_config, create_container, pod_config};
+use podvisor_testkit::cri::{
+    container_config, container_status, create_container, pod_config, pod_status,
+};
 use podvisor_testkit::daemon::{connect, podvisor_cmd, Daemon};
 use tonic::transport::Channel;
 
@@ -89,8 +91,65 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String) {
         Vec::<String>::new()
     );
 
-    let (_daemon, mut rt) = crash_and_restart(daemon, &guest, &d, &isolated).await;
+    let (restarted, mut rt) = crash_and_restart(daemon, &guest, &d, &isolated).await;
     refused(&mut rt, &logs).await;
+    drop(restarted);
+    stopped_with_the_daemon(&guest, &d, &image, &logs).await;
+}
+
+/// `systemctl stop podvisor` (SIGTERM): the daemon stops its native pods before it exits, so nothing
+/// of them runs or stays mounted once it is gone, even before any restart.
+async fn stopped_with_the_daemon(guest: &Path, d: &Path, image: &str, logs: &Path) {
+    let (mut daemon, mut rt, _) = start(guest, d, &[]).await;
+    let config = pod_config("stopped", "uid-stopped", logs);
+    let pod = rt
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: "native".into(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    let c = create_container(
+        &mut rt,
+        &pod,
+        container_config("c", image, &["sleep", "3600"], 0),
+        &config,
+    )
+    .await;
+    rt.start_container(StartContainerRequest { container_id: c })
+        .await
+        .unwrap();
+    let running = leftovers::of_pod(d, &pod);
+    assert!(
+        !running.processes.is_empty() && !running.loops.is_empty(),
+        "{running:?}"
+    );
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &daemon.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let exit = daemon.wait_exit(Duration::from_secs(60)).await;
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+    let left = leftovers::of_pod(d, &pod);
+    assert!(
+        left.processes.is_empty() && left.mounts.is_empty(),
+        "{left:?}"
+    );
+    assert_eq!(
+        leftovers::still_bound(&running.loops, d),
+        Vec::<String>::new()
+    );
+    // The next start sweeps the rest (its cgroups, its directory).
+    let (_daemon, mut rt, _) = start(guest, d, &[]).await;
+    rt.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    leftovers::of_pod(d, &pod).assert_clean("after the restart");
 }
 
 /// SIGKILLs the daemon: the isolated pod's agent sees its lifeline close and removes its pod; the
@@ -124,16 +183,7 @@ async fn crash_and_restart(
     // The restarted daemon reports the pod as ended and sweeps the rest (cgroups, its directory), even
     // on a node that now refuses native pods.
     let (restarted, mut rt, _) = start(guest, d, &["--host-pods", "refuse"]).await;
-    let st = rt
-        .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: isolated.to_string(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let (st, _) = pod_status(&mut rt, isolated).await;
     assert_eq!(st.state, PodSandboxState::SandboxNotready as i32);
     let containers = rt
         .list_containers(ListContainersRequest { filter: None })
@@ -219,20 +269,8 @@ async fn host_pod(rt: &mut Rt, image: &str, logs: &Path, d: &Path) -> String {
     let start = Instant::now();
     let pod = podvisor_testkit::cri::run_pod(rt, &config).await;
     eprintln!("native RunPodSandbox took {:?}", start.elapsed());
-    let st = rt
-        .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        st.info["info"].contains("\"kind\":\"Native\""),
-        "{:?}",
-        st.info
-    );
-    let st = st.status.unwrap();
+    let (st, info) = pod_status(rt, &pod).await;
+    assert!(info["info"].contains("\"kind\":\"Native\""), "{info:?}");
     assert_eq!(st.state, PodSandboxState::SandboxReady as i32);
     // No pod IP of its own: kubelet uses the node's.
     assert_eq!(st.network.map(|n| n.ip).unwrap_or_default(), "");
@@ -319,16 +357,7 @@ async fn isolated_pod(rt: &mut Rt, image: &str, logs: &Path) -> String {
         .into_inner()
         .pod_sandbox_id;
     eprintln!("native RunPodSandbox (with CNI) took {:?}", start.elapsed());
-    let st = rt
-        .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let (st, _) = pod_status(rt, &pod).await;
     let ip = st.network.unwrap().ip;
     assert!(ip.starts_with("10."), "CNI address: {ip:?}");
 
@@ -369,16 +398,7 @@ async fn isolated_pod(rt: &mut Rt, image: &str, logs: &Path) -> String {
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        let s = rt
-            .container_status(ContainerStatusRequest {
-                container_id: hog.clone(),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
+        let s = container_status(rt, &hog).await;
         if s.state == ContainerState::ContainerExited as i32 || Instant::now() > deadline {
             break s;
         }

@@ -117,3 +117,35 @@ pub async fn list_containers(
         .into_inner()
         .containers
 }
+
+/// PodSandboxStatus (verbose) that must succeed: the status and the `info` map.
+pub async fn pod_status(
+    rt: &mut Runtime,
+    id: &str,
+) -> (
+    k8s_cri::v1::PodSandboxStatus,
+    std::collections::HashMap<String, String>,
+) {
+    let r = rt
+        .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose: true,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner();
+    (r.status.expect("a status"), r.info)
+}
+
+/// ContainerStatus that must succeed.
+pub async fn container_status(rt: &mut Runtime, id: &str) -> k8s_cri::v1::ContainerStatus {
+    rt.container_status(k8s_cri::v1::ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .expect("ContainerStatus")
+    .into_inner()
+    .status
+    .expect("a status")
+}

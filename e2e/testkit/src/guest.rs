@@ -68,16 +68,7 @@ pub fn pod_prerequisites(test: &str) -> Option<PathBuf> {
     } else {
         image_service::testing::skip_reason()
     };
-    match why {
-        None => Some(guest),
-        Some(reason) if std::env::var("PODVISOR_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("{test}: PODVISOR_REQUIRE_KVM=1 but {reason}")
-        }
-        Some(reason) => {
-            println!("SKIPPED {test}: {reason}");
-            None
-        }
-    }
+    skip_unless_required(test, why).then_some(guest)
 }
 
 /// The guest directory holding `podvisor-agent` (built by `guest/build.sh`), if this host can run
@@ -96,14 +87,21 @@ pub fn native_prerequisites(test: &str) -> Option<PathBuf> {
     } else {
         image_service::testing::skip_reason()
     };
+    skip_unless_required(test, why).then_some(guest)
+}
+
+/// True when there is no reason to skip; otherwise prints `SKIPPED <test>: <why>` and returns false —
+/// or panics when PODVISOR_REQUIRE_KVM=1.
+#[cfg(feature = "cri")]
+fn skip_unless_required(test: &str, why: Option<String>) -> bool {
     match why {
-        None => Some(guest),
+        None => true,
         Some(reason) if std::env::var("PODVISOR_REQUIRE_KVM").as_deref() == Ok("1") => {
             panic!("{test}: PODVISOR_REQUIRE_KVM=1 but {reason}")
         }
         Some(reason) => {
             println!("SKIPPED {test}: {reason}");
-            None
+            false
         }
     }
 }

@@ -15,6 +15,12 @@ const LOOP_CONTROL: &str = "/dev/loop-control";
 const LOOP_CTL_GET_FREE: u32 = 0x4C82;
 /// ioctl: binds a backing file and sets the status in one call (Linux 5.8).
 const LOOP_CONFIGURE: u32 = 0x4C0A;
+/// ioctl: binds a backing file (before 5.8, with [`LOOP_SET_STATUS64`]).
+const LOOP_SET_FD: u32 = 0x4C00;
+/// ioctl: sets the flags of a bound device.
+const LOOP_SET_STATUS64: u32 = 0x4C04;
+/// ioctl: unbinds a device (when the status cannot be set after [`LOOP_SET_FD`]).
+const LOOP_CLR_FD: u32 = 0x4C01;
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 /// Attempts when another process takes the free device first (EBUSY).
@@ -49,6 +55,9 @@ struct LoopConfig {
 
 nix::ioctl_none_bad!(loop_ctl_get_free, LOOP_CTL_GET_FREE);
 nix::ioctl_write_ptr_bad!(loop_configure, LOOP_CONFIGURE, LoopConfig);
+nix::ioctl_write_int_bad!(loop_set_fd, LOOP_SET_FD);
+nix::ioctl_write_ptr_bad!(loop_set_status64, LOOP_SET_STATUS64, LoopInfo64);
+nix::ioctl_none_bad!(loop_clr_fd, LOOP_CLR_FD);
 
 /// A configured loop device: its node and the descriptor that keeps it until the mount holds it.
 pub struct LoopDevice {
@@ -93,14 +102,35 @@ pub fn attach_read_only(file: &Path) -> Result<LoopDevice, Errno> {
         };
         // SAFETY: `config` is a valid, initialized `struct loop_config` that outlives the call; the
         // kernel only reads it.
-        match unsafe { loop_configure(device.as_raw_fd(), &config) } {
-            Ok(_) => return Ok(LoopDevice { path, _fd: device }),
-            // Taken by someone else between GET_FREE and CONFIGURE: ask again.
+        let configured = match unsafe { loop_configure(device.as_raw_fd(), &config) } {
+            // Kernels before 5.8: bind, then set the flags.
+            Err(Errno::EINVAL | Errno::ENOTTY) => {
+                set_fd_then_status(&device, &backing, &config.info)
+            }
+            other => other.map(drop),
+        };
+        match configured {
+            Ok(()) => return Ok(LoopDevice { path, _fd: device }),
+            // Taken by someone else between GET_FREE and binding: ask again.
             Err(Errno::EBUSY) => last = Errno::EBUSY,
             Err(e) => return Err(e),
         }
     }
     Err(last)
+}
+
+/// Binds `backing` to `device` with LOOP_SET_FD (read-only: `backing` is open read-only) and sets
+/// `info`'s flags (autoclear); unbinds again if the flags cannot be set.
+fn set_fd_then_status(device: &OwnedFd, backing: &OwnedFd, info: &LoopInfo64) -> Result<(), Errno> {
+    // SAFETY: LOOP_SET_FD takes the backing file's descriptor as its integer argument.
+    unsafe { loop_set_fd(device.as_raw_fd(), backing.as_raw_fd()) }?;
+    // SAFETY: `info` is a valid, initialized `struct loop_info64` that outlives the call.
+    if let Err(e) = unsafe { loop_set_status64(device.as_raw_fd(), info) } {
+        // SAFETY: LOOP_CLR_FD takes no argument.
+        let _ = unsafe { loop_clr_fd(device.as_raw_fd()) };
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// The backing file's name as the kernel shows it (`losetup -l`), truncated to 63 bytes.
@@ -145,6 +175,50 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while !read("loop/backing_file").is_empty() {
             assert!(std::time::Instant::now() < deadline, "{name} still bound");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // The path for kernels before 5.8 gives the same device.
+        let backing = open(&file, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).unwrap();
+        let control = open(
+            LOOP_CONTROL,
+            OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        // SAFETY: as in `attach_read_only`.
+        let n = unsafe { loop_ctl_get_free(control.as_raw_fd()) }.unwrap();
+        let old = open(
+            format!("/dev/loop{n}").as_str(),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        let info = LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
+            lo_file_name: file_name(&file),
+            lo_crypt_name: [0; 64],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        };
+        set_fd_then_status(&old, &backing, &info).unwrap();
+        let sys = PathBuf::from(format!("/sys/block/loop{n}"));
+        let read = |f: &str| std::fs::read_to_string(sys.join(f)).unwrap_or_default();
+        assert_eq!(
+            (read("ro").trim(), read("loop/autoclear").trim()),
+            ("1", "1")
+        );
+        drop(old);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !read("loop/backing_file").is_empty() {
+            assert!(std::time::Instant::now() < deadline, "loop{n} still bound");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         // A file that is not there is an error, not a device.
