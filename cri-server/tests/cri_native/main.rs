@@ -52,17 +52,7 @@ async fn start(guest: &Path, d: &Path, extra: &[&str]) -> (Daemon, Rt, Channel) 
 async fn scenario(guest: PathBuf, d: PathBuf, image: String) {
     let (daemon, mut rt, chan) = start(&guest, &d, &[]).await;
     pull(chan, &image).await;
-    let status = rt
-        .status(StatusRequest { verbose: false })
-        .await
-        .unwrap()
-        .into_inner();
-    let handlers: Vec<_> = status
-        .runtime_handlers
-        .iter()
-        .map(|h| h.name.as_str())
-        .collect();
-    assert_eq!(handlers, ["", "podvisor", "native"]);
+    assert_eq!(handlers(&mut rt).await, ["", "podvisor", "native"]);
     let logs = d.join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
 
@@ -208,17 +198,7 @@ async fn crash_and_restart(
 
 /// With `--host-pods refuse`: no `native` handler, and pods that need the node get a VM's errors.
 async fn refused(rt: &mut Rt, logs: &Path) {
-    let status = rt
-        .status(StatusRequest { verbose: false })
-        .await
-        .unwrap()
-        .into_inner();
-    let handlers: Vec<_> = status
-        .runtime_handlers
-        .iter()
-        .map(|h| h.name.as_str())
-        .collect();
-    assert_eq!(handlers, ["", "podvisor"]);
+    assert_eq!(handlers(rt).await, ["", "podvisor"]);
     let mut config = pod_config("proxy", "uid-refused", logs);
     config.hostname.clear();
     config.linux = Some(LinuxPodSandboxConfig {
@@ -410,6 +390,13 @@ async fn isolated_pod(rt: &mut Rt, image: &str, logs: &Path) -> String {
         "{status:?}"
     );
     pod
+}
+
+/// The names in `Status.runtime_handlers`.
+async fn handlers(rt: &mut Rt) -> Vec<String> {
+    let status = rt.status(StatusRequest { verbose: false }).await.unwrap();
+    let handlers = status.into_inner().runtime_handlers;
+    handlers.into_iter().map(|h| h.name).collect()
 }
 
 /// ExecSync of `sh -c script` that must succeed; its stdout.

@@ -49,15 +49,7 @@ fn podvisor(dir: &Path) -> Command {
 }
 
 async fn status(rt: &mut Rt, id: &str) -> ContainerStatus {
-    rt.container_status(ContainerStatusRequest {
-        container_id: id.into(),
-        verbose: false,
-    })
-    .await
-    .expect("ContainerStatus")
-    .into_inner()
-    .status
-    .unwrap()
+    podvisor_testkit::cri::container_status(rt, id).await
 }
 
 /// Polls until the container has exited (bounded).

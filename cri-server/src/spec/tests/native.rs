@@ -24,14 +24,18 @@ fn with_mount(host_path: &str, propagation: MountPropagation) -> ContainerConfig
     }
 }
 
-fn data_mount(spec: &Spec) -> oci_spec::runtime::Mount {
+fn mount_at(spec: &Spec, dest: &str) -> oci_spec::runtime::Mount {
     spec.mounts()
         .as_ref()
         .unwrap()
         .iter()
-        .find(|m| m.destination() == Path::new("/data"))
+        .find(|m| m.destination() == Path::new(dest))
         .cloned()
         .unwrap()
+}
+
+fn data_mount(spec: &Spec) -> oci_spec::runtime::Mount {
+    mount_at(spec, "/data")
 }
 
 #[test]
@@ -48,26 +52,10 @@ fn node_namespaces_are_allowed_for_native_pods_only() {
     let e = container_spec(&c, &pod(), &image(), PodKind::Vm).unwrap_err();
     assert!(matches!(e, SpecError::Unimplemented(_)), "{e}");
     // On the node's IPC namespace, the node's /dev/shm (as containerd).
-    let spec = native(&c).unwrap();
-    let shm = spec
-        .mounts()
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|m| m.destination() == Path::new("/dev/shm"))
-        .unwrap()
-        .clone();
+    let shm = mount_at(&native(&c).unwrap(), "/dev/shm");
     assert_eq!(shm.typ().as_deref(), Some("bind"));
     assert_eq!(shm.source().as_deref(), Some(Path::new("/dev/shm")));
-    let own = native(&ContainerConfig::default()).unwrap();
-    let shm = own
-        .mounts()
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|m| m.destination() == Path::new("/dev/shm"))
-        .unwrap()
-        .clone();
+    let shm = mount_at(&native(&ContainerConfig::default()).unwrap(), "/dev/shm");
     assert_eq!(shm.typ().as_deref(), Some("tmpfs"));
 }
 

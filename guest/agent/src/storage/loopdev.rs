@@ -44,6 +44,27 @@ struct LoopInfo64 {
     lo_init: [u64; 2],
 }
 
+impl LoopInfo64 {
+    /// The status of a read-only device that detaches itself when its last user goes.
+    fn read_only_autoclear(file: &Path) -> Self {
+        LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
+            lo_file_name: file_name(file),
+            lo_crypt_name: [0; 64],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        }
+    }
+}
+
 /// `struct loop_config` (linux/loop.h).
 #[repr(C)]
 struct LoopConfig {
@@ -83,21 +104,7 @@ pub fn attach_read_only(file: &Path) -> Result<LoopDevice, Errno> {
         let config = LoopConfig {
             fd: backing.as_raw_fd() as u32,
             block_size: 0,
-            info: LoopInfo64 {
-                lo_device: 0,
-                lo_inode: 0,
-                lo_rdevice: 0,
-                lo_offset: 0,
-                lo_sizelimit: 0,
-                lo_number: 0,
-                lo_encrypt_type: 0,
-                lo_encrypt_key_size: 0,
-                lo_flags: LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
-                lo_file_name: file_name(file),
-                lo_crypt_name: [0; 64],
-                lo_encrypt_key: [0; 32],
-                lo_init: [0; 2],
-            },
+            info: LoopInfo64::read_only_autoclear(file),
             reserved: [0; 8],
         };
         // SAFETY: `config` is a valid, initialized `struct loop_config` that outlives the call; the
@@ -193,21 +200,7 @@ mod tests {
             Mode::empty(),
         )
         .unwrap();
-        let info = LoopInfo64 {
-            lo_device: 0,
-            lo_inode: 0,
-            lo_rdevice: 0,
-            lo_offset: 0,
-            lo_sizelimit: 0,
-            lo_number: 0,
-            lo_encrypt_type: 0,
-            lo_encrypt_key_size: 0,
-            lo_flags: LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
-            lo_file_name: file_name(&file),
-            lo_crypt_name: [0; 64],
-            lo_encrypt_key: [0; 32],
-            lo_init: [0; 2],
-        };
+        let info = LoopInfo64::read_only_autoclear(&file);
         set_fd_then_status(&old, &backing, &info).unwrap();
         let sys = PathBuf::from(format!("/sys/block/loop{n}"));
         let read = |f: &str| std::fs::read_to_string(sys.join(f)).unwrap_or_default();
