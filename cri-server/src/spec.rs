@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use k8s_cri::v1::{
     ContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext, NamespaceMode,
@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::pod::PodKind;
 
+mod host_devices;
 mod host_mounts;
 mod linux;
 mod security;
@@ -202,6 +203,10 @@ pub fn container_spec(
     linux.set_resources(Some(resources));
 
     let cri_mounts = spec_mounts(config, sc, kind, &mut linux)?;
+    if kind == PodKind::Native && sc.privileged {
+        // containerd's WithHostDevices: the node's devices (the device cgroup allows them all).
+        linux.set_devices(Some(host_devices::under(Path::new("/dev"))));
+    }
     let mut root = Root::default();
     root.set_path(PathBuf::from("rootfs"))
         .set_readonly(Some(sc.readonly_rootfs));

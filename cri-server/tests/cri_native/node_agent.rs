@@ -48,6 +48,14 @@ pub async fn node_agent(rt: &mut Rt, pod: &str, config: &PodSandboxConfig, image
     .await
     .unwrap();
 
+    // Privileged: the node's devices, as containerd gives them (a CNI agent opens /dev/net/tun).
+    let tun = exec(
+        rt,
+        &agent,
+        "test -c /dev/net/tun && echo tun; test -c /dev/loop-control && echo loop",
+    )
+    .await;
+    assert_eq!(tun, "tun\nloop\n");
     programs_the_node(rt, &agent).await;
     shares_mounts(rt, &agent, &both, &inbound).await;
     rt.remove_container(RemoveContainerRequest {

@@ -159,6 +159,20 @@ fn privileged_native_containers_get_the_nodes_capabilities() {
     let node = caps::read(None, caps::CapSet::Bounding).unwrap();
     let given = caps.bounding().clone().unwrap();
     assert_eq!(given.len(), node.len(), "{given:?} vs {node:?}");
+    // The node's devices too (containerd's WithHostDevices); none without privileges, none in a VM.
+    let devices = spec
+        .linux()
+        .as_ref()
+        .unwrap()
+        .devices()
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        devices.iter().any(|d| d.path() == Path::new("/dev/null")),
+        "{devices:?}"
+    );
+    let plain = native(&ContainerConfig::default()).unwrap();
+    assert_eq!(plain.linux().as_ref().unwrap().devices(), &None);
     // In a VM: every capability the spec knows.
     let (vm, _) = build(&c);
     let all = vm
