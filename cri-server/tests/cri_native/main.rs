@@ -17,7 +17,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use podvisor_testkit::bed::{dump_failure, pull, PodBed};
 use podvisor_testkit::cri::{
-    container_config, container_status, create_container, pod_config, pod_status,
+    container_config, container_status, create_container, pod_config, pod_status, run_pod_with,
 };
 use podvisor_testkit::daemon::{connect, podvisor_cmd, Daemon};
 use tonic::transport::Channel;
@@ -92,15 +92,7 @@ async fn scenario(guest: PathBuf, d: PathBuf, image: String) {
 async fn stopped_with_the_daemon(guest: &Path, d: &Path, image: &str, logs: &Path) {
     let (mut daemon, mut rt, _) = start(guest, d, &[]).await;
     let config = pod_config("stopped", "uid-stopped", logs);
-    let pod = rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: "native".into(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = run_pod_with(&mut rt, &config, "native").await;
     let c = create_container(
         &mut rt,
         &pod,
@@ -327,15 +319,7 @@ async fn sees_the_node(rt: &mut Rt, server: &str) {
 async fn isolated_pod(rt: &mut Rt, image: &str, logs: &Path) -> String {
     let config = pod_config("isolated", "uid-isolated", logs);
     let start = Instant::now();
-    let pod = rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: "native".into(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = run_pod_with(rt, &config, "native").await;
     eprintln!("native RunPodSandbox (with CNI) took {:?}", start.elapsed());
     let (st, _) = pod_status(rt, &pod).await;
     let ip = st.network.unwrap().ip;

@@ -63,11 +63,20 @@ pub fn container_config(
 /// The CRI runtime service client.
 type Runtime = k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>;
 
-/// RunPodSandbox that must succeed; returns the pod id.
+/// RunPodSandbox under the default handler that must succeed; returns the pod id.
 pub async fn run_pod(rt: &mut Runtime, config: &k8s_cri::v1::PodSandboxConfig) -> String {
+    run_pod_with(rt, config, "").await
+}
+
+/// RunPodSandbox under runtime handler `handler` that must succeed; returns the pod id.
+pub async fn run_pod_with(
+    rt: &mut Runtime,
+    config: &k8s_cri::v1::PodSandboxConfig,
+    handler: &str,
+) -> String {
     rt.run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest {
         config: Some(config.clone()),
-        runtime_handler: String::new(),
+        runtime_handler: handler.into(),
     })
     .await
     .expect("RunPodSandbox")

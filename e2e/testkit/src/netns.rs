@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A network namespace (`ip netns add`), deleted on drop.
 pub struct TestNetns {
@@ -9,19 +10,35 @@ pub struct TestNetns {
 }
 
 impl TestNetns {
-    /// A namespace named after `tag` and this process, or None (after a SKIPPED line) when this process
-    /// cannot create namespaces and taps.
+    /// A namespace named after `tag`, this process and a counter (tests of one process run in
+    /// parallel), or None (after a SKIPPED line) when this process cannot create namespaces and taps.
     pub fn new(test: &str, tag: &str) -> Option<TestNetns> {
         if !crate::procfs::is_root() || !Path::new("/dev/net/tun").exists() {
             eprintln!("SKIPPED {test}: needs root and /dev/net/tun");
             return None;
         }
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let ns = TestNetns {
-            name: format!("pv{tag}-{}", std::process::id()),
+            name: format!("pv{tag}-{}-{n}", std::process::id()),
         };
         let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
         ns.ip_argv(&["netns", "add", &ns.name]);
         Some(ns)
+    }
+
+    /// Keeps IPv6 chatter (router solicitations, MLD) off the interfaces created from now on.
+    pub fn without_ipv6(self) -> Self {
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sysctl", "-qw"])
+            .arg("net.ipv6.conf.default.disable_ipv6=1")
+            .status();
+        self
+    }
+
+    /// Its name (`ip -n <name>`).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The namespace file (`/run/netns/<name>`).

@@ -47,7 +47,7 @@ fn tap_names_are_validated_before_anything_is_opened() {
 
 #[test]
 fn tap_lives_in_its_namespace_and_disappears_when_closed() {
-    let Some(ns) = TestNetns::new("tap_lives_in_its_namespace_and_disappears_when_closed") else {
+    let Some(ns) = netns("tap_lives_in_its_namespace_and_disappears_when_closed") else {
         return;
     };
     let tap = ns.run(|| Tap::open(TAP_NAME)).unwrap();
@@ -75,7 +75,7 @@ fn tap_lives_in_its_namespace_and_disappears_when_closed() {
     tap.set_offload(libc::TUN_F_CSUM).unwrap();
     drop(tap);
     let gone = Command::new("ip")
-        .args(["-n", &ns.name, "link", "show", TAP_NAME])
+        .args(["-n", ns.name(), "link", "show", TAP_NAME])
         .output()
         .unwrap();
     assert!(!gone.status.success(), "non-persistent tap outlived its fd");
@@ -83,7 +83,7 @@ fn tap_lives_in_its_namespace_and_disappears_when_closed() {
 
 #[test]
 fn config_space_and_offered_features() {
-    let Some(ns) = TestNetns::new("config_space_and_offered_features") else {
+    let Some(ns) = netns("config_space_and_offered_features") else {
         return;
     };
     let tap = Arc::new(ns.run(|| Tap::open(TAP_NAME)).unwrap());
@@ -128,7 +128,7 @@ fn config_space_and_offered_features() {
 
 #[test]
 fn arp_and_ping_round_trip_through_the_host_kernel() {
-    let Some(ns) = TestNetns::new("arp_and_ping_round_trip_through_the_host_kernel") else {
+    let Some(ns) = netns("arp_and_ping_round_trip_through_the_host_kernel") else {
         return;
     };
     let (tap, tap_mac) = host_tap(&ns);
@@ -168,7 +168,7 @@ fn arp_and_ping_round_trip_through_the_host_kernel() {
 
 #[test]
 fn mergeable_buffers_carry_one_frame_across_several_chains() {
-    let Some(ns) = TestNetns::new("mergeable_buffers_carry_one_frame_across_several_chains") else {
+    let Some(ns) = netns("mergeable_buffers_carry_one_frame_across_several_chains") else {
         return;
     };
     let (tap, tap_mac) = host_tap(&ns);
@@ -190,7 +190,7 @@ fn mergeable_buffers_carry_one_frame_across_several_chains() {
 
 #[test]
 fn without_rx_buffers_the_frame_waits_and_nothing_spins() {
-    let Some(ns) = TestNetns::new("without_rx_buffers_the_frame_waits_and_nothing_spins") else {
+    let Some(ns) = netns("without_rx_buffers_the_frame_waits_and_nothing_spins") else {
         return;
     };
     let (tap, _) = host_tap(&ns);
@@ -233,7 +233,7 @@ fn without_rx_buffers_the_frame_waits_and_nothing_spins() {
 
 #[test]
 fn malformed_chains_come_back_empty_and_are_counted() {
-    let Some(ns) = TestNetns::new("malformed_chains_come_back_empty_and_are_counted") else {
+    let Some(ns) = netns("malformed_chains_come_back_empty_and_are_counted") else {
         return;
     };
     let (tap, _) = host_tap(&ns);
@@ -281,7 +281,7 @@ fn malformed_chains_come_back_empty_and_are_counted() {
 
 #[test]
 fn acked_offloads_reach_the_tap_and_reset_clears_them() {
-    let Some(ns) = TestNetns::new("acked_offloads_reach_the_tap_and_reset_clears_them") else {
+    let Some(ns) = netns("acked_offloads_reach_the_tap_and_reset_clears_them") else {
         return;
     };
     let (tap, _) = host_tap(&ns);

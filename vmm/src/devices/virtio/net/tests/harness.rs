@@ -1,9 +1,6 @@
 //! A device driven without a worker thread against guest memory, and a throwaway network namespace
 //! holding the tap and the host end of the link.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,75 +32,11 @@ pub const BASIC: u64 = VIRTIO_F_VERSION_1
     | (1 << VIRTIO_NET_F_MTU)
     | (1 << VIRTIO_NET_F_STATUS);
 
-/// A network namespace for one test (`ip netns add`), deleted on drop.
-pub struct TestNetns {
-    pub name: String,
-}
+pub use podvisor_testkit::netns::TestNetns;
 
-impl TestNetns {
-    /// None (after a SKIPPED line) when this process cannot create namespaces and taps.
-    pub fn new(test: &str) -> Option<TestNetns> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
-        if !root || !Path::new("/dev/net/tun").exists() {
-            println!("SKIPPED {test}: needs root and /dev/net/tun");
-            return None;
-        }
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let ns = TestNetns {
-            name: format!("pvnet-{}-{n}", std::process::id()),
-        };
-        run(&["ip", "netns", "add", &ns.name]);
-        // Keep IPv6 chatter (router solicitations, MLD) off the interfaces created from now on.
-        let _ = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "sysctl", "-qw"])
-            .arg("net.ipv6.conf.default.disable_ipv6=1")
-            .status();
-        Some(ns)
-    }
-
-    pub fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-
-    /// `ip -n <ns> <args>`, which must succeed.
-    pub fn ip(&self, args: &str) -> String {
-        let mut argv = vec!["ip", "-n", &self.name];
-        argv.extend(args.split_whitespace());
-        run(&argv)
-    }
-
-    /// Runs `f` on a thread inside the namespace.
-    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let ns = std::fs::File::open(self.path()).unwrap();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                f()
-            })
-            .join()
-            .unwrap()
-        })
-    }
-}
-
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-pub fn run(argv: &[&str]) -> String {
-    let out = Command::new(argv[0]).args(&argv[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{argv:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// The namespace of one test, without IPv6 chatter; None (after a SKIPPED line) without root or a tun.
+pub fn netns(test: &str) -> Option<TestNetns> {
+    TestNetns::new(test, "net").map(TestNetns::without_ipv6)
 }
 
 /// A tap in `ns` with HOST_IP/24, up, and a permanent neighbour entry for the guest.
