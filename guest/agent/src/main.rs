@@ -174,8 +174,8 @@ async fn run(
     let (storage, sandbox) = match &node {
         None => (StorageManager::system(), Sandbox::system()),
         Some(n) => (
-            StorageManager::node(n.root.join("storage")),
-            Sandbox::node(n.root.join("sandbox")),
+            StorageManager::node(n.storage_dir()),
+            Sandbox::node(n.sandbox_dir()),
         ),
     };
     let (storage, sandbox) = (Arc::new(storage), Arc::new(sandbox));

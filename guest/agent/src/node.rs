@@ -117,6 +117,16 @@ impl NodeArgs {
         Paths::node(&self.root, &self.cgroup_parent)
     }
 
+    /// Where image storages are mounted.
+    pub fn storage_dir(&self) -> PathBuf {
+        self.root.join("storage")
+    }
+
+    /// Where the pod files (hostname, hosts, resolv.conf) are kept.
+    pub fn sandbox_dir(&self) -> PathBuf {
+        self.root.join("sandbox")
+    }
+
     /// The socket the agent serves on.
     pub fn socket(&self) -> PathBuf {
         socket(&self.root)

@@ -28,11 +28,7 @@ pub fn sweep(args: &NodeArgs) -> Vec<String> {
     if !errors.is_empty() {
         return errors;
     }
-    kill_recorded(
-        &root.join("sandbox").join(HOLDER_PID_FILE),
-        root,
-        &mut errors,
-    );
+    kill_recorded(&args.sandbox_dir().join(HOLDER_PID_FILE), root, &mut errors);
     let paths = args.paths();
     for bundle in subdirectories(&paths.containers) {
         let Some(id) = bundle.file_name().and_then(|n| n.to_str()) else {
@@ -44,7 +40,7 @@ pub fn sweep(args: &NodeArgs) -> Vec<String> {
         }
         crate::container::rootfs::teardown(&bundle);
     }
-    for storage in subdirectories(&root.join("storage")) {
+    for storage in subdirectories(&args.storage_dir()) {
         match nix::mount::umount2(&storage, MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
             Err(e) => errors.push(format!("unmounting {}: {e}", storage.display())),
